@@ -1,0 +1,10 @@
+"""peft_mma: LLaMA-Adapter V2 and LaVIN (Mixture-of-Modality Adaptation) as PEFT methods.
+
+Importing the package registers both methods with PEFT; `get_peft_model`, `PeftModel.from_pretrained` and
+`AutoPeftModelForCausalLM` then work with `LlamaAdapterV2Config` and `LaVINConfig`.
+"""
+
+from .registry import MMA_ADAPTER_V2, MMA_LAVIN, PLUGIN_HINT
+
+__all__ = ["MMA_ADAPTER_V2", "MMA_LAVIN", "PLUGIN_HINT"]
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,160 @@
+"""The frozen image encoder that both methods read (DESIGN.md decision 4).
+
+The encoder is named in the adapter config and rebuilt from that name on load; its weights are never written
+into an adapter file. Two families are supported:
+
+* timm models by name, e.g. ``"vit_large_patch14_clip_224.openai"`` (the CLIP ViT-L/14 of both papers), built
+  with `timm.create_model` and read through `forward_features` / `forward_intermediates`;
+* transformers vision towers by local path with an ``"hf:"`` prefix (`CLIPVisionModel`,
+  `CLIPVisionModelWithProjection`, `SiglipVisionModel`).
+
+Two readings are offered, one per paper:
+
+* `tokens(x)`: every token after the final norm and the projection head, (B, N, C_out). LLaMA-Adapter V2 feeds
+  all 257 CLIP tokens, `ln_post` and `proj` applied, to its visual bridge (spec `llama_adapter_v2.md` §3.1).
+* `prefix_intermediates(x, every)`: the class token after every `every`-th block, no final norm, (B, n, C).
+  LaVIN uses the CLS token after blocks 4, 8, …, 24 of ViT-L/14 (spec `lavin_mma.md` §4).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+HF_PREFIX = "hf:"
+
+
+def create_vision_model(name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Build the encoder named `name` (a timm model name, or ``"hf:<local path>"`` for a transformers tower)."""
+    model_kwargs = dict(model_kwargs or {})
+    if name.startswith(HF_PREFIX):
+        from transformers import AutoConfig, CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel
+
+        path = name.removeprefix(HF_PREFIX)
+        config = AutoConfig.from_pretrained(path)
+        classes = {
+            "clip_vision_model": CLIPVisionModel,
+            "clip": CLIPVisionModelWithProjection,
+            "siglip_vision_model": SiglipVisionModel,
+        }
+        if config.model_type not in classes:
+            raise ValueError(
+                f"`vision_model`={name!r} has model_type={config.model_type!r}; transformers vision towers of type "
+                f"{sorted(classes)} are supported."
+            )
+        return classes[config.model_type].from_pretrained(path, **model_kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    except RuntimeError as error:  # timm raises RuntimeError for an unknown name
+        raise ValueError(
+            f"`vision_model`={name!r} is neither a timm model name nor 'hf:<path to a transformers vision tower>'."
+        ) from error
+
+
+class VisionBackbone(nn.Module):
+    """A frozen image encoder: `pixel_values` (B, 3, H, W) → features; no parameter is trainable or saved."""
+
+    def __init__(self, name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.encoder = create_vision_model(name, pretrained, model_kwargs)
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        self.is_timm = not name.startswith(HF_PREFIX)
+
+    def train(self, mode: bool = True) -> VisionBackbone:
+        """The encoder stays in eval mode (frozen: no dropout, no drop-path), whatever the mode of its parent."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @property
+    def image_size(self) -> int:
+        if self.is_timm:
+            return int(self.encoder.patch_embed.img_size[0])
+        return int(self.encoder.config.image_size)
+
+    @property
+    def width(self) -> int:
+        """Width C of the block outputs (1024 for ViT-L/14)."""
+        if self.is_timm:
+            return int(self.encoder.embed_dim)
+        return int(self.encoder.config.hidden_size)
+
+    @property
+    def depth(self) -> int:
+        if self.is_timm:
+            return len(self.encoder.blocks)
+        return int(self.encoder.config.num_hidden_layers)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, for methods that place adapters inside them."""
+        if self.is_timm:
+            return self.encoder.blocks
+        return self._hf_root.encoder.layers
+
+    @property
+    def _hf_root(self) -> nn.Module:
+        """The transformers tower's module that holds `embeddings`, `encoder` and `post_layernorm`."""
+        return getattr(self.encoder, "vision_model", self.encoder)
+
+    @property
+    def token_width(self) -> int:
+        """Width C_out of `tokens()` (768 for CLIP ViT-L/14: its projection head)."""
+        if self.is_timm:
+            head = self.encoder.head
+            return head.out_features if isinstance(head, nn.Linear) else self.width
+        projection = getattr(self.encoder, "visual_projection", None)
+        return projection.out_features if projection is not None else self.width
+
+    def check_pixel_values(self, pixel_values: torch.Tensor, batch_size: int | None = None) -> None:
+        """Raise `ValueError` unless `pixel_values` is a float (B, 3, S, S) tensor at this encoder's image size."""
+        size = self.image_size
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+            got = pixel_values.dtype if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"`pixel_values` must be a floating-point tensor (B, 3, {size}, {size}); got {got}.")
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, 3, {size}, {size}) for vision model {self.name!r}; "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        if batch_size is not None and pixel_values.shape[0] != batch_size:
+            raise ValueError(
+                f"`pixel_values` holds {pixel_values.shape[0]} images for a batch of {batch_size} sequences; "
+                "pass one image per sequence."
+            )
+
+    def _input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        parameter = next(self.encoder.parameters())
+        return pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+
+    def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Every token after the final norm and projection: (B, N, C_out), e.g. (B, 257, 768) for ViT-L/14."""
+        x = self._input(pixel_values)
+        if self.is_timm:
+            features = self.encoder.forward_features(x)  # (B, N, C), final norm applied
+            head = self.encoder.head
+            return head(features) if isinstance(head, nn.Linear) else features
+        output = self.encoder(pixel_values=x)
+        post_norm = getattr(self._hf_root, "post_layernorm", None) or nn.Identity()
+        features = post_norm(output.last_hidden_state)
+        projection = getattr(self.encoder, "visual_projection", None)
+        return projection(features) if projection is not None else features
+
+    def prefix_intermediates(self, pixel_values: torch.Tensor, every: int) -> torch.Tensor:
+        """The class token after blocks every, 2·every, …: (B, depth // every, C), no final norm."""
+        if every < 1 or self.depth % every != 0:
+            raise ValueError(f"`every`={every} must divide the vision depth {self.depth}.")
+        indices = list(range(every - 1, self.depth, every))
+        x = self._input(pixel_values)
+        if self.is_timm:
+            intermediates = self.encoder.forward_intermediates(
+                x, indices=indices, return_prefix_tokens=True, norm=False, output_fmt="NLC", intermediates_only=True
+            )
+            return torch.stack([prefix[:, 0] for _, prefix in intermediates], dim=1)  # (B, n, C)
+        hidden_states = self.encoder(pixel_values=x, output_hidden_states=True).hidden_states
+        return torch.stack([hidden_states[i + 1][:, 0] for i in indices], dim=1)  # (B, n, C)

@@ -1,0 +1,81 @@
+"""The package foundation: PEFT type registration and the shared vision backbone."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from peft.utils import PeftType
+
+import peft_mma
+from peft_mma.registry import ensure_peft_type
+from peft_mma.vision import VisionBackbone
+
+TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
+
+
+def test_peft_types_behave_like_native_members():
+    member = PeftType.MMA_ADAPTER_V2
+    assert member is PeftType["MMA_ADAPTER_V2"] is PeftType("MMA_ADAPTER_V2")
+    assert member in list(PeftType) and member == "MMA_ADAPTER_V2"
+    assert json.dumps({"peft_type": member}) == '{"peft_type": "MMA_ADAPTER_V2"}'
+    assert pickle.loads(pickle.dumps(member)) is member
+    assert ensure_peft_type("MMA_ADAPTER_V2") is member  # idempotent
+    assert peft_mma.MMA_LAVIN is PeftType.MMA_LAVIN
+
+
+@pytest.fixture
+def vit() -> VisionBackbone:
+    torch.manual_seed(0)
+    return VisionBackbone("vit_large_patch14_clip_224.openai", model_kwargs=TINY_VIT)
+
+
+def test_backbone_is_frozen_and_stays_in_eval(vit):
+    assert not any(p.requires_grad for p in vit.parameters())
+    vit.train()
+    assert not vit.encoder.training
+
+
+def test_backbone_tokens_are_final_norm_then_projection(vit):
+    x = torch.randn(2, 3, 28, 28)
+    enc = vit.encoder
+    h = enc.norm_pre(enc._pos_embed(enc.patch_embed(x)))
+    for block in enc.blocks:
+        h = block(h)
+    expected = enc.head(enc.norm(h))  # all 5 tokens: CLS + 2x2 patches
+    torch.testing.assert_close(vit.tokens(x), expected, atol=1e-6, rtol=0)
+    assert vit.tokens(x).shape == (2, 5, 768) and vit.token_width == 768
+
+
+def test_backbone_prefix_intermediates_are_cls_after_every_kth_block(vit):
+    x = torch.randn(3, 3, 28, 28)
+    enc = vit.encoder
+    h = enc.norm_pre(enc._pos_embed(enc.patch_embed(x)))
+    cls = []
+    for i, block in enumerate(enc.blocks):
+        h = block(h)
+        if (i + 1) % 2 == 0:
+            cls.append(h[:, 0])
+    torch.testing.assert_close(vit.prefix_intermediates(x, every=2), torch.stack(cls, 1), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="must divide the vision depth 4"):
+        vit.prefix_intermediates(x, every=3)
+
+
+@pytest.mark.parametrize(
+    "pixels, match",
+    [
+        (torch.randn(2, 3, 32, 32), r"shape \(batch, 3, 28, 28\)"),
+        (torch.randn(3, 28, 28), r"shape \(batch, 3, 28, 28\)"),
+        (torch.zeros(2, 3, 28, 28, dtype=torch.long), "floating-point"),
+    ],
+)
+def test_backbone_rejects_bad_pixel_values(vit, pixels, match):
+    with pytest.raises(ValueError, match=match):
+        vit.check_pixel_values(pixels)
+
+
+def test_unknown_vision_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="neither a timm model name"):
+        VisionBackbone("not_a_model_xyz")
