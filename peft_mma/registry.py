@@ -43,3 +43,10 @@ def register(peft_type: PeftType, config_cls: type, model_cls: type) -> None:
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
     register_peft_method(name=peft_type.value.lower(), config_cls=config_cls, model_cls=model_cls)
+
+
+def register_all() -> None:
+    """Register every peft_mma method (called once by `import peft_mma`)."""
+    from .llama_adapter_v2 import LlamaAdapterV2Config, LlamaAdapterV2Model
+
+    register(MMA_ADAPTER_V2, LlamaAdapterV2Config, LlamaAdapterV2Model)

@@ -1,0 +1,361 @@
+"""LLaMA-Adapter V2 layers (Gao et al. 2023, https://arxiv.org/abs/2304.15010; spec `llama_adapter_v2.md`).
+
+* `Linear`: bias, scale and optional LoRA on a linear layer (paper Eq. 1; spec §2d, §2e, §2g).
+* `OutputProjection`: a `Linear` on `o_proj` that also holds the layer's adaption prompt and gate; the gated term
+  itself is computed in `peft_mma.attention`, where the attention's query is (spec §2c).
+* `Norm`: a tuned RMSNorm weight (spec §2f).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+
+from ..attention import gated_prompt_attention
+from .config import LlamaAdapterV2Config
+
+PREFIX = "mma_adapter_v2_"
+
+
+def _param_kwargs(base: nn.Module) -> dict:
+    """Adapter parameters are fp32; on the meta device when the base is (counting parameters without memory)."""
+    device = base.weight.device
+    return dict(device=device if device.type == "meta" else None, dtype=torch.float32)
+
+
+class LlamaAdapterV2Layer(BaseTunerLayer):
+    """Mixin owning the adapter containers; concrete layers also subclass `nn.Module`."""
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def _init_tuner_layer(self, base_layer: nn.Module, adapter_name: str) -> None:
+        self.base_layer = base_layer
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+
+    def _finish_update(self, adapter_name: str, config: LlamaAdapterV2Config) -> None:
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _safe_assign(self, tensors: dict[str, torch.Tensor], safe_merge: bool, adapter: str) -> None:
+        """Check every merged tensor, then assign them all: a failed merge changes nothing."""
+        if safe_merge and not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise ValueError(f"NaNs detected in the merged weights; the adapter {adapter} seems to be broken.")
+        base = self.get_base_layer()
+        for name, tensor in tensors.items():
+            if name == "weight":
+                self.set_base_weight(tensor)
+            elif getattr(base, name, None) is None:
+                setattr(base, name, nn.Parameter(tensor, requires_grad=False))
+            else:
+                getattr(base, name).data = tensor
+
+
+class Linear(nn.Module, LlamaAdapterV2Layer):
+    """Bias, scale and LoRA on a frozen linear layer W (with its own bias b₀, if any):
+
+        output side (paper Eq. 1):  y = s ⊙ ((W + γ·B A) x + b₀ + b)
+        input side (chat-65B):      y = (W + γ·B A)(s ⊙ x) + b₀ + b
+
+    b ∈ R^out init 0; s ∈ R^out (output side) or R^in (input side) init 1; A ∈ R^{r×in} Kaiming-uniform init,
+    B ∈ R^{out×r} init 0, γ = α / r (1 in the official code). All trainable. With several active adapters the
+    scales multiply and the bias and LoRA terms add.
+    """
+
+    adapter_layer_names = (PREFIX + "bias", PREFIX + "scale", PREFIX + "lora_A", PREFIX + "lora_B")
+    other_param_names = ("scale_side", "lora_scaling")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self._init_tuner_layer(base_layer, adapter_name)
+        self.mma_adapter_v2_bias = nn.ParameterDict()
+        self.mma_adapter_v2_scale = nn.ParameterDict()
+        self.mma_adapter_v2_lora_A = nn.ModuleDict()
+        self.mma_adapter_v2_lora_B = nn.ModuleDict()
+        self.scale_side: dict[str, str] = {}
+        self.lora_scaling: dict[str, float] = {}
+        self._created_bias = False
+
+    @property
+    def in_features(self) -> int:
+        return self.get_base_layer().in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.get_base_layer().out_features
+
+    def update_layer(self, adapter_name: str, config: LlamaAdapterV2Config, name: str) -> None:
+        """Add `adapter_name`'s parameters for the linear called `name` (e.g. "q_proj")."""
+        kw = _param_kwargs(self.get_base_layer())
+        if name in config.bias_modules:
+            self.mma_adapter_v2_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features, **kw))
+        if name in config.scale_modules:
+            width = self.out_features if config.scale_side == "output" else self.in_features
+            self.mma_adapter_v2_scale[adapter_name] = nn.Parameter(torch.ones(width, **kw))
+        self.scale_side[adapter_name] = config.scale_side
+        if name in config.lora_modules:
+            self.mma_adapter_v2_lora_A[adapter_name] = nn.Linear(self.in_features, config.lora_rank, bias=False, **kw)
+            self.mma_adapter_v2_lora_B[adapter_name] = nn.Linear(config.lora_rank, self.out_features, bias=False, **kw)
+            self.lora_scaling[adapter_name] = config.lora_scaling
+        self.reset_parameters(adapter_name, config.init_weights)
+        self._finish_update(adapter_name, config)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """b = 0, s = 1, A Kaiming-uniform, B = 0 (identity); `init_weights=False` draws random values instead."""
+        if adapter_name in self.mma_adapter_v2_lora_A:
+            nn.init.kaiming_uniform_(self.mma_adapter_v2_lora_A[adapter_name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.mma_adapter_v2_lora_B[adapter_name].weight)
+        if init_weights:
+            return
+        for container in (self.mma_adapter_v2_bias, self.mma_adapter_v2_lora_B):
+            if adapter_name in container:
+                param = container[adapter_name]
+                param = param.weight if isinstance(param, nn.Module) else param
+                param.normal_(0.0, 0.1)
+        if adapter_name in self.mma_adapter_v2_scale:
+            self.mma_adapter_v2_scale[adapter_name].uniform_(0.5, 1.5)
+
+    def _active(self, container: nn.Module) -> list[str]:
+        return [a for a in self.active_adapters if a in container]
+
+    def forward(self, x: torch.Tensor, *args, use_lora: bool = True, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        dtype = x.dtype
+        for a in self._active(self.mma_adapter_v2_scale):
+            if self.scale_side[a] == "input":
+                x = x * self.mma_adapter_v2_scale[a].to(dtype)
+        y = self.base_layer(x, *args, **kwargs)
+        y = self.quantization_backend.maybe_clone_base_result(y) if self.quantization_backend else y
+        for a in self._active(self.mma_adapter_v2_bias):
+            y = y + self.mma_adapter_v2_bias[a].to(y.dtype)
+        for a in self._active(self.mma_adapter_v2_lora_A) if use_lora else ():
+            lora_A, lora_B = self.mma_adapter_v2_lora_A[a], self.mma_adapter_v2_lora_B[a]
+            y = y + (lora_B(lora_A(x.to(lora_A.weight.dtype))) * self.lora_scaling[a]).to(y.dtype)
+        for a in self._active(self.mma_adapter_v2_scale):
+            if self.scale_side[a] == "output":
+                y = y * self.mma_adapter_v2_scale[a].to(y.dtype)
+        return y.to(dtype)
+
+    def get_delta(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(s, b, γ·B A) of one adapter in fp32, each `None` where the adapter has none."""
+        scale = self.mma_adapter_v2_scale[adapter].float() if adapter in self.mma_adapter_v2_scale else None
+        bias = self.mma_adapter_v2_bias[adapter].float() if adapter in self.mma_adapter_v2_bias else None
+        lora = None
+        if adapter in self.mma_adapter_v2_lora_A:
+            lora_A, lora_B = self.mma_adapter_v2_lora_A[adapter].weight, self.mma_adapter_v2_lora_B[adapter].weight
+            lora = (lora_B.float() @ lora_A.float()) * self.lora_scaling[adapter]
+        return scale, bias, lora
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold into W and b₀:
+        output side W′ = diag(s)(W + γBA), b₀′ = s ⊙ (b₀ + b);  input side W′ = (W + γBA) diag(s), b₀′ = b₀ + b."""
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            scale, bias, lora = self.get_delta(adapter)
+            if scale is None and bias is None and lora is None:
+                self.merged_adapters.append(adapter)
+                continue
+            weight = self.get_base_weight()
+            base_bias = self.get_base_layer().bias
+            w = weight.float() + (lora if lora is not None else 0)
+            b = base_bias.float() if base_bias is not None else torch.zeros(self.out_features, device=w.device)
+            b = b + (bias if bias is not None else 0)
+            if scale is not None and self.scale_side[adapter] == "output":
+                w, b = w * scale[:, None], b * scale
+            elif scale is not None:
+                w = w * scale[None, :]
+            new = {"weight": w.to(weight.dtype)}
+            if bias is not None or base_bias is not None:
+                new["bias"] = b.to(weight.dtype if base_bias is None else base_bias.dtype)
+            self._created_bias |= base_bias is None and "bias" in new
+            self._safe_assign(new, safe_merge, adapter)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Invert `merge`, last merged adapter first (s must have no zero entries)."""
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            scale, bias, lora = self.get_delta(adapter)
+            weight, base_bias = self.get_base_weight(), self.get_base_layer().bias
+            w = weight.float()
+            b = base_bias.float() if base_bias is not None else None
+            if scale is not None and self.scale_side[adapter] == "output":
+                w = w / scale[:, None]
+                b = b / scale if b is not None else None
+            elif scale is not None:
+                w = w / scale[None, :]
+            w = w - (lora if lora is not None else 0)
+            new = {"weight": w.to(weight.dtype)}
+            if b is not None:
+                new["bias"] = (b - (bias if bias is not None else 0)).to(base_bias.dtype)
+            self._safe_assign(new, False, adapter)
+            if self._created_bias and not self.merged_adapters:
+                self.get_base_layer().bias = None
+                self._created_bias = False
+
+
+class OutputProjection(Linear):
+    """`Linear` on `o_proj` that also holds the layer's adaption prompt P (K × C, N(0, 1) init), per-head gate g
+    (H, zero init) and optional `new_gate` ν (1, one init). `gated_prompt_term` returns, summed over active
+    adapters, the term that `peft_mma.attention.gated_prompt_attention` defines, with the prompt (plus the visual
+    tokens V, where this layer is fused) projected by the layer's k_proj/v_proj:  k_p = W_k (P + V), v_p = W_v (P + V).
+    """
+
+    adapter_layer_names = Linear.adapter_layer_names + (PREFIX + "prompt", PREFIX + "gate", PREFIX + "gate_scale")
+    other_param_names = Linear.other_param_names + ("gate_activation", "visual_fused", "prompt_kv_adapted")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, num_heads: int) -> None:
+        super().__init__(base_layer, adapter_name)
+        self.num_heads = num_heads
+        self.mma_adapter_v2_prompt = nn.ParameterDict()
+        self.mma_adapter_v2_gate = nn.ParameterDict()
+        self.mma_adapter_v2_gate_scale = nn.ParameterDict()
+        self.gate_activation: dict[str, str] = {}
+        self.visual_fused: dict[str, bool] = {}
+        self.prompt_kv_adapted: dict[str, bool] = {}
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: LlamaAdapterV2Config,
+        name: str,
+        prompted: bool = False,
+        gated: bool = False,
+        visual_fused: bool = False,
+    ) -> None:
+        """Add the gate (where `gated`) and the prompt (where `prompted`), then the `Linear` parameters."""
+        weight = self.get_base_layer().weight
+        kw = _param_kwargs(self.get_base_layer())
+        if prompted:
+            self.mma_adapter_v2_prompt[adapter_name] = nn.Parameter(
+                torch.empty(config.prompt_length, self.out_features, **kw)
+            )
+        if gated:
+            self.mma_adapter_v2_gate[adapter_name] = nn.Parameter(torch.zeros(self.num_heads, **kw))
+        if gated and config.prompt_gate_scale:
+            self.mma_adapter_v2_gate_scale[adapter_name] = nn.Parameter(torch.ones(1, **kw))
+        self.gate_activation[adapter_name] = config.gate_activation
+        self.visual_fused[adapter_name] = bool(visual_fused)
+        self.prompt_kv_adapted[adapter_name] = config.prompt_kv_adapted
+        with torch.no_grad():
+            if prompted and weight.device.type != "meta":
+                nn.init.normal_(self.mma_adapter_v2_prompt[adapter_name])
+            if gated and not config.init_weights and weight.device.type != "meta":
+                self.mma_adapter_v2_gate[adapter_name].normal_(0.0, 0.5)
+        super().update_layer(adapter_name, config, name)
+
+    def _gate(self, adapter: str) -> torch.Tensor:
+        gate = self.mma_adapter_v2_gate[adapter]
+        gate = torch.tanh(gate) if self.gate_activation[adapter] == "tanh" else gate
+        if adapter in self.mma_adapter_v2_gate_scale:
+            gate = gate * self.mma_adapter_v2_gate_scale[adapter]
+        return gate
+
+    def _project(self, linear: nn.Module, prompt: torch.Tensor, adapted: bool) -> torch.Tensor:
+        """k_proj / v_proj of the prompt: the frozen base weights, or with this adapter's bias and scale (no LoRA)."""
+        if adapted and isinstance(linear, Linear):
+            return linear(prompt, use_lora=False)
+        base = linear.get_base_layer() if isinstance(linear, BaseTunerLayer) else linear
+        return base(prompt)
+
+    def prompt_key_value(self, attention: nn.Module, adapter: str, state, dtype: torch.dtype):
+        """(k_p, v_p), each (B or 1, H_kv, K, d); cached in the per-call `state` when no gradient is recorded."""
+        cache = state.cache if state is not None and not torch.is_grad_enabled() else None
+        key = (id(self), adapter)
+        if cache is not None and key in cache:
+            return cache[key]
+        prompt = self.mma_adapter_v2_prompt[adapter][None]  # (1, K, C)
+        visual = state.visual.get(adapter) if state is not None and self.visual_fused[adapter] else None
+        if visual is not None:
+            prompt = prompt + visual.to(prompt.dtype)  # (B, K, C)
+        prompt = prompt.to(dtype)
+        adapted = self.prompt_kv_adapted[adapter]
+        head_dim = attention.head_dim
+        k_p = self._project(attention.k_proj, prompt, adapted)  # (B, K, H_kv·d)
+        v_p = self._project(attention.v_proj, prompt, adapted)
+        k_p = k_p.view(*k_p.shape[:2], -1, head_dim).transpose(1, 2)  # (B, H_kv, K, d)
+        v_p = v_p.view(*v_p.shape[:2], -1, head_dim).transpose(1, 2)
+        if cache is not None:
+            cache[key] = (k_p, v_p)
+        return k_p, v_p
+
+    def gated_prompt_term(self, attention: nn.Module, query: torch.Tensor, state) -> torch.Tensor | None:
+        """Σ_adapters a(g) · ν · softmax(q k_pᵀ / √d) v_p, (B, T, H, d); `None` when no prompt is active."""
+        if self.disable_adapters:
+            return None
+        term = None
+        for adapter in self._active(self.mma_adapter_v2_prompt):
+            k_p, v_p = self.prompt_key_value(attention, adapter, state, query.dtype)
+            if k_p.shape[0] not in (1, query.shape[0]):  # beams / several samples per prompt in generate
+                k_p = k_p.repeat_interleave(query.shape[0] // k_p.shape[0], dim=0)
+                v_p = v_p.repeat_interleave(query.shape[0] // v_p.shape[0], dim=0)
+            out = gated_prompt_attention(query, k_p, v_p, self._gate(adapter), attention.scaling)
+            term = out if term is None else term + out
+        return term
+
+
+class Norm(nn.Module, LlamaAdapterV2Layer):
+    """Tuned RMSNorm: y = (w + Δ) ⊙ x / √(mean(x²) + ε), computed as base(x) + Δ ⊙ n(x) with n(x) the normalised
+    input, so Δ = 0 (init) is exactly the base norm. Δ ∈ R^C is trainable; the official checkpoints store w + Δ."""
+
+    adapter_layer_names = (PREFIX + "norm",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self._init_tuner_layer(base_layer, adapter_name)
+        self.mma_adapter_v2_norm = nn.ParameterDict()
+
+    def update_layer(self, adapter_name: str, config: LlamaAdapterV2Config, name: str) -> None:
+        weight = self.get_base_layer().weight
+        kw = _param_kwargs(self.get_base_layer())
+        self.mma_adapter_v2_norm[adapter_name] = nn.Parameter(torch.zeros(weight.shape[-1], **kw))
+        if not config.init_weights and weight.device.type != "meta":
+            with torch.no_grad():
+                self.mma_adapter_v2_norm[adapter_name].normal_(0.0, 0.1)
+        self._finish_update(adapter_name, config)
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        eps = getattr(base, "variance_epsilon", getattr(base, "eps", 1e-6))
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.mma_adapter_v2_norm]
+        if self.merged or not active:
+            return y
+        n = self._normalized(x)
+        for a in active:
+            y = y + self.mma_adapter_v2_norm[a].to(n.dtype) * n
+        return y
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """w′ = w + Δ."""
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            weight = self.get_base_layer().weight
+            new = (weight.float() + self.mma_adapter_v2_norm[adapter].float()).to(weight.dtype)
+            self._safe_assign({"weight": new}, safe_merge, adapter)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            weight = self.get_base_layer().weight
+            weight.data = (weight.float() - self.mma_adapter_v2_norm[adapter].float()).to(weight.dtype)

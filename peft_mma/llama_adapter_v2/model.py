@@ -1,0 +1,294 @@
+"""LLaMA-Adapter V2 tuner (Gao et al. 2023, https://arxiv.org/abs/2304.15010; spec `llama_adapter_v2.md`).
+
+One PEFT type whose tuner dispatches on module kind (DESIGN decision 1): linear → `Linear` (bias/scale/LoRA),
+`o_proj` → `OutputProjection` (also the layer's prompt and gate), RMSNorm → `Norm`. The visual path (frozen
+`VisionBackbone` + trainable `AdapterV2VisualBridge`) is model-level state on the tuner, keyed by adapter name.
+Per call, `_enable_peft_forward_hooks` turns `pixel_values` into visual tokens V once (once per `generate`) and
+hands them, with a prompt K/V cache, to the attention layers as the forward keyword `attention.STATE_KWARG`.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ..attention import STATE_KWARG, install_prompt_attention, uninstall_prompt_attention
+from ..tuner_utils import MMATunerMixin
+from ..utils import check_supported_model, decoder_layers
+from ..vision.backbone import VisionBackbone
+from ..vision.bridge import AdapterV2VisualBridge
+from .config import LINEAR_NAMES, NORM_NAMES, LlamaAdapterV2Config
+from .layer import PREFIX, Linear, LlamaAdapterV2Layer, Norm, OutputProjection
+
+_LAYER_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+_LAYER_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.(input_layernorm|post_attention_layernorm)$")
+_FINAL_NORM = re.compile(r"(?:^|\.)model\.(norm)$")
+MULTIMODAL_KWARGS = ("pixel_values", "has_image")
+
+
+@dataclass
+class PromptState:
+    """What one forward or `generate` call hands to the prompted attention layers."""
+
+    visual: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter → V, (B or 1, K, C)
+    cache: dict = field(default_factory=dict)  # (layer, adapter) → (k_p, v_p), filled only without grad
+
+
+def _parse_key(key: str) -> tuple[int | None, str] | None:
+    """`model.layers.3.self_attn.q_proj` → (3, "q_proj"); `model.norm` → (None, "norm"); else None."""
+    for pattern in (_LAYER_MODULE, _LAYER_NORM):
+        match = pattern.search(key)
+        if match:
+            return int(match.group(1)), match.group(2)
+    return (None, "norm") if _FINAL_NORM.search(key) else None
+
+
+class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
+    """Injects LLaMA-Adapter V2 into a `LlamaForCausalLM`; see `LlamaAdapterV2Config` for the options."""
+
+    prefix = PREFIX
+    tuner_layer_cls = LlamaAdapterV2Layer
+    target_module_mapping = {"llama": list(LINEAR_NAMES + NORM_NAMES)}
+
+    # ---- configuration checks (before anything is changed) -------------------------------------------------
+
+    @staticmethod
+    def prompt_layer_ids(config: LlamaAdapterV2Config, num_layers: int) -> list[int]:
+        """The top L layers: L = `prompt_layers`, or N − 1 when it is `None` (spec §2a)."""
+        count = max(num_layers - 1, 0) if config.prompt_layers is None else config.prompt_layers
+        return list(range(num_layers - count, num_layers))
+
+    def _check_against_model(self, config: LlamaAdapterV2Config, model: nn.Module) -> None:
+        check_supported_model(model)
+        num_layers, width = model.config.num_hidden_layers, model.config.hidden_size
+        if config.base_num_layers not in (None, num_layers) or config.base_hidden_size not in (None, width):
+            raise ValueError(
+                f"This adapter was made for a base with {config.base_num_layers} layers of width "
+                f"{config.base_hidden_size}; the model has {num_layers} layers of width {width}. Load it onto the "
+                "base model it was trained on."
+            )
+        if config.prompt_layers is not None and config.prompt_layers > num_layers:
+            raise ValueError(
+                f"`prompt_layers`={config.prompt_layers} exceeds the model's {num_layers} decoder layers; pass at "
+                f"most {num_layers}."
+            )
+        prompted = len(self.prompt_layer_ids(config, num_layers))
+        if config.vision_model is not None and prompted == 0:
+            raise ValueError("`vision_model` needs prompted layers to carry the visual tokens; the model has none.")
+        if (
+            config.vision_model is not None
+            and config.visual_fusion == "early"
+            and config.early_fusion_layers > prompted
+        ):
+            raise ValueError(
+                f"`early_fusion_layers`={config.early_fusion_layers} exceeds the {prompted} prompted layers."
+            )
+        config.base_num_layers, config.base_hidden_size = num_layers, width
+
+    def _check_target_module_exists(self, config: LlamaAdapterV2Config, key: str) -> bool:
+        parsed = _parse_key(key)
+        if parsed is None:
+            return False
+        layer, name = parsed
+        if name in NORM_NAMES:
+            return name in config.norm_modules
+        has_prompts = bool(self.prompt_layer_ids(config, config.base_num_layers))
+        gated = name == "o_proj" and has_prompts
+        return gated or name in (*config.bias_modules, *config.scale_modules, *config.lora_modules)
+
+    # ---- injection -----------------------------------------------------------------------------------------
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        self._check_against_model(config, model)
+        self._add_visual_path(adapter_name, config, model)
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        except Exception:
+            self._delete_model_level_adapter(adapter_name)
+            raise
+        if self.prompt_layer_ids(config, config.base_num_layers):
+            install_prompt_attention(model.config)
+
+    def _add_visual_path(self, adapter_name: str, config: LlamaAdapterV2Config, model: nn.Module) -> None:
+        """Build the frozen encoder and the trainable bridge of `adapter_name` on the model's device."""
+        if "mma_adapter_v2_visual" not in self._modules:
+            self.mma_adapter_v2_visual = nn.ModuleDict()
+            self.mma_adapter_v2_backbone = nn.ModuleDict()
+        if config.vision_model is None:
+            return
+        reference = next(model.parameters())
+        on_meta = reference.device.type == "meta"
+        with torch.device("meta") if on_meta else nullcontext():
+            backbone = VisionBackbone(
+                config.vision_model, config.vision_pretrained and not on_meta, config.vision_model_kwargs
+            )
+        bridge = AdapterV2VisualBridge(
+            backbone.token_width,
+            model.config.hidden_size,
+            config.prompt_length,
+            config.visual_width,
+            config.visual_depth,
+            config.visual_heads,
+            device=reference.device,
+            dtype=torch.float32,
+        )
+        dtype = reference.dtype if reference.is_floating_point() else torch.float32
+        self.mma_adapter_v2_backbone[adapter_name] = backbone.to(device=reference.device, dtype=dtype)
+        self.mma_adapter_v2_visual[adapter_name] = bridge.requires_grad_(not config.inference_mode)
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
+        layer, name = _parse_key(current_key)
+        if isinstance(target, LlamaAdapterV2Layer):
+            new = None
+        elif name in NORM_NAMES:
+            new = Norm(target, adapter_name)
+        elif name == "o_proj":
+            new = OutputProjection(target, adapter_name, self.model.config.num_attention_heads)
+        else:
+            new = Linear(target, adapter_name)
+        module = target if new is None else new
+        if name == "o_proj":
+            module.update_layer(adapter_name, config, name, **self._prompt_roles(config, layer))
+        else:
+            module.update_layer(adapter_name, config, name)
+        if new is not None:
+            if adapter_name not in self.active_adapters:
+                new.requires_grad_(False)
+            self._replace_module(parent, target_name, new, target)
+
+    def _prompt_roles(self, config: LlamaAdapterV2Config, layer: int) -> dict[str, bool]:
+        """Is layer `layer` prompted, gated, fed the visual tokens?"""
+        ids = self.prompt_layer_ids(config, config.base_num_layers)
+        fused = ids if config.visual_fusion == "all" else ids[: config.early_fusion_layers]
+        gated = bool(ids) and (layer in ids or config.gate_layers == "all")
+        has_vision = config.vision_model is not None
+        return dict(prompted=layer in ids, gated=gated, visual_fused=has_vision and layer in fused)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        active = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name, bridge in getattr(self, "mma_adapter_v2_visual", {}).items():
+            bridge.requires_grad_(name in active and not inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._delete_model_level_adapter(adapter_name)
+
+    # ---- forward and generate ------------------------------------------------------------------------------
+
+    def forward(self, *args, pixel_values=None, has_image=None, **kwargs):
+        """The base model's forward; `pixel_values`/`has_image` were consumed by `_enable_peft_forward_hooks`."""
+        return self.model.forward(*args, **kwargs)
+
+    def generate(self, *args, pixel_values=None, has_image=None, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Entered by `PeftModel.forward` / `generate` once per call: visual tokens and a K/V cache for the call."""
+        batch_size = self._batch_size(args, kwargs)
+        state = PromptState(
+            visual=self._visual_tokens(kwargs.get("pixel_values"), kwargs.get("has_image"), batch_size)
+        )
+
+        def add_state(module, hook_args, hook_kwargs):
+            hook_kwargs[STATE_KWARG] = state
+            return hook_args, hook_kwargs
+
+        handle = self.model.register_forward_pre_hook(add_state, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> int | None:
+        for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
+            if isinstance(value, torch.Tensor):
+                return value.shape[0]
+        return None
+
+    def _visual_tokens(self, pixel_values, has_image, batch_size: int | None) -> dict[str, torch.Tensor]:
+        """V per active adapter with a visual path: bridge(encoder(images)), (B, K, C); zero-image V (1, K, C) for
+        text-only input where `zero_image_for_text`; samples with `has_image` False get the text-only V (or 0)."""
+        visual = {}
+        bridges = getattr(self, "mma_adapter_v2_visual", {})
+        if pixel_values is not None and not any(a in bridges for a in self.active_adapters):
+            raise ValueError(
+                "`pixel_values` were passed, but no active adapter has a visual path; set `vision_model` in the "
+                "adapter config to use images."
+            )
+        for adapter in self.active_adapters:
+            if adapter not in bridges:
+                continue
+            config, backbone, bridge = (
+                self.peft_config[adapter],
+                self.mma_adapter_v2_backbone[adapter],
+                bridges[adapter],
+            )
+            text_v = None
+            if config.zero_image_for_text:
+                size = backbone.image_size
+                with torch.no_grad():
+                    zero_features = backbone.tokens(torch.zeros(1, 3, size, size))
+                text_v = bridge(zero_features)  # (1, K, C)
+            if pixel_values is None:
+                if text_v is not None:
+                    visual[adapter] = text_v
+                continue
+            backbone.check_pixel_values(pixel_values, batch_size)
+            with torch.no_grad():
+                features = backbone.tokens(pixel_values)  # (B, N, C_f)
+            v = bridge(features)  # (B, K, C)
+            if has_image is not None:
+                keep = torch.as_tensor(has_image, device=v.device).view(-1, 1, 1).to(v.dtype)
+                v = keep * v + (1 - keep) * (text_v if text_v is not None else 0)
+            visual[adapter] = v
+        return visual
+
+    # ---- merging -------------------------------------------------------------------------------------------
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """Fold bias, scale, LoRA and norms into the base weights and return the plain `LlamaForCausalLM`.
+
+        Prompts and gates cannot be folded (spec §9 "Merging"); use `merge_adapter()` to fold the rest and keep them.
+        """
+        names = adapter_names or self.active_adapters
+        for name in names:
+            config = self.peft_config[name]
+            if self.prompt_layer_ids(config, config.base_num_layers) or config.vision_model is not None:
+                raise ValueError(
+                    f"Adapter {name!r} has adaption prompts, which cannot be merged into the base weights. Use "
+                    "`merge_adapter()` to fold bias, scale, LoRA and norms and keep the prompts, or configure "
+                    "`prompt_layers=0` (and no `vision_model`) for a fully mergeable adapter."
+                )
+        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        self._finish_unload(model)
+        return model
+
+    def unload(self) -> nn.Module:
+        model = super().unload()
+        self._finish_unload(model)
+        return model
+
+    @staticmethod
+    def _finish_unload(model: nn.Module) -> None:
+        """Restore the attention implementation and make the config declare every bias a merge created, giving
+        each linear of the group a (zero) bias so that vanilla transformers reloads the same numbers."""
+        uninstall_prompt_attention(model.config)
+        groups = {"attention_bias": ("self_attn", LINEAR_NAMES[:4]), "mlp_bias": ("mlp", LINEAR_NAMES[4:])}
+        for flag, (parent, names) in groups.items():
+            linears = [getattr(getattr(layer, parent), n) for layer in decoder_layers(model) for n in names]
+            if getattr(model.config, flag, False) or all(linear.bias is None for linear in linears):
+                continue
+            for linear in linears:
+                if linear.bias is None:
+                    weight = linear.weight
+                    linear.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
+            setattr(model.config, flag, True)
