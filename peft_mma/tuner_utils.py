@@ -17,6 +17,9 @@ from torch import nn
 
 from .vision.backbone import VisionBackbone
 
+BACKBONE_ATTR = "mma_vision_backbone"  # tuner attribute holding frozen encoders; outside the method prefixes, so
+# PEFT does not report their (deliberately unsaved) weights as missing adapter keys on load
+
 
 def _under(key: str, prefixes: set[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
@@ -62,8 +65,9 @@ class MMATunerMixin:
                 module.to(reference.device)
 
     def _delete_model_level_adapter(self: BaseTuner, adapter_name: str) -> None:
-        """Drop `adapter_name` from every container the tuner itself holds (`<prefix><role>` dicts)."""
+        """Drop `adapter_name` from every container the tuner itself holds (`<prefix><role>` dicts, encoders)."""
         for attr, value in list(vars(self)["_modules"].items()):
-            if attr.startswith(self.prefix) and isinstance(value, (nn.ModuleDict, nn.ParameterDict)):
+            ours = attr.startswith(self.prefix) or attr == BACKBONE_ATTR
+            if ours and isinstance(value, (nn.ModuleDict, nn.ParameterDict)):
                 if adapter_name in value:
                     del value[adapter_name]

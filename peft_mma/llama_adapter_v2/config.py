@@ -55,6 +55,8 @@ class LlamaAdapterV2Config(PeftConfig):
         base_hidden_size (`int`, *optional*): Filled at injection; checked when the adapter is loaded again.
         base_num_layers (`int`, *optional*): Filled at injection; checked when the adapter is loaded again.
         init_weights (`bool`): `False` draws random non-identity weights (tests of merging and loading).
+        task_type (`str`): Always "CAUSAL_LM": `get_peft_model` then returns a `PeftModelForCausalLM`, whose
+            `forward` and `generate` hand `pixel_values` / `has_image` to this tuner.
     """
 
     bias_modules: list[str] = field(default_factory=lambda: list(LINEAR_NAMES), metadata={"help": "Linears with b."})
@@ -82,12 +84,18 @@ class LlamaAdapterV2Config(PeftConfig):
     base_hidden_size: int | None = field(default=None, metadata={"help": "Set at injection."})
     base_num_layers: int | None = field(default=None, metadata={"help": "Set at injection."})
     init_weights: bool = field(default=True, metadata={"help": "False: random non-identity init."})
+    task_type: str | None = field(default="CAUSAL_LM", metadata={"help": "Always CAUSAL_LM."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Derived; leave unset."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trained modules."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = MMA_ADAPTER_V2
+        if self.task_type != "CAUSAL_LM":
+            raise ValueError(
+                f"`task_type`={self.task_type!r}; LLaMA-Adapter V2 adapts causal LMs: use 'CAUSAL_LM' (the default), "
+                "which makes `get_peft_model` return a `PeftModelForCausalLM` that passes `pixel_values` through."
+            )
         for name in ("bias_modules", "scale_modules", "lora_modules"):
             unknown = sorted(set(getattr(self, name)) - set(LINEAR_NAMES))
             if unknown:

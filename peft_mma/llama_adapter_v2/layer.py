@@ -71,7 +71,7 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
     """
 
     adapter_layer_names = (PREFIX + "bias", PREFIX + "scale", PREFIX + "lora_A", PREFIX + "lora_B")
-    other_param_names = ("scale_side", "lora_scaling")
+    other_param_names = ("scale_side", "lora_scaling", "prompt_path")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
         super().__init__()
@@ -82,6 +82,9 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
         self.mma_adapter_v2_lora_B = nn.ModuleDict()
         self.scale_side: dict[str, str] = {}
         self.lora_scaling: dict[str, float] = {}
+        # adapter → how the prompts of this layer's attention read this k_proj / v_proj: "base" (frozen W only) or
+        # "adapted" (bias and scale, no LoRA); absent where no prompt reads it
+        self.prompt_path: dict[str, str] = {}
         self._created_bias = False
 
     @property
@@ -92,9 +95,13 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
     def out_features(self) -> int:
         return self.get_base_layer().out_features
 
-    def update_layer(self, adapter_name: str, config: LlamaAdapterV2Config, name: str) -> None:
+    def update_layer(
+        self, adapter_name: str, config: LlamaAdapterV2Config, name: str, prompt_path: str | None = None
+    ) -> None:
         """Add `adapter_name`'s parameters for the linear called `name` (e.g. "q_proj")."""
         kw = _param_kwargs(self.get_base_layer())
+        if prompt_path is not None:
+            self.prompt_path[adapter_name] = prompt_path
         if name in config.bias_modules:
             self.mma_adapter_v2_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features, **kw))
         if name in config.scale_modules:
@@ -160,10 +167,23 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
             lora = (lora_B.float() @ lora_A.float()) * self.lora_scaling[adapter]
         return scale, bias, lora
 
+    def _foldable(self, adapter: str) -> bool:
+        """False where prompts read this k_proj / v_proj differently from the tokens: folding would change them."""
+        scale, bias, lora = self.get_delta(adapter)
+        path = self.prompt_path.get(adapter)
+        if path == "base":
+            return scale is None and bias is None and lora is None
+        return path != "adapted" or lora is None
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold into W and b₀:
-        output side W′ = diag(s)(W + γBA), b₀′ = s ⊙ (b₀ + b);  input side W′ = (W + γBA) diag(s), b₀′ = b₀ + b."""
+        output side W′ = diag(s)(W + γBA), b₀′ = s ⊙ (b₀ + b);  input side W′ = (W + γBA) diag(s), b₀′ = b₀ + b.
+
+        The k_proj / v_proj of a prompted layer stay unmerged when its prompts read them without (some of) the
+        adapter (`prompt_kv_adapted`); their forward then applies the adapter as before, so the logits are kept."""
         for adapter in check_adapters_to_merge(self, adapter_names):
+            if not self._foldable(adapter):
+                continue
             scale, bias, lora = self.get_delta(adapter)
             if scale is None and bias is None and lora is None:
                 self.merged_adapters.append(adapter)

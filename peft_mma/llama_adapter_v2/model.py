@@ -3,14 +3,15 @@
 One PEFT type whose tuner dispatches on module kind (DESIGN decision 1): linear → `Linear` (bias/scale/LoRA),
 `o_proj` → `OutputProjection` (also the layer's prompt and gate), RMSNorm → `Norm`. The visual path (frozen
 `VisionBackbone` + trainable `AdapterV2VisualBridge`) is model-level state on the tuner, keyed by adapter name.
-Per call, `_enable_peft_forward_hooks` turns `pixel_values` into visual tokens V once (once per `generate`) and
-hands them, with a prompt K/V cache, to the attention layers as the forward keyword `attention.STATE_KWARG`.
+Per call, the tuner's `forward` / `generate` (which `PeftModelForCausalLM` calls) turn `pixel_values` into visual
+tokens V once (once per `generate`) and hand them, with a prompt K/V cache, to the attention layers as the forward
+keyword `attention.STATE_KWARG`.
 """
 
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..attention import STATE_KWARG, install_prompt_attention, uninstall_prompt_attention
-from ..tuner_utils import MMATunerMixin
+from ..tuner_utils import BACKBONE_ATTR, MMATunerMixin
 from ..utils import check_supported_model, decoder_layers
 from ..vision.backbone import VisionBackbone
 from ..vision.bridge import AdapterV2VisualBridge
@@ -119,7 +120,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         """Build the frozen encoder and the trainable bridge of `adapter_name` on the model's device."""
         if "mma_adapter_v2_visual" not in self._modules:
             self.mma_adapter_v2_visual = nn.ModuleDict()
-            self.mma_adapter_v2_backbone = nn.ModuleDict()
+            setattr(self, BACKBONE_ATTR, nn.ModuleDict())
         if config.vision_model is None:
             return
         reference = next(model.parameters())
@@ -139,7 +140,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
             dtype=torch.float32,
         )
         dtype = reference.dtype if reference.is_floating_point() else torch.float32
-        self.mma_adapter_v2_backbone[adapter_name] = backbone.to(device=reference.device, dtype=dtype)
+        getattr(self, BACKBONE_ATTR)[adapter_name] = backbone.to(device=reference.device, dtype=dtype)
         self.mma_adapter_v2_visual[adapter_name] = bridge.requires_grad_(not config.inference_mode)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
@@ -153,8 +154,12 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         else:
             new = Linear(target, adapter_name)
         module = target if new is None else new
+        roles = self._prompt_roles(config, layer) if layer is not None else {}
         if name == "o_proj":
-            module.update_layer(adapter_name, config, name, **self._prompt_roles(config, layer))
+            module.update_layer(adapter_name, config, name, **roles)
+        elif name in ("k_proj", "v_proj") and roles["prompted"]:
+            path = "adapted" if config.prompt_kv_adapted else "base"
+            module.update_layer(adapter_name, config, name, prompt_path=path)
         else:
             module.update_layer(adapter_name, config, name)
         if new is not None:
@@ -183,19 +188,13 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
     # ---- forward and generate ------------------------------------------------------------------------------
 
     def forward(self, *args, pixel_values=None, has_image=None, **kwargs):
-        """The base model's forward; `pixel_values`/`has_image` were consumed by `_enable_peft_forward_hooks`."""
-        return self.model.forward(*args, **kwargs)
+        """The base model's forward, with the per-call prompt state (visual tokens V, K/V cache) handed down."""
+        state = PromptState(self._visual_tokens(pixel_values, has_image, self._batch_size(args, kwargs)))
+        return self.model(*args, **kwargs, **{STATE_KWARG: state})
 
     def generate(self, *args, pixel_values=None, has_image=None, **kwargs):
-        return self.model.generate(*args, **kwargs)
-
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """Entered by `PeftModel.forward` / `generate` once per call: visual tokens and a K/V cache for the call."""
-        batch_size = self._batch_size(args, kwargs)
-        state = PromptState(
-            visual=self._visual_tokens(kwargs.get("pixel_values"), kwargs.get("has_image"), batch_size)
-        )
+        """The base model's `generate`; V and the prompt K/V are computed once for all its decoding steps."""
+        state = PromptState(self._visual_tokens(pixel_values, has_image, self._batch_size(args, kwargs)))
 
         def add_state(module, hook_args, hook_kwargs):
             hook_kwargs[STATE_KWARG] = state
@@ -203,7 +202,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
 
         handle = self.model.register_forward_pre_hook(add_state, with_kwargs=True)
         try:
-            yield
+            return self.model.generate(*args, **kwargs)
         finally:
             handle.remove()
 
@@ -229,7 +228,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
                 continue
             config, backbone, bridge = (
                 self.peft_config[adapter],
-                self.mma_adapter_v2_backbone[adapter],
+                getattr(self, BACKBONE_ATTR)[adapter],
                 bridges[adapter],
             )
             text_v = None

@@ -8,6 +8,9 @@ into an adapter file. Two families are supported:
 * transformers vision towers by local path with an ``"hf:"`` prefix (`CLIPVisionModel`,
   `CLIPVisionModelWithProjection`, `SiglipVisionModel`).
 
+Without pretrained weights (tests, benchmarks on a random encoder) the encoder is initialised from a fixed seed,
+so an adapter trained on it reloads onto the same encoder.
+
 Two readings are offered, one per paper:
 
 * `tokens(x)`: every token after the final norm and the projection head, (B, N, C_out). LLaMA-Adapter V2 feeds
@@ -60,7 +63,9 @@ class VisionBackbone(nn.Module):
     def __init__(self, name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.name = name
-        self.encoder = create_vision_model(name, pretrained, model_kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # without pretrained weights, the same name always gives the same encoder
+            self.encoder = create_vision_model(name, pretrained, model_kwargs)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
         self.is_timm = not name.startswith(HF_PREFIX)
