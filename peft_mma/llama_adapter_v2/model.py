@@ -115,6 +115,8 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
             raise
         if self.prompt_layer_ids(config, config.base_num_layers):
             install_prompt_attention(model.config)
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(["peft_mma"])  # the model card then names the plugin that loads this adapter
 
     def _add_visual_path(self, adapter_name: str, config: LlamaAdapterV2Config, model: nn.Module) -> None:
         """Build the frozen encoder and the trainable bridge of `adapter_name` on the model's device."""

@@ -1,0 +1,95 @@
+"""Bad input to LLaMA-Adapter V2 gets a clear error and changes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_llama
+from peft import PeftModel, get_peft_model
+from test_llama_adapter_v2_model import VISION, ids, logits
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from peft_mma import LlamaAdapterV2Config
+from peft_mma.llama_adapter_v2.layer import LlamaAdapterV2Layer
+
+
+def assert_untouched(model) -> None:
+    assert not any(isinstance(m, LlamaAdapterV2Layer) for m in model.modules())
+    assert not model.config._attn_implementation.endswith("+mma_prompt")
+
+
+def test_non_llama_model_is_refused_naming_the_supported_family():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(TypeError, match=r"LLaMA-architecture decoders .*got GPT2LMHeadModel with model_type='gpt2'"):
+        get_peft_model(model, LlamaAdapterV2Config())
+
+
+def test_more_prompt_layers_than_the_model_has():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"`prompt_layers`=5 exceeds the model's 4 decoder layers; pass at most 4"):
+        get_peft_model(model, LlamaAdapterV2Config(prompt_layers=5))
+    assert_untouched(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(scale_side="middle"), r"`scale_side`='middle'; expected one of \['output', 'input'\]"),
+        (dict(bias_modules=["qkv"]), r"`bias_modules` has unknown linears \['qkv'\]"),
+        (dict(prompt_length=0), r"`prompt_length`=0; expected a positive integer"),
+        (dict(zero_image_for_text=True), r"`zero_image_for_text`=True needs a `vision_model`"),
+        (dict(task_type="SEQ_CLS"), r"`task_type`='SEQ_CLS'; LLaMA-Adapter V2 adapts causal LMs"),
+    ],
+)
+def test_bad_config_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LlamaAdapterV2Config(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "pixels, match",
+    [
+        (torch.randn(2, 3, 32, 32), r"shape \(batch, 3, 28, 28\)"),
+        (torch.randn(2, 28, 28), r"shape \(batch, 3, 28, 28\)"),
+        (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), "floating-point tensor"),
+        (torch.randn(3, 3, 28, 28), "holds 3 images for a batch of 2 sequences"),
+    ],
+)
+def test_bad_pixel_values(pixels, match):
+    model = get_peft_model(tiny_llama(), LlamaAdapterV2Config(**VISION, init_weights=False))
+    x = ids()
+    with pytest.raises(ValueError, match=match):
+        model(input_ids=x, pixel_values=pixels)
+    with pytest.raises(ValueError, match=match):
+        model.generate(input_ids=x, pixel_values=pixels, max_new_tokens=2)
+
+
+def test_images_for_an_adapter_without_vision():
+    model = get_peft_model(tiny_llama(), LlamaAdapterV2Config())
+    with pytest.raises(ValueError, match="no active adapter has a visual path; set `vision_model`"):
+        model(input_ids=ids(), pixel_values=torch.randn(2, 3, 28, 28))
+
+
+@pytest.mark.parametrize("other", [dict(num_hidden_layers=6), dict(hidden_size=48)], ids=["depth", "width"])
+def test_adapter_loaded_onto_another_base_is_refused(tmp_path, other):
+    get_peft_model(tiny_llama(), LlamaAdapterV2Config()).save_pretrained(tmp_path)
+    wrong = tiny_llama(**other)
+    expected = logits(wrong, input_ids=ids())
+    with pytest.raises(ValueError, match=r"made for a base with 4 layers of width 32; the model has"):
+        PeftModel.from_pretrained(wrong, tmp_path)
+    assert_untouched(wrong)
+    assert torch.equal(logits(wrong, input_ids=ids()), expected)
+
+
+def test_loading_without_the_plugin_fails_with_the_type_name(tmp_path):
+    """PEFT has no plugin discovery: without `import peft_mma` its loaders raise KeyError('MMA_ADAPTER_V2')."""
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    get_peft_model(base, LlamaAdapterV2Config()).save_pretrained(tmp_path / "adapter")
+    assert "- peft_mma" in (tmp_path / "adapter" / "README.md").read_text()  # the card names the plugin
+    script = f"from peft import PeftConfig\nPeftConfig.from_pretrained({str(tmp_path / 'adapter')!r})\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode != 0 and "KeyError: 'MMA_ADAPTER_V2'" in result.stderr
