@@ -1,0 +1,57 @@
+"""Integration on the real SmolLM2-135M-Instruct checkpoint (LLaMA architecture, grouped-query attention)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from peft_mma import LlamaAdapterV2Config
+
+pytestmark = pytest.mark.smollm2
+
+
+def batch(tokenizer):
+    texts = ["The capital of France is Paris.", "Two plus two equals four, said the teacher."]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    return dict(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], labels=labels)
+
+
+def test_adapter_v2_on_smollm2_identity_training_reload_generate(smollm2, tmp_path):
+    original, tokenizer = smollm2
+    base = copy.deepcopy(original)
+    assert base.config.num_key_value_heads < base.config.num_attention_heads  # grouped-query attention
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+    model = get_peft_model(base, LlamaAdapterV2Config(prompt_layers=8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, base_logits, atol=0, rtol=0)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    model.eval()
+    with torch.no_grad():
+        trained = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path, is_trainable=True).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, trained)
+
+    prompt = tokenizer(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        cached = model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+        uncached = model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape[1] == prompt["input_ids"].shape[1] + 5
