@@ -1,0 +1,113 @@
+"""The PEFT V2 layers against the independent reference in `tests/reference/` (written from the spec's equations)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from peft import get_peft_model
+from reference.llama_adapter_v2_ref import reference_logits_from_model, reference_visual_bridge
+from test_llama_adapter_v2_model import VISION, ids
+
+from peft_mma import LlamaAdapterV2Config
+from peft_mma.llama_adapter_v2.layer import Linear, Norm, OutputProjection
+
+
+def adapter_dict(model, adapter: str = "default", visual: torch.Tensor | None = None) -> dict:
+    """Our PEFT model's adapter, in the reference's plain-dict format."""
+    config = model.peft_config[adapter]
+    out = {"linear": {}, "norm": {}, "prompt": {}, "gate": {}, "gate_scale": {}, "visual": {}}
+    out |= {"scale_side": config.scale_side, "gate_activation": config.gate_activation}
+    out["prompt_kv_adapted"] = config.prompt_kv_adapted
+    for name, module in model.base_model.model.named_modules():
+        parts = name.split(".")
+        layer = int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
+        if isinstance(module, Linear):
+            entry = {
+                "bias": module.mma_adapter_v2_bias.get(adapter),
+                "scale": module.mma_adapter_v2_scale.get(adapter),
+            }
+            if adapter in module.mma_adapter_v2_lora_A:
+                entry["lora_A"] = module.mma_adapter_v2_lora_A[adapter].weight
+                entry["lora_B"] = module.mma_adapter_v2_lora_B[adapter].weight
+                entry["lora_scaling"] = module.lora_scaling[adapter]
+            out["linear"][(layer, parts[-1])] = entry
+        if isinstance(module, OutputProjection) and adapter in module.mma_adapter_v2_prompt:
+            out["prompt"][layer] = module.mma_adapter_v2_prompt[adapter]
+            out["gate"][layer] = module.mma_adapter_v2_gate[adapter]
+            if adapter in module.mma_adapter_v2_gate_scale:
+                out["gate_scale"][layer] = module.mma_adapter_v2_gate_scale[adapter]
+            if visual is not None and module.visual_fused[adapter]:
+                out["visual"][layer] = visual
+        if isinstance(module, Norm):
+            out["norm"][(layer, parts[-1] if layer is not None else "norm")] = module.mma_adapter_v2_norm[adapter]
+    return {k: v for k, v in out.items() if v != {}}
+
+
+CASES = {
+    "paper-default": dict(),
+    "input-scale-adapted-kv": dict(scale_side="input", prompt_kv_adapted=True),
+    "lora-bias-7b-like": dict(
+        lora_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        lora_rank=2,
+        bias_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        scale_modules=[],
+        prompt_gate_scale=True,
+    ),
+    "no-tanh-one-token": dict(gate_activation="none", prompt_length=1, prompt_layers=2),
+}
+
+
+@pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
+def test_adapted_model_matches_the_reference(llama, options):
+    plain = tiny_llama(*_kind(llama))
+    model = get_peft_model(llama, LlamaAdapterV2Config(init_weights=False, **options)).eval()
+    with torch.no_grad():
+        for module in model.modules():  # non-trivial LoRA A/B and gate scales
+            if isinstance(module, OutputProjection):
+                for p in module.mma_adapter_v2_gate_scale.values():
+                    p.uniform_(0.3, 1.5)
+    x = ids(2, 9)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0  # left padding
+    # Prompt keys carry no RoPE, so the prompt term depends on absolute positions: give both the positions that
+    # `generate` uses for left padding.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(input_ids=x, attention_mask=mask, position_ids=positions).logits
+        expected = reference_logits_from_model(plain, x, mask, adapter_dict(model), position_ids=positions)
+    keep = mask.bool()
+    assert (ours[keep] - reference_logits_from_model(plain, x, mask)[keep]).abs().max() > 0.05  # not an identity
+    torch.testing.assert_close(ours[keep], expected[keep], atol=1e-5, rtol=0)
+
+
+def _kind(llama) -> tuple[str, str]:
+    config = llama.config
+    kind = (
+        "odd_head_dim"
+        if config.head_dim * config.num_attention_heads != config.hidden_size
+        else ("gqa" if config.num_key_value_heads < config.num_attention_heads else "mha")
+    )
+    return kind, config._attn_implementation
+
+
+@pytest.mark.parametrize("fusion", ["early", "all"])
+def test_visual_path_matches_the_reference(fusion):
+    plain = tiny_llama("gqa", "eager")
+    config = LlamaAdapterV2Config(**VISION, init_weights=False, visual_fusion=fusion)
+    model = get_peft_model(tiny_llama("gqa", "eager"), config).eval()
+    images, x = torch.randn(2, 3, 28, 28), ids(2, 6)
+    tuner = model.base_model
+    bridge = tuner.mma_adapter_v2_visual["default"]
+    with torch.no_grad():
+        features = tuner.mma_vision_backbone["default"].tokens(images)
+        weights = {k: v for k, v in bridge.state_dict().items() if not k.startswith("visual_query")}
+        weights = {k.replace("visual_blocks.", "blocks."): v for k, v in weights.items()}
+        weights["query"] = bridge.visual_query.weight
+        visual = reference_visual_bridge(features, weights, num_heads=config.visual_heads)
+        torch.testing.assert_close(bridge(features), visual, atol=1e-5, rtol=0)
+        ours = model(input_ids=x, pixel_values=images).logits
+        expected = reference_logits_from_model(plain, x, None, adapter_dict(model, visual=visual))
+    fused = sum(m.visual_fused["default"] for m in model.modules() if isinstance(m, OutputProjection))
+    assert fused == (1 if fusion == "early" else 3)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
