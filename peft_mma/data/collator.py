@@ -1,0 +1,180 @@
+"""Collator for causal-LM fine-tuning on prompt/response pairs, with optional images.
+
+Each sample becomes `[BOS] + prompt + response + [EOS]`, where BOS is added only if the tokenizer adds one
+itself (`add_bos_token`, or what it does to a plain string), and prompt and response are tokenised
+separately so that the prompt/response boundary is exact. Labels are the input ids with -100 on the BOS, the
+prompt and the padding, so the loss covers the response and its EOS only (the official code uses 0 as the
+ignore index, spec/llama_adapter_v2.md §4 and spec/lavin_mma.md §4; PyTorch's default -100 is used here).
+
+Images: a batch whose samples carry an `"image"` gets `pixel_values` (B, 3, S, S) and `has_image` (B,), and
+text-only samples get a zero image there, as both official code bases feed them (spec/llama_adapter_v2.md §3.7,
+spec/lavin_mma.md §4). Tensors are used as they are; PIL images go through the timm eval transform of
+`image_model` (`timm.data.resolve_data_config` + `create_transform`) or through `image_transform`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .templates import format_prompt, scienceqa_answer, scienceqa_prompt
+
+IGNORE_INDEX = -100
+
+
+def prompt_and_response(sample: dict[str, Any]) -> tuple[str, str]:
+    """The (prompt, response) texts of a sample, chosen by its keys.
+
+    - `prompt` (+ optional `response`): used as they are;
+    - `instruction`, `input`, `output`: the Alpaca template (`templates.format_prompt`);
+    - `question`, `options`, `answer` (+ optional `context`, `explanation`): LaVIN's ScienceQA format.
+    """
+    if "prompt" in sample:
+        return sample["prompt"], sample.get("response", "")
+    if "instruction" in sample:
+        return format_prompt(sample["instruction"], sample.get("input")), sample.get("output", "")
+    if "question" in sample:
+        prompt = scienceqa_prompt(sample["question"], sample["options"], sample.get("context"))
+        answer = sample.get("answer")
+        return prompt, "" if answer is None else scienceqa_answer(answer, sample.get("explanation"))
+    raise ValueError(
+        f"A sample needs `prompt`, `instruction` or `question` keys (or pass `prompt_fn`), got keys {sorted(sample)}."
+    )
+
+
+def timm_image_transform(model_name: str) -> tuple[Callable, int]:
+    """(eval transform, image size) for timm model `model_name`, from its pretrained config; nothing is downloaded."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    pretrained_cfg = get_pretrained_cfg(model_name)
+    if pretrained_cfg is not None:
+        config = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
+    else:
+        with torch.device("meta"):
+            config = resolve_data_config(model=timm.create_model(model_name, pretrained=False))
+    return create_transform(**config), config["input_size"][-1]
+
+
+class CausalLMCollator:
+    """Tokenise, mask, truncate and pad a list of samples into a causal-LM batch.
+
+    Args:
+        tokenizer: any Hugging Face tokenizer; its `pad_token_id` (else `eos_token_id`) pads.
+        max_length: sequences are cut to this many tokens from the right, before padding.
+        padding_side: "right" for training, "left" for generation.
+        with_response: False gives prompts only (BOS + prompt, no EOS, no `labels`), for `generate`.
+        prompt_fn: sample → (prompt, response); defaults to `prompt_and_response`.
+        image_model: timm model name whose eval transform is applied to PIL images.
+        image_transform: callable applied to PIL images instead (overrides `image_model`'s transform).
+        image_size: S of the zero image of text-only samples; when set (or with `image_model`) every batch
+            carries `pixel_values` and `has_image`, else only batches with at least one image do.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int = 512,
+        padding_side: str = "right",
+        with_response: bool = True,
+        prompt_fn: Callable[[dict[str, Any]], tuple[str, str]] | None = None,
+        image_model: str | None = None,
+        image_transform: Callable | None = None,
+        image_size: int | None = None,
+    ):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
+        if max_length < 1:
+            raise ValueError(f"`max_length` must be at least 1, got {max_length}.")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError("The tokenizer has neither `pad_token_id` nor `eos_token_id`; set `tokenizer.pad_token`.")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.padding_side = padding_side
+        self.with_response = with_response
+        self.prompt_fn = prompt_fn or prompt_and_response
+        self.pad_id = pad_id
+        self.bos = [tokenizer.bos_token_id] if self._adds_bos(tokenizer) else []
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.image_transform = image_transform
+        self.image_size = image_size
+        if image_model is not None:
+            model_transform, model_size = timm_image_transform(image_model)
+            self.image_transform = image_transform or model_transform
+            self.image_size = image_size or model_size
+
+    @staticmethod
+    def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+        if tokenizer.bos_token_id is None:
+            return False
+        add_bos = getattr(tokenizer, "add_bos_token", None)
+        if add_bos is not None:
+            return bool(add_bos)
+        return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def encode(self, sample: dict[str, Any]) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of one sample, truncated to `max_length` and not padded."""
+        prompt, response = self.prompt_fn(sample)
+        prompt_ids = self.bos + self._tokens(prompt)
+        if not self.with_response:
+            ids = prompt_ids[: self.max_length]
+            return ids, [IGNORE_INDEX] * len(ids)
+        response_ids = self._tokens(response) + self.eos
+        ids = (prompt_ids + response_ids)[: self.max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: self.max_length]
+        return ids, labels
+
+    def _pad(self, rows: Sequence[list[int]], value: int) -> torch.Tensor:
+        width = max(len(row) for row in rows)
+        padded = [
+            [value] * (width - len(row)) + row if self.padding_side == "left" else row + [value] * (width - len(row))
+            for row in rows
+        ]
+        return torch.tensor(padded, dtype=torch.long)
+
+    def _image(self, image: Any) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return image
+        if self.image_transform is None:
+            raise ValueError(
+                f"Got a {type(image).__name__} image but no transform: pass `image_model` (a timm model name) or "
+                "`image_transform`, or give (3, S, S) tensors."
+            )
+        return self.image_transform(image)
+
+    def _images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = [self._image(s["image"]) if s.get("image") is not None else None for s in samples]
+        present = [image for image in images if image is not None]
+        if not present and self.image_size is None:
+            return {}
+        shape = tuple(present[0].shape) if present else (3, self.image_size, self.image_size)
+        if any(tuple(image.shape) != shape for image in present) or len(shape) != 3:
+            raise ValueError(
+                f"All images of a batch must share one (3, S, S) shape, got {[tuple(i.shape) for i in present]}."
+            )
+        zero = torch.zeros(shape)
+        pixel_values = torch.stack([zero if image is None else image.float() for image in images])
+        has_image = torch.tensor([image is not None for image in images])
+        return {"pixel_values": pixel_values, "has_image": has_image}
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not samples:
+            raise ValueError("Cannot collate an empty list of samples.")
+        encoded = [self.encode(sample) for sample in samples]
+        ids = [row for row, _ in encoded]
+        batch = {
+            "input_ids": self._pad(ids, self.pad_id),
+            "attention_mask": self._pad([[1] * len(row) for row in ids], 0),
+        }
+        if self.with_response:
+            batch["labels"] = self._pad([labels for _, labels in encoded], IGNORE_INDEX)
+        batch.update(self._images(samples))
+        return batch

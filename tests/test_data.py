@@ -1,0 +1,331 @@
+"""Behaviour of the data helpers: prompt templates, procedural datasets and the causal-LM collator."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from stand_in_tokenizer import word_tokenizer
+
+from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, prompt_and_response
+from peft_mma.data.procedural import (
+    POSITIONS,
+    TASKS,
+    draw_quadrant_image,
+    instruction_dataset,
+    pixel_rule_answer,
+    split_of,
+    visual_qa_dataset,
+)
+from peft_mma.data.templates import (
+    chat_prompt,
+    expert_context,
+    expert_context_prompt,
+    format_options,
+    format_prompt,
+    scienceqa_answer,
+    scienceqa_prompt,
+)
+
+ALPACA_HEAD = "Below is an instruction that describes a task"
+PAD, BOS, EOS = 0, 1, 2
+
+# ---------------------------------------------------------------- templates
+
+
+def test_format_prompt_without_input_is_the_alpaca_template():
+    assert format_prompt("Name a colour.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nName a colour.\n\n### Response:"
+    )
+
+
+def test_format_prompt_with_input_is_the_alpaca_template():
+    assert format_prompt("Add the two numbers.", "2 + 3") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the two numbers."
+        "\n\n### Input:\n2 + 3\n\n### Response:"
+    )
+
+
+@pytest.mark.parametrize("empty", [None, ""])
+def test_format_prompt_drops_an_empty_input(empty):
+    assert format_prompt("Name a colour.", empty) == format_prompt("Name a colour.")
+
+
+def test_expert_context_prompt_puts_expert_outputs_in_the_input_slot():
+    experts = {"Caption": "a red bus on a street", "OCR": " LONDON 24 ", "Tags": ""}
+    assert expert_context(experts) == "Caption: a red bus on a street\nOCR: LONDON 24"
+    assert expert_context_prompt("What is written on the bus?", experts) == format_prompt(
+        "What is written on the bus?", "Caption: a red bus on a street\nOCR: LONDON 24"
+    )
+    assert expert_context_prompt("Describe it.", "a cat", input="Be brief.") == format_prompt(
+        "Describe it.", "a cat\n\nBe brief."
+    )
+    assert expert_context_prompt("Describe it.", {}) == format_prompt("Describe it.")
+
+
+def test_scienceqa_prompt_and_answer_follow_lavin():
+    prompt = scienceqa_prompt("Which is a mammal?", ["frog", "whale", "shark"], "Think of how they breathe.")
+    assert prompt == (
+        "Question: Which is a mammal?\nContext: Think of how they breathe.\n"
+        "Options: (A) frog (B) whale (C) shark\nResponse:"
+    )
+    assert scienceqa_prompt("Which?", ["x", "y"]) == "Question: Which?\nContext: N/A\nOptions: (A) x (B) y\nResponse:"
+    assert scienceqa_answer("B") == "The answer is B."
+    assert scienceqa_answer(2) == "The answer is C."
+    assert scienceqa_answer("A", "Whales breathe air.") == "The answer is A. BECAUSE: Whales breathe air."
+
+
+def test_scienceqa_rejects_bad_answers_and_options():
+    with pytest.raises(ValueError, match="`answer` must be an option letter"):
+        scienceqa_answer("a")
+    with pytest.raises(ValueError, match="`options` must hold 1 to 26"):
+        format_options([])
+
+
+def test_chat_prompt_uses_the_chat_template_or_falls_back_to_alpaca():
+    tokenizer = word_tokenizer()
+    assert chat_prompt(tokenizer, "Name a colour.") == format_prompt("Name a colour.")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert chat_prompt(tokenizer, "Add.", "2 + 3") == "<user>Add.\n\n2 + 3<assistant>"
+
+
+# ---------------------------------------------------------------- procedural instruction set
+
+
+def test_instruction_dataset_is_deterministic_per_seed():
+    assert instruction_dataset(60, seed=3) == instruction_dataset(60, seed=3)
+    assert instruction_dataset(60, seed=3) != instruction_dataset(60, seed=4)
+
+
+def test_instruction_splits_never_share_a_sample():
+    key = lambda s: (s["task"], s["input"])  # noqa: E731
+    train = {key(s) for seed in range(3) for s in instruction_dataset(300, seed, "train")}
+    held_out = {key(s) for seed in range(3) for s in instruction_dataset(60, seed, "eval")}
+    assert train and held_out and not train & held_out
+    assert all(split_of(*k) == "eval" for k in held_out)
+    assert len(instruction_dataset(300, 0)) == len({key(s) for s in instruction_dataset(300, 0)})
+
+
+def expected_output(task: str, input: str) -> str:
+    """Each task's answer, written independently of `procedural.py`."""
+    words = input.split()
+    if task == "reverse":
+        return " ".join(words[::-1])
+    if task == "uppercase":
+        return input.upper()
+    if task == "sort":
+        return " ".join(str(n) for n in sorted(map(int, words)))
+    if task == "add":
+        return str(int(words[0]) + int(words[2]))
+    if task == "last_word":
+        return words[-1]
+    return str(len(input))  # count_letters
+
+
+def test_instruction_outputs_are_right_and_tasks_balanced():
+    samples = instruction_dataset(120, seed=1)
+    assert Counter(s["task"] for s in samples) == {task: 20 for task in TASKS}
+    for s in samples:
+        assert s["output"] == expected_output(s["task"], s["input"])
+        assert s["instruction"] == TASKS[s["task"]][0]
+
+
+def test_instruction_dataset_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="`split` must be 'train' or 'eval'"):
+        instruction_dataset(4, split="test")
+    with pytest.raises(ValueError, match="`tasks` must be a non-empty subset"):
+        instruction_dataset(4, tasks=["translate"])
+
+
+# ---------------------------------------------------------------- procedural visual QA
+
+
+def test_visual_qa_is_deterministic_and_shaped():
+    a, b = visual_qa_dataset(8, seed=5, image_size=28), visual_qa_dataset(8, seed=5, image_size=28)
+    for x, y in zip(a, b):
+        assert torch.equal(x["image"], y["image"]) and x["answer"] == y["answer"] and x["options"] == y["options"]
+    assert not torch.equal(a[0]["image"], visual_qa_dataset(8, seed=6, image_size=28)[0]["image"])
+    for s in a:
+        assert s["image"].shape == (3, 28, 28) and s["image"].dtype == torch.float32
+        assert 0.0 <= s["image"].min() and s["image"].max() <= 1.0
+        assert len(s["options"]) == 4 and s["answer"] in "ABCD"
+    assert visual_qa_dataset(1)[0]["image"].shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("shuffle_options", [False, True])
+def test_visual_qa_answers_are_balanced_and_recoverable_from_pixels(shuffle_options):
+    samples = visual_qa_dataset(80, seed=0, image_size=28, shuffle_options=shuffle_options)
+    assert Counter(s["answer"] for s in samples) == {"A": 20, "B": 20, "C": 20, "D": 20}
+    assert Counter(s["question"] for s in samples).most_common()[0][1] == 40
+    assert all(pixel_rule_answer(s) == s["answer"] for s in samples)  # the cue decides the answer
+
+
+@pytest.mark.parametrize("kind", ["position", "colour"])
+def test_visual_qa_is_learnable_from_a_frozen_random_vit(kind):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, num_classes=0)
+    train = visual_qa_dataset(256, seed=0, image_size=28, kinds=[kind])
+    held_out = visual_qa_dataset(128, seed=1, image_size=28, kinds=[kind], split="eval")
+    with torch.no_grad():
+        features = [
+            vit.eval().forward_features(torch.stack([s["image"] for s in d]))[:, 1:].flatten(1)
+            for d in (train, held_out)
+        ]
+    mean, std = features[0].mean(0), features[0].std(0) + 1e-6
+    x_train, x_held_out = ((f - mean) / std for f in features)
+    y_train, y_held_out = (torch.tensor(["ABCD".index(s["answer"]) for s in d]) for d in (train, held_out))
+    probe = torch.nn.Linear(x_train.shape[1], 4)  # stands in for the trainable projector
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(probe(x_train), y_train).backward()
+        optimizer.step()
+    accuracy = (probe(x_held_out).argmax(-1) == y_held_out).float().mean().item()
+    assert accuracy >= 0.9  # chance is 0.25
+
+
+def test_quadrant_image_lights_the_named_quadrant():
+    image = draw_quadrant_image(POSITIONS.index("bottom left"), "blue", image_size=28)
+    assert image[2, 14:, :14].min() > 0.7  # blue channel lit in the bottom-left quadrant
+    assert image[:, :14].max() < 0.2 and image[:, 14:, 14:].max() < 0.2 and image[:2, 14:, :14].max() < 0.2
+    with pytest.raises(ValueError, match="`image_size` must be an even number"):
+        draw_quadrant_image(0, "red", image_size=27)
+
+
+# ---------------------------------------------------------------- collator
+
+
+def letters_tokenizer(**kwargs):
+    return word_tokenizer(words="abcdefgh", **kwargs)  # a=4, b=5, ..., h=11
+
+
+SAMPLES = [{"prompt": "a b c", "response": "d e"}, {"prompt": "a", "response": "f"}]
+
+
+def test_collator_masks_prompt_and_padding_exactly_with_right_padding():
+    batch = CausalLMCollator(letters_tokenizer())(SAMPLES)
+    assert batch["input_ids"].tolist() == [[4, 5, 6, 7, 8, EOS], [4, 9, EOS, PAD, PAD, PAD]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+    m = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[m, m, m, 7, 8, EOS], [m, 9, EOS, m, m, m]]
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+
+
+def test_collator_left_padding_and_bos():
+    batch = CausalLMCollator(letters_tokenizer(add_bos=True), padding_side="left")(SAMPLES)
+    m = IGNORE_INDEX
+    assert batch["input_ids"].tolist() == [[BOS, 4, 5, 6, 7, 8, EOS], [PAD, PAD, PAD, BOS, 4, 9, EOS]]
+    assert batch["attention_mask"].tolist() == [[1] * 7, [0, 0, 0, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[m, m, m, m, 7, 8, EOS], [m, m, m, m, m, 9, EOS]]
+
+
+def test_collator_keeps_the_eos_label_when_pad_is_eos():
+    batch = CausalLMCollator(letters_tokenizer(pad_is_eos=True))(SAMPLES)
+    m = IGNORE_INDEX
+    assert batch["input_ids"][1].tolist() == [4, 9, EOS, EOS, EOS, EOS]
+    assert batch["labels"][1].tolist() == [m, 9, EOS, m, m, m]  # padding is told apart by position, not id
+
+
+def test_collator_truncates_from_the_right():
+    batch = CausalLMCollator(letters_tokenizer(), max_length=4)(SAMPLES)
+    m = IGNORE_INDEX
+    assert batch["input_ids"].tolist() == [[4, 5, 6, 7], [4, 9, EOS, PAD]]
+    assert batch["labels"].tolist() == [[m, m, m, 7], [m, 9, EOS, m]]
+    with pytest.raises(ValueError, match="`max_length` must be at least 1"):
+        CausalLMCollator(letters_tokenizer(), max_length=0)
+
+
+def test_collator_prompt_only_mode_for_generation():
+    batch = CausalLMCollator(letters_tokenizer(), padding_side="left", with_response=False)(SAMPLES)
+    assert batch["input_ids"].tolist() == [[4, 5, 6], [PAD, PAD, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert "labels" not in batch
+
+
+def test_collator_formats_instruction_and_question_samples():
+    instruction = {"instruction": "Repeat the last word.", "input": "a b", "output": "b"}
+    question = {"question": "Which?", "options": ["x", "y", "z", "w"], "answer": "C"}
+    assert prompt_and_response(instruction) == (format_prompt("Repeat the last word.", "a b"), "b")
+    assert prompt_and_response(question) == (scienceqa_prompt("Which?", ["x", "y", "z", "w"]), "The answer is C.")
+    tokenizer = word_tokenizer(texts=[format_prompt("Repeat the last word.", "a b")])
+    batch = CausalLMCollator(tokenizer)([instruction])
+    prompt_length = len(tokenizer(format_prompt("Repeat the last word.", "a b"))["input_ids"])
+    assert (batch["labels"][0, :prompt_length] == IGNORE_INDEX).all()
+    assert batch["labels"][0, prompt_length:].tolist() == [tokenizer.convert_tokens_to_ids("b"), EOS]
+    with pytest.raises(ValueError, match="A sample needs `prompt`, `instruction` or `question` keys"):
+        prompt_and_response({"text": "a"})
+
+
+def test_collator_mixed_batch_gets_zero_images_and_has_image():
+    image = torch.rand(3, 28, 28)
+    samples = [{**SAMPLES[0], "image": image}, dict(SAMPLES[1])]
+    batch = CausalLMCollator(letters_tokenizer())(samples)
+    assert batch["pixel_values"].shape == (2, 3, 28, 28)
+    assert torch.equal(batch["pixel_values"][0], image) and not batch["pixel_values"][1].any()
+    assert batch["has_image"].tolist() == [True, False] and batch["has_image"].dtype == torch.bool
+
+
+def test_collator_text_only_batch_carries_images_only_with_image_size():
+    assert "pixel_values" not in CausalLMCollator(letters_tokenizer())(SAMPLES)
+    batch = CausalLMCollator(letters_tokenizer(), image_size=28)(SAMPLES)
+    assert batch["pixel_values"].shape == (2, 3, 28, 28) and not batch["pixel_values"].any()
+    assert batch["has_image"].tolist() == [False, False]
+
+
+def test_collator_visual_qa_samples():
+    samples = visual_qa_dataset(4, image_size=28)
+    batch = CausalLMCollator(word_tokenizer(texts=["The answer is A."]))(samples)
+    assert batch["pixel_values"].shape == (4, 3, 28, 28) and batch["has_image"].all()
+    assert torch.equal(batch["pixel_values"][2], samples[2]["image"])
+
+
+def test_collator_rejects_mismatched_or_untransformed_images():
+    samples = [{**SAMPLES[0], "image": torch.rand(3, 28, 28)}, {**SAMPLES[1], "image": torch.rand(3, 32, 32)}]
+    with pytest.raises(ValueError, match=r"must share one \(3, S, S\) shape"):
+        CausalLMCollator(letters_tokenizer())(samples)
+    pil_image = pytest.importorskip("PIL.Image").new("RGB", (40, 30), (255, 0, 0))
+    with pytest.raises(ValueError, match="Got a Image image but no transform"):
+        CausalLMCollator(letters_tokenizer())([{**SAMPLES[0], "image": pil_image}])
+
+
+def test_collator_applies_the_timm_transform_to_pil_images():
+    pil_image = pytest.importorskip("PIL.Image").new("RGB", (40, 30), (255, 0, 0))
+    collator = CausalLMCollator(letters_tokenizer(), image_model="vit_tiny_patch16_224")
+    batch = collator([{**SAMPLES[0], "image": pil_image}, dict(SAMPLES[1])])
+    assert batch["pixel_values"].shape == (2, 3, 224, 224) and batch["has_image"].tolist() == [True, False]
+    red = batch["pixel_values"][0, :, 100, 100]
+    assert red[0] > 0 > red[1] and red[2] < 0  # normalised pure red: above the mean in R only
+    assert CausalLMCollator(letters_tokenizer(), image_model="vit_tiny_patch16_224").image_size == 224
+
+
+# ---------------------------------------------------------------- SmolLM2 tokenizer
+
+
+@pytest.mark.smollm2
+def test_collator_on_smollm2_appends_im_end_and_masks_the_prompt(smollm2):
+    _, tokenizer = smollm2
+    sample = instruction_dataset(1, seed=0)[0]
+    batch = CausalLMCollator(tokenizer)([sample, {**sample, "output": sample["output"] + " and more words"}])
+    prompt_ids = tokenizer(format_prompt(sample["instruction"], sample["input"]), add_special_tokens=False)[
+        "input_ids"
+    ]
+    response_ids = tokenizer(sample["output"], add_special_tokens=False)["input_ids"]
+    length = len(prompt_ids) + len(response_ids) + 1  # no BOS for SmolLM2, then <|im_end|>
+    assert batch["input_ids"][0, :length].tolist() == prompt_ids + response_ids + [tokenizer.eos_token_id]
+    assert batch["labels"][0, : len(prompt_ids)].eq(IGNORE_INDEX).all()
+    assert batch["labels"][0, len(prompt_ids) : length].tolist() == response_ids + [tokenizer.eos_token_id]
+    assert batch["labels"][0, length:].eq(IGNORE_INDEX).all() and batch["attention_mask"][0, length:].eq(0).all()
+
+
+@pytest.mark.smollm2
+def test_chat_prompt_on_smollm2_uses_its_template(smollm2):
+    _, tokenizer = smollm2
+    prompt = chat_prompt(tokenizer, "Add the two numbers.", "2 + 3")
+    assert "<|im_start|>user\nAdd the two numbers.\n\n2 + 3<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n") and ALPACA_HEAD not in prompt
+    copy.copy(tokenizer)  # the fixture's tokenizer is shared; nothing above may change it
