@@ -4,7 +4,8 @@ Importing the package registers both methods with PEFT; `get_peft_model`, `PeftM
 `AutoPeftModelForCausalLM` then work with `LlamaAdapterV2Config` and `LaVINConfig`.
 """
 
+from .lavin import LaVINConfig, LaVINModel
 from .registry import MMA_ADAPTER_V2, MMA_LAVIN, PLUGIN_HINT
 
-__all__ = ["MMA_ADAPTER_V2", "MMA_LAVIN", "PLUGIN_HINT"]
+__all__ = ["MMA_ADAPTER_V2", "MMA_LAVIN", "PLUGIN_HINT", "LaVINConfig", "LaVINModel"]
 __version__ = "0.1.0.dev0"
