@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+SELF_ROUTED = "self"  # `lavin_routing` value: each adapter routes from its own input at position 0
+
 
 def route(router: nn.Linear, t: torch.Tensor, temperature: float) -> torch.Tensor:
     """w = softmax(router(t) / τ): (..., C) → (..., 2)."""
@@ -44,7 +46,14 @@ def modality_side_pass(
         recorder.lavin_record = {}
     try:
         for layer in layers[: max(owners, default=-1) + 1]:
-            h = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
+            # passed as a kwarg, so gradient checkpointing replays it when it recomputes the layer
+            h = layer(
+                h,
+                attention_mask=None,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                lavin_routing=SELF_ROUTED,
+            )
         return {recorder: recorder.lavin_record for recorder in recorders}
     finally:
         for recorder in recorders:

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..router import route
+from ..router import SELF_ROUTED, route
 
 
 class GroupedLinear(nn.Module):
@@ -49,7 +49,7 @@ class LaVINLayer(BaseTunerLayer):
 
     Routing input t (`routing`):
       * ``"sample"`` (decoder): one (B, 2) weight per sample, given per call by `LaVINModel` from the modality side
-        pass (`peft_mma.router`), or computed from the layer's own input at position 0 while recording.
+        pass (`peft_mma.router`); in the side pass itself (`SELF_ROUTED`), from its own input at position 0.
       * ``"token"`` (vision encoder): t = x per token, so each image routes from its own tokens.
     """
 
@@ -69,8 +69,8 @@ class LaVINLayer(BaseTunerLayer):
         self.temperature: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # Per-call state, never saved: weights given by the tuner, or a dict to record self-routed weights into.
-        self.lavin_routing: dict[str, torch.Tensor] | None = None
+        # Per-call state, never saved: weights given by the tuner (or SELF_ROUTED), and a dict to record into.
+        self.lavin_routing: dict[str, torch.Tensor] | str | None = None
         self.lavin_record: dict[str, torch.Tensor] | None = None
         # Merge state: the Linears that read the input (q/k/v or gate/up), the (2,) weights to fold, created biases.
         self.consumers: list[nn.Linear] = []
@@ -116,9 +116,10 @@ class LaVINLayer(BaseTunerLayer):
         router, tau = self.mma_lavin_router[name], self.temperature[name]
         if self.routing == "token":
             return route(router, x, tau)  # (B, N, 2)
-        if self.lavin_record is not None:  # official formulation: route from own input at position 0
+        if self.lavin_routing == SELF_ROUTED:  # official formulation: route from own input at position 0
             w = route(router, x[:, 0], tau)  # (B, 2)
-            self.lavin_record[name] = w
+            if self.lavin_record is not None:
+                self.lavin_record[name] = w
             return w[:, None]
         if self.lavin_routing is None or name not in self.lavin_routing:
             raise ValueError(
@@ -167,7 +168,7 @@ class MMAdapter(nn.Module, LaVINLayer):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         routing = kwargs.pop("lavin_routing", None)
         for layer in self.siblings:  # set afresh on every call, so no stale weights survive a call without them
-            layer.lavin_routing = None if routing is None else routing.get(layer.lavin_key)
+            layer.lavin_routing = routing if routing in (None, SELF_ROUTED) else routing.get(layer.lavin_key)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -251,7 +251,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         if table is None or torch.is_grad_enabled():
             adapters = self._llm_adapters()
             records = modality_side_pass(self.model, self.mma_lavin_modality[name], adapters)
-            table = {adapter.lavin_key: records[adapter][name] for adapter in adapters}  # (2 modalities, 2)
+            # (2 modalities, 2) per adapter layer; a merged layer records nothing and needs no weights
+            table = {a.lavin_key: records[a][name] for a in adapters if name in records[a]}
             if not torch.is_grad_enabled():
                 call.routing = table
         modality = has_image.long()
@@ -312,6 +313,36 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         if labels is not None:
             kwargs["labels"] = labels
         return kwargs
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Check the checkpoint against this base (width, depth), and fill in the frozen vision weights.
+
+        The frozen encoder is rebuilt from the config and never saved; its current tensors are passed back in so
+        that PEFT does not report them as missing.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = model.state_dict()
+        for key, tensor in remapped.items():
+            if cls.prefix not in key:
+                continue
+            if key not in own:
+                raise ValueError(
+                    f"The adapter has `{key}`, which this base model lacks: it was trained on a base with another "
+                    "depth (number of decoder layers). Load it onto the base model it was trained with."
+                )
+            if own[key].shape != tensor.shape:
+                raise ValueError(
+                    f"The adapter's `{key}` has shape {tuple(tensor.shape)} but this base model needs "
+                    f"{tuple(own[key].shape)}: it was trained on a base with another width. Load it onto the base "
+                    "model it was trained with."
+                )
+        frozen = f"{cls.prefix}visual.{adapter_name}."
+        for key, tensor in own.items():
+            if frozen in key and cls.prefix not in key.split(frozen, 1)[1] and key not in remapped:
+                remapped[key] = tensor
+        return remapped
 
     # ---------------------------------------------------------------- merge / unload
     def _set_merge_routing(self, adapter_names: list[str] | None, modality: str | None) -> None:
