@@ -73,6 +73,11 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 f"`target_modules`={config.target_modules!r}: LaVIN adapts `self_attn` (and `mlp` for placement "
                 "'block'); leave `target_modules` unset and choose `adapter_placement` instead."
             )
+        width, groups = model.config.hidden_size, config.adapter_groups
+        if width % groups:
+            raise ValueError(
+                f"`adapter_groups`={groups} must divide the model width {width}; pick a divisor of {width}."
+            )
         visual = self._build_visual(model, config) if config.has_vision else None
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         self._add_model_level(model, adapter_name, config, visual)
