@@ -95,6 +95,10 @@ def test_save_and_reload_are_bitwise_and_hold_only_adapter_weights(tmp_path):
     assert saved and all("mma_lavin_" in key for key in saved)
     assert not any(key.endswith("base_layer.weight") or ".encoder.blocks.0.mlp." in key for key in saved)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
+    assert PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True).get_nb_trainable_parameters() == (
+        model.get_nb_trainable_parameters()
+    )
     with torch.no_grad():
         after = loaded(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)

@@ -14,7 +14,7 @@ Per call (`PeftModel.forward` / `generate`), a forward pre-hook on the LLaMA mod
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from peft.peft_model import PeftModel
@@ -44,7 +44,6 @@ class _Call:
     routing: dict[str, torch.Tensor] | None = None  # lavin_key → (2 modalities, 2) weights
     prefix_mask: torch.Tensor | None = None  # (B, T) attention mask of the spliced prompt
     prefix_len: int = 0  # prompt length S before splicing
-    extra: dict = field(default_factory=dict)
 
 
 class LaVINModel(MMATunerMixin, BaseTuner):
@@ -84,7 +83,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         self._link_siblings(model)
         if getattr(self, "_lavin_hook", None) is None:
             self._lavin_hook = model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)
-        self.set_adapter(self.active_adapters)
+        active = [a for a in self.active_adapters if a in self.peft_config]
+        self.set_adapter(self.active_adapters, inference_mode=any(self.peft_config[a].inference_mode for a in active))
 
     def _build_visual(self, model: nn.Module, config: LaVINConfig) -> VisionBackbone:
         meta = model.get_input_embeddings().weight.device.type == "meta"
