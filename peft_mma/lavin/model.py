@@ -8,7 +8,28 @@ Per call (`PeftModel.forward` / `generate`), a forward pre-hook on the LLaMA mod
      `P = Linear → SiLU → Linear`) and splices the visual tokens into the input (`lavin.sequence`);
   2. computes the router weights per sample from its modality (0 text, 1 image) with the side pass of
      `peft_mma.router`, once per call when gradients are off, on every forward when they are on;
-  3. passes them down as the `lavin_routing` kwarg, which reaches every `self_attn`.
+  3. passes them down as the `lavin_routing` kwarg, which reaches every `self_attn` (and is replayed by gradient
+     checkpointing when it recomputes a layer).
+
+Usage::
+
+    model = get_peft_model(llama, LaVINConfig.from_preset("lavin-7b"))
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=images, image_mask=has_image)
+    model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, image_mask=has_image, max_new_tokens=64)
+    llama_merged = model.merge_and_unload(modality="text")   # or "image"; default: `config.merge_modality`
+
+* `pixel_values` (B, 3, H, W) float, one row per sequence; `image_mask` (B,) bool marks the rows that really have
+  an image (default: all). Rows of text-only samples are ignored (zeros are fine); those samples get no visual
+  tokens and are routed as text. Without `pixel_values` every sample is text.
+* Visual tokens make image samples n tokens longer; mixed batches are re-padded as described in `lavin.sequence`
+  (left when the batch is left-padded or when generating, else right). `generate` returns the original prompt ids
+  followed by the new tokens; the visual tokens are not part of the returned ids.
+* With adapters disabled (`disable_adapter()`), images are ignored and the base model runs unchanged.
+* One LaVIN adapter may be active at a time (the side pass routes with one modality embedding).
+
+Known deviations from the official code: images do not couple across the batch (§4 layout bug not reproduced);
+the routing weights are not rounded to fp16 (§9); adapters inside the frozen encoder run without dropout, because
+`VisionBackbone` keeps the encoder in eval mode.
 """
 
 from __future__ import annotations
