@@ -225,3 +225,11 @@ def test_trainable_parameter_counts_match_the_paper(preset, width, layers, ffn, 
     model = get_peft_model(base, LaVINConfig.from_preset(preset, vision_pretrained=False))
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == expected
+
+
+def test_beam_search_with_images_expands_each_sample():
+    model = lavin()
+    ids, pixels = ids_with_bos(), torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, pixel_values=pixels, num_beams=2, max_new_tokens=3, pad_token_id=0)
+    assert out.shape == (2, 7 + 3)

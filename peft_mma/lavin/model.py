@@ -309,20 +309,26 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         if embeds is None:
             embeds = self.model.get_input_embeddings()(input_ids)
         batch, length = embeds.shape[:2]
-        if len(call.has_image) != batch:
-            raise ValueError(f"{len(call.has_image)} images (`pixel_values`) for a batch of {batch} sequences.")
+        images = len(call.has_image)
+        if batch % images or (batch != images and past is None):  # only cached `generate` expands the batch
+            raise ValueError(f"{images} images (`pixel_values`) for a batch of {batch} sequences.")
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
         if call.visual is None or torch.is_grad_enabled():
             call.visual = self.encode_images(call.pixel_values, name)
+        # generate expands each sample batch // images times (beams, num_return_sequences)
+        visual, has_image = (
+            call.visual.repeat_interleave(batch // images, 0),
+            call.has_image.repeat_interleave(batch // images),
+        )
         left = past is not None or bool((mask[:, 0] == 0).any())
         embeds, new_mask, labels, position_ids = insert_visual_tokens(
             embeds,
             mask,
             kwargs.get("labels"),
             input_ids,
-            call.visual,
-            call.has_image,
+            visual,
+            has_image,
             position=config.image_token_position,
             bos_id=self.model.config.bos_token_id,
             image_token_id=config.image_token_id,
