@@ -67,3 +67,4 @@ class MMATunerMixin:
             if attr.startswith(self.prefix) and isinstance(value, (nn.ModuleDict, nn.ParameterDict)):
                 if adapter_name in value:
                     del value[adapter_name]
+
