@@ -4,10 +4,19 @@ Importing the package registers both methods with PEFT; `get_peft_model`, `PeftM
 `AutoPeftModelForCausalLM` then work with `LlamaAdapterV2Config` and `LaVINConfig`.
 """
 
+from .lavin import LaVINConfig, LaVINModel
 from .llama_adapter_v2 import LlamaAdapterV2Config, LlamaAdapterV2Model
 from .registry import MMA_ADAPTER_V2, MMA_LAVIN, PLUGIN_HINT, register_all
 
 register_all()
 
-__all__ = ["MMA_ADAPTER_V2", "MMA_LAVIN", "PLUGIN_HINT", "LlamaAdapterV2Config", "LlamaAdapterV2Model"]
+__all__ = [
+    "MMA_ADAPTER_V2",
+    "MMA_LAVIN",
+    "PLUGIN_HINT",
+    "LaVINConfig",
+    "LaVINModel",
+    "LlamaAdapterV2Config",
+    "LlamaAdapterV2Model",
+]
 __version__ = "0.1.0.dev0"

@@ -80,3 +80,12 @@ def smollm2():
     from peft_mma.data.smollm2 import load_smollm2
 
     return load_smollm2(dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_cpu_thread():
+    """Tiny models run fastest on one thread; several oversubscribe a loaded CI box (20x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,162 @@
+"""Configuration of LaVIN's Mixture-of-Modality Adaptation (MMA).
+
+Paper: "Cheap and Quick: Efficient Vision-Language Instruction Tuning for Large Language Models",
+Luo et al., NeurIPS 2023, https://arxiv.org/abs/2305.15023. Facts cited as `lavin_mma.md` §n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft.config import PeftConfig
+
+from ..registry import MMA_LAVIN
+
+VIT_L14_CLIP = "vit_large_patch14_clip_224.openai"
+PLACEMENTS = ("attn", "block")
+IMAGE_TOKEN_POSITIONS = ("after_bos", "placeholder")
+MODALITIES = ("text", "image")
+
+# LaVIN-7B / LaVIN-13B as released (`lavin_mma.md` §2, §4, §6): only the temperature differs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "lavin-7b": dict(temperature=10.0, vision_model=VIT_L14_CLIP, vision_feature_every=4),
+    "lavin-13b": dict(temperature=5.0, vision_model=VIT_L14_CLIP, vision_feature_every=4),
+}
+
+
+@dataclass
+class LaVINConfig(PeftConfig):
+    """Configuration of a [`LaVINModel`]: MM-adapters in a LLaMA decoder, and optionally a vision bridge.
+
+    Args:
+        target_modules (`list[str]` or `str`, *optional*):
+            The modules whose (normalised) input the MM-adapter adapts. Defaults to `["self_attn"]` (placement
+            `"attn"`: the adapter sits between `input_layernorm` and q/k/v), plus `"mlp"` for placement `"block"`.
+            Only these two names are supported.
+        layers_to_transform (`list[int]` or `int`, *optional*):
+            Indices of the decoder layers that get an adapter; all layers when `None` (the official code).
+        layers_pattern (`list[str]` or `str`, *optional*):
+            The name of the `nn.ModuleList` that `layers_to_transform` indexes (PEFT's usual meaning).
+        exclude_modules (`list[str]` or `str`, *optional*):
+            Module names to leave untouched.
+        modules_to_save (`list[str]`, *optional*):
+            Extra base modules to train and save in full (PEFT's usual meaning).
+        adapter_dim (`int`):
+            Hidden width h of the MM-adapter (8 in every official script, `lavin_mma.md` §2).
+        adapter_groups (`int`):
+            Groups g of the block-diagonal up-projections (2 officially); must divide `adapter_dim` and the width.
+        adapter_scale (`float`):
+            The scale s in `out = x + s·w0·(B z + b) + s·w1·(D z + d)` (1 officially).
+        adapter_dropout (`float`):
+            Dropout on the hidden activation z (0.1 officially).
+        temperature (`float`):
+            τ in `w = softmax(router(t)/τ)`: 10 for LaVIN-7B, 5 for LaVIN-13B and the chatbot (§2).
+        adapter_placement (`str`):
+            `"attn"`: one adapter on the normalised attention input (every official script). `"block"`: a second
+            one on the normalised FFN input, routed from its own input as in official training (§2, §3).
+        vision_model (`str`, *optional*):
+            Frozen image encoder (a timm name or `"hf:<path>"`); `None` builds a text-only adapter. LaVIN uses
+            CLIP ViT-L/14, `"vit_large_patch14_clip_224.openai"` (§4).
+        vision_pretrained (`bool`):
+            Load the encoder's pretrained weights through timm (needs the weights cached or a network).
+        vision_model_kwargs (`dict`, *optional*):
+            Extra keyword arguments for the encoder constructor (tests build tiny ViTs this way).
+        vision_feature_every (`int`):
+            The visual tokens are the class token after every k-th encoder block, no final norm: k=4 gives blocks
+            4, 8, …, 24 of ViT-L/14, i.e. 6 tokens (§4). Must divide the encoder depth.
+        vision_adapters (`bool`):
+            Put MM-adapters on `norm1` of every encoder block, routed per token from each image's own tokens (the
+            official code keys them on batch element 0, §4; ours does not couple images).
+        projector_hidden (`int`):
+            Hidden width of the projector Linear→SiLU→Linear from the encoder width to the LLM width (128, §4).
+        image_token_position (`str`):
+            Where the visual tokens go: `"after_bos"` (after the first real token when it is the model's BOS,
+            otherwise before it) or `"placeholder"` (they replace the single token `image_token_id`).
+        image_token_id (`int`, *optional*):
+            The placeholder token id, required by and only used with `image_token_position="placeholder"`.
+        merge_modality (`str`):
+            Which modality's routing `merge_and_unload` folds into q/k/v by default: `"text"` or `"image"`.
+        init_weights (`bool`):
+            `True`: the official init, identity at start (up-projections zero). `False`: random non-zero
+            up-projections, for tests.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules whose input is adapted; derived from `adapter_placement` if None."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Decoder layer indices to adapt; all when None."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list that `layers_to_transform` indexes."}
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Module names to skip."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Base modules to train in full."})
+    adapter_dim: int = field(default=8, metadata={"help": "MM-adapter hidden width h."})
+    adapter_groups: int = field(default=2, metadata={"help": "Groups of the block-diagonal up-projections."})
+    adapter_scale: float = field(default=1.0, metadata={"help": "Adapter scale s."})
+    adapter_dropout: float = field(default=0.1, metadata={"help": "Dropout probability on the adapter hidden z."})
+    temperature: float = field(default=10.0, metadata={"help": "Router softmax temperature τ."})
+    adapter_placement: str = field(default="attn", metadata={"help": "'attn' or 'block'."})
+    vision_model: str | None = field(default=None, metadata={"help": "Frozen image encoder name; None = text only."})
+    vision_pretrained: bool = field(default=True, metadata={"help": "Load pretrained encoder weights."})
+    vision_model_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Keyword arguments for the encoder constructor."}
+    )
+    vision_feature_every: int = field(default=4, metadata={"help": "Take the class token after every k-th block."})
+    vision_adapters: bool = field(default=True, metadata={"help": "MM-adapters inside the encoder blocks."})
+    projector_hidden: int = field(default=128, metadata={"help": "Hidden width of the visual projector."})
+    image_token_position: str = field(default="after_bos", metadata={"help": "'after_bos' or 'placeholder'."})
+    image_token_id: int | None = field(default=None, metadata={"help": "Placeholder token id for the image."})
+    merge_modality: str = field(default="text", metadata={"help": "Modality folded by `merge_and_unload`."})
+    init_weights: bool = field(default=True, metadata={"help": "Identity init (True) or random (False)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = MMA_LAVIN
+        if self.adapter_placement not in PLACEMENTS:
+            raise ValueError(f"`adapter_placement`={self.adapter_placement!r} is not one of {PLACEMENTS}.")
+        if self.target_modules is None:
+            names = ["self_attn"] + (["mlp"] if self.adapter_placement == "block" else [])
+            self.target_modules = names
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = list(self.target_modules)
+        self._check_positive("adapter_dim", "adapter_groups", "projector_hidden", "vision_feature_every")
+        if self.adapter_dim % self.adapter_groups:
+            raise ValueError(
+                f"`adapter_groups`={self.adapter_groups} must divide `adapter_dim`={self.adapter_dim}; "
+                "use e.g. adapter_dim=8 with adapter_groups=2."
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0 (10 for LaVIN-7B, 5 for 13B); got {self.temperature}.")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ValueError(f"`adapter_dropout` must be in [0, 1); got {self.adapter_dropout}.")
+        if self.image_token_position not in IMAGE_TOKEN_POSITIONS:
+            raise ValueError(
+                f"`image_token_position`={self.image_token_position!r} is not one of {IMAGE_TOKEN_POSITIONS}."
+            )
+        if (self.image_token_position == "placeholder") != (self.image_token_id is not None):
+            raise ValueError(
+                f"`image_token_id`={self.image_token_id} goes with `image_token_position`='placeholder' and only "
+                f"with it; got `image_token_position`={self.image_token_position!r}. Set both or neither."
+            )
+        if self.merge_modality not in MODALITIES:
+            raise ValueError(f"`merge_modality`={self.merge_modality!r} is not one of {MODALITIES}.")
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision_model is not None
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> LaVINConfig:
+        """The released configuration `name` (`"lavin-7b"` or `"lavin-13b"`, §5, §6), with `overrides` applied."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown LaVIN preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})

@@ -1,0 +1,144 @@
+"""Bad input gives a clear ValueError/TypeError and changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from peft import PeftModel, get_peft_model
+from transformers import MistralConfig, MistralForCausalLM
+
+from peft_mma import LaVINConfig
+
+TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
+VISION = dict(
+    vision_model="vit_large_patch14_clip_224.openai",
+    vision_pretrained=False,
+    vision_model_kwargs=TINY_VIT,
+    vision_feature_every=2,
+)
+
+
+def ids(batch=2, length=6):
+    x = torch.randint(3, 97, (batch, length))
+    x[:, 0] = 1
+    return x
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(adapter_dim=7), "`adapter_groups`=2 must divide `adapter_dim`=7"),
+        (dict(adapter_dim=0), "`adapter_dim` must be a positive integer; got 0"),
+        (dict(temperature=0.0), r"`temperature` must be > 0 \(10 for LaVIN-7B"),
+        (dict(adapter_dropout=1.0), r"`adapter_dropout` must be in \[0, 1\); got 1.0"),
+        (dict(adapter_placement="ffn"), "`adapter_placement`='ffn' is not one of"),
+        (dict(image_token_id=5), "`image_token_id`=5 goes with `image_token_position`='placeholder'"),
+        (dict(image_token_position="placeholder"), "Set both or neither"),
+        (dict(merge_modality="audio"), "`merge_modality`='audio' is not one of"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LaVINConfig(**kwargs)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="Unknown LaVIN preset 'lavin-70b'"):
+        LaVINConfig.from_preset("lavin-70b")
+
+
+def test_non_llama_model_is_a_type_error_and_untouched():
+    model = MistralForCausalLM(
+        MistralConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=97,
+        )
+    )
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(TypeError, match="LLaMA-architecture decoders"):
+        get_peft_model(model, LaVINConfig())
+    assert [n for n, _ in model.named_modules()] == names
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(adapter_dim=6, adapter_groups=3), "`adapter_groups`=3 must divide the model width 32"),
+        (dict(target_modules=["q_proj"]), "LaVIN adapts `self_attn`"),
+        (dict(VISION, vision_feature_every=3), "`vision_feature_every`=3 must divide the depth 4"),
+    ],
+)
+def test_model_dependent_config_errors_leave_the_model_untouched(kwargs, match):
+    model = tiny_llama()
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(model, LaVINConfig(**kwargs))
+    assert [n for n, _ in model.named_modules()] == names
+
+
+def test_images_for_a_text_only_adapter():
+    model = get_peft_model(tiny_llama(), LaVINConfig())
+    with pytest.raises(ValueError, match="adapter 'default' has no vision model"):
+        model(input_ids=ids(), pixel_values=torch.randn(2, 3, 28, 28))
+
+
+@pytest.fixture
+def vision_model():
+    return get_peft_model(tiny_llama(), LaVINConfig(**VISION)).eval()
+
+
+@pytest.mark.parametrize(
+    "pixels, match",
+    [
+        (torch.randn(2, 3, 32, 32), r"shape \(batch, 3, 28, 28\)"),
+        (torch.randn(3, 28, 28), r"shape \(batch, 3, 28, 28\)"),
+        (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), "floating-point"),
+        (torch.randn(3, 3, 28, 28), "3 images for a batch of 2 sequences"),
+    ],
+)
+def test_bad_pixel_values(vision_model, pixels, match):
+    with pytest.raises(ValueError, match=match):
+        vision_model(input_ids=ids(), pixel_values=pixels)
+    with pytest.raises(ValueError, match=match):
+        vision_model.generate(input_ids=ids(), pixel_values=pixels, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "mask, pixels, match",
+    [
+        (torch.tensor([1, 0]), torch.randn(2, 3, 28, 28), "`image_mask` must be a 1-D bool tensor"),
+        (torch.tensor([True]), torch.randn(2, 3, 28, 28), "`image_mask` has 1 flags for a batch of 2"),
+        (torch.tensor([True, False]), None, "no `pixel_values` were passed"),
+    ],
+)
+def test_bad_image_mask(vision_model, mask, pixels, match):
+    with pytest.raises(ValueError, match=match):
+        vision_model(input_ids=ids(), pixel_values=pixels, image_mask=mask)
+
+
+def test_visual_tokens_past_max_position_embeddings(vision_model):
+    with pytest.raises(ValueError, match="more than `max_position_embeddings`=128"):
+        vision_model(input_ids=ids(1, 127), pixel_values=torch.randn(1, 3, 28, 28))
+    vision_model(input_ids=ids(1, 126), pixel_values=torch.randn(1, 3, 28, 28))  # exactly fits
+
+
+def test_missing_placeholder():
+    config = LaVINConfig(**VISION, image_token_position="placeholder", image_token_id=96)
+    model = get_peft_model(tiny_llama(), config)
+    with pytest.raises(ValueError, match="contains the placeholder `image_token_id`=96 0 times"):
+        model(input_ids=ids(1), pixel_values=torch.randn(1, 3, 28, 28))
+
+
+@pytest.mark.parametrize(
+    "overrides, match", [(dict(hidden_size=48), "another width"), (dict(num_hidden_layers=2), "another depth")]
+)
+def test_adapter_onto_a_base_of_another_shape(tmp_path, overrides, match):
+    get_peft_model(tiny_llama(), LaVINConfig()).save_pretrained(tmp_path)
+    other = tiny_llama(**overrides)
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(other, tmp_path)
