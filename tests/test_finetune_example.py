@@ -40,7 +40,7 @@ def small_args(finetune, tmp_path, *extra):
 
 def test_parse_args_defaults(finetune):
     args = finetune.parse_args([])
-    assert (args.method, args.steps, args.batch_size, args.output_dir) == ("adapter-v2", 40, 8, "out/adapter-v2")
+    assert (args.method, args.steps, args.batch_size, args.output_dir) == ("adapter-v2", 30, 4, "out/adapter-v2")
 
 
 def test_evaluate_loss_is_the_token_mean_cross_entropy(finetune):
