@@ -38,15 +38,6 @@ KINDS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and on a loaded 2-core runner this file ran 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(vocab: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ids (2, 7); with `padded`, row 1 is left-padded by 3."""
     ids = torch.randint(3, vocab, (2, 7), generator=torch.Generator().manual_seed(1))
