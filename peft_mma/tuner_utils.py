@@ -64,6 +64,11 @@ class MMATunerMixin:
             if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters(recurse=False)):
                 module.to(reference.device)
 
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        """Before injection: keep 4-bit bitsandbytes weights in their portable layout on the CPU."""
+        keep_bnb_cpu_layout(model)
+        super()._prepare_model(peft_config, model)
+
     def _delete_model_level_adapter(self: BaseTuner, adapter_name: str) -> None:
         """Drop `adapter_name` from every container the tuner itself holds (`<prefix><role>` dicts, encoders)."""
         for attr, value in list(vars(self)["_modules"].items()):
@@ -71,3 +76,28 @@ class MMATunerMixin:
             if ours and isinstance(value, (nn.ModuleDict, nn.ParameterDict)):
                 if adapter_name in value:
                     del value[adapter_name]
+
+
+def keep_bnb_cpu_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights on the CPU, and undo a repacking that already happened.
+
+    On CPUs with AVX512-BF16, `bnb.nn.Linear4bit` repacks its weight in place at its first inference forward
+    (`quant_state.packing_format_for_cpu`, absmax rounded to bf16) and nothing undoes it: PEFT's dequantization then
+    reads a wrong weight (a merge folds into garbage), and training forwards take a kernel with no autograd, so
+    gradients silently stop there (bitsandbytes issue #2078 is the same bug in `.to()`). We turn the repacking off
+    for every 4-bit layer of `model` (a CPU-only speed-up; GPUs never repack) and restore repacked weights; those
+    keep their bf16-rounded absmax (within 2⁻⁷ of the largest weight in tests).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None or not getattr(state, "packing_format_for_cpu", False):
+            continue
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        nested = state.original_nested
+        module.weight.data, state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        if not nested:  # the inverse leaves absmax transposed to (in/block, out) in bf16 (bitsandbytes 0.50)
+            state.absmax = state.absmax.T.reshape(-1).float()
+        module.weight.quant_state = state

@@ -55,6 +55,25 @@ def test_evaluate_loss_is_the_token_mean_cross_entropy(finetune):
     assert not model.training
 
 
+
+def test_trainer_logs_the_same_loss_as_the_held_out_measure(finetune):
+    """No train/eval-mode gap: at init, V2's loss in training mode, the Trainer's logged first-step loss (lr 0, one
+    batch holding every sample) and `evaluate_loss` in eval mode agree."""
+    from peft import get_peft_model
+
+    from peft_mma import LlamaAdapterV2Config
+
+    samples = instruction_dataset(4, seed=0, split="train")
+    tokenizer = tokenizer_for(samples)
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), LlamaAdapterV2Config(init_weights=False))
+    collator = CausalLMCollator(tokenizer)
+    held_out = finetune.evaluate_loss(model, samples, collator, batch_size=4)
+    model.train()
+    training_mode = model(**collator(samples)).loss.item()
+    logged = finetune.train(model, samples, collator, steps=1, batch_size=4, lr=0.0)[0]["loss"]
+    torch.testing.assert_close(training_mode, held_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logged, held_out, atol=1e-5, rtol=0)
+
 def test_job_trains_saves_reloads_and_generates_on_a_tiny_llama(finetune, tmp_path):
     args = small_args(finetune, tmp_path, "--lr", "3e-2")
     train, held_out = finetune.build_datasets(args.train_size, args.eval_size, args.seed)

@@ -38,17 +38,23 @@ def create_vision_model(name: str, pretrained: bool = False, model_kwargs: dict[
 
         path = name.removeprefix(HF_PREFIX)
         config = AutoConfig.from_pretrained(path)
-        classes = {
+        towers = {cls.__name__: cls for cls in (CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel)}
+        by_type = {  # a full CLIP checkpoint ("clip") gives its vision tower and projection
             "clip_vision_model": CLIPVisionModel,
             "clip": CLIPVisionModelWithProjection,
             "siglip_vision_model": SiglipVisionModel,
         }
-        if config.model_type not in classes:
+        saved_as = [towers[a] for a in (getattr(config, "architectures", None) or []) if a in towers]
+        tower = saved_as[0] if saved_as else by_type.get(config.model_type)
+        if tower is None:
             raise ValueError(
                 f"`vision_model`={name!r} has model_type={config.model_type!r}; transformers vision towers of type "
-                f"{sorted(classes)} are supported."
+                f"{sorted(by_type)} (or saved as one of {sorted(towers)}) are supported."
             )
-        return classes[config.model_type].from_pretrained(path, **model_kwargs)
+        if config.model_type == "clip" and "config" not in model_kwargs:  # the projection width is on the outer config
+            model_kwargs["config"] = config.vision_config
+            model_kwargs["config"].projection_dim = config.projection_dim
+        return tower.from_pretrained(path, **model_kwargs)
     try:
         return timm.create_model(name, pretrained=pretrained, **model_kwargs)
     except RuntimeError as error:  # timm raises RuntimeError for an unknown name

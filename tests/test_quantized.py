@@ -1,0 +1,156 @@
+"""Both methods on bitsandbytes 4-bit (NF4) and 8-bit LLaMA bases, on the CPU (bitsandbytes >= 0.46.1 runs there).
+
+The frozen base weights stay quantized; the adapter parameters are fp32. What is checked: identity at init, that
+training changes the adapters and never the quantized weights, bitwise reload onto a fresh quantized base, and
+merging into 4-/8-bit weights (which re-quantizes, so it is exact only up to the quantization step).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from peft_mma import LaVINConfig, LlamaAdapterV2Config
+
+pytest.importorskip("bitsandbytes")
+
+QUANT = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> str:
+    """A tiny GQA LLaMA (width 64: whole 4-bit blocks) saved in HF format, plus its fp32 logits on `IDS`."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama("gqa", "sdpa", hidden_size=64, intermediate_size=128).save_pretrained(path)
+    return str(path)
+
+
+IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [1, 30, 40, 50, 60, 70, 80, 90]])
+
+
+def load_quantized(base_dir: str, kind: str):
+    config = BitsAndBytesConfig(**QUANT[kind])
+    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config, device_map="cpu").eval()
+
+
+def quantized_state(model) -> dict[str, torch.Tensor]:
+    """Copies of every frozen base tensor (packed 4-bit / int8 weights included)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "mma_" not in n}
+
+
+def logits(model, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS, **kwargs).logits
+
+
+def fp32_quantization_error(base_dir: str, kind: str) -> float:
+    """max |logits(quantized base) − logits(fp32 base)|: the scale against which re-quantization noise is judged."""
+    fp32 = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    return (logits(load_quantized(base_dir, kind)) - logits(fp32)).abs().max().item()
+
+
+CONFIGS = {
+    "v2": lambda: LlamaAdapterV2Config(),
+    "lavin": lambda: LaVINConfig(),
+}
+
+
+@pytest.mark.parametrize("kind", list(QUANT))
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_identity_train_and_reload(base_dir, tmp_path, kind, method):
+    base = prepare_model_for_kbit_training(load_quantized(base_dir, kind), use_gradient_checkpointing=False)
+    model = get_peft_model(base, CONFIGS[method]()).eval()
+    with model.disable_adapter():
+        expected = logits(model)
+    assert (logits(model) - expected).abs().max().item() == 0.0
+
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("mma_" in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    frozen = quantized_state(model)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    after = quantized_state(model)
+    assert all(torch.equal(after[n], frozen[n]) for n in frozen), "a quantized base tensor changed in training"
+    assert losses[-1] < losses[0]
+    changed = [n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
+    assert len(changed) == len(trainable), f"no gradient reached {sorted(set(trainable) - set(changed))[:3]}"
+
+    trained = logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(load_quantized(base_dir, kind), tmp_path).eval()
+    assert torch.equal(logits(reloaded), trained)
+
+
+@pytest.mark.parametrize("kind", list(QUANT))
+def test_v2_merge_into_quantized_weights(base_dir, kind):
+    """Merging re-quantizes W′ = diag(s) W (+ bias in fp32): off by much less than quantizing the base itself."""
+    model = get_peft_model(load_quantized(base_dir, kind), LlamaAdapterV2Config(init_weights=False)).eval()
+    unmerged = logits(model)  # an eval forward first, where bitsandbytes would repack 4-bit weights on the CPU
+    model.merge_adapter()
+    merged = logits(model)
+    model.unmerge_adapter()
+    restored = logits(model)
+    scale = fp32_quantization_error(base_dir, kind)
+    assert (merged - unmerged).abs().max().item() < 0.25 * scale
+    assert (restored - unmerged).abs().max().item() < 0.25 * scale
+
+
+def test_lavin_merge_refuses_quantized_weights(base_dir):
+    model = get_peft_model(load_quantized(base_dir, "nf4"), LaVINConfig(init_weights=False)).eval()
+    before = logits(model)
+    state = quantized_state(model)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        model.merge_adapter()
+    assert torch.equal(logits(model), before)
+    assert all(torch.equal(p, state[n]) for n, p in quantized_state(model).items())
+
+
+def dequantized(model) -> dict[str, torch.Tensor]:
+    from bitsandbytes.functional import dequantize_4bit
+
+    return {
+        n: dequantize_4bit(m.weight.data, m.weight.quant_state)
+        for n, m in model.named_modules()
+        if type(m).__name__ == "Linear4bit"
+    }
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_base_used_before_injection(tmp_path, double_quant):
+    """bitsandbytes repacks 4-bit weights at the first inference forward on the CPU (AVX512-BF16), in a layout
+    that PEFT cannot dequantize and that has no autograd. A base used for inference before `get_peft_model` is
+    restored at injection (to the loaded weights, up to absmax rounded to bf16 by bitsandbytes: within 2⁻⁷ of the
+    largest weight with double quantization), and gradients reach every adapter parameter. A width of 256 gives
+    several 4-bit blocks per row."""
+    tiny_llama("gqa", "sdpa", hidden_size=256, intermediate_size=256, num_hidden_layers=2).save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(**QUANT["nf4"], bnb_4bit_use_double_quant=double_quant)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu").eval()
+
+    fresh = dequantized(load())
+    base = load()
+    logits(base)  # repacks here, where the CPU supports it
+    model = get_peft_model(base, LlamaAdapterV2Config(init_weights=False))  # non-zero gates: prompts get gradients
+    restored = dequantized(model)
+    assert restored.keys() == {f"base_model.model.{n}.base_layer" for n in fresh}
+    for name, weight in fresh.items():
+        error = (restored[f"base_model.model.{name}.base_layer"] - weight).abs().max()
+        assert error <= 2**-7 * weight.abs().max(), name
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
