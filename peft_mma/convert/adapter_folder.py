@@ -26,6 +26,8 @@ from transformers import AutoModelForCausalLM
 from .checkpoint import BaseModel, ConversionError, OfficialCheckpoint
 from .mapping import Rule, map_checkpoint
 
+FILES = ("adapter_config.json", SAFETENSORS_WEIGHTS_NAME)
+
 
 def adapter_skeleton(base: BaseModel, config: PeftConfig) -> PeftModel:
     """The adapter `config` on a meta-device copy of the base; `config` is not modified."""
@@ -71,17 +73,20 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
+def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace an adapter already in `out` unless `overwrite`."""
+    if not overwrite and any((Path(out) / name).exists() for name in FILES):
+        raise ConversionError(f"{str(out)!r} already holds an adapter; pass `overwrite=True` (--overwrite).")
+
+
 def write_adapter(
-    skeleton: PeftModel, config: PeftConfig, tensors: dict[str, torch.Tensor], out: str | os.PathLike, overwrite: bool
+    skeleton: PeftModel, config: PeftConfig, tensors: dict[str, torch.Tensor], out: str | os.PathLike
 ) -> tuple[Path, int, int]:
     """Write `config` and the converted `tensors` (PEFT parameter names) as a PEFT adapter folder `out`.
 
     Returns (folder, number of tensors written, file size in bytes).
     """
     out = Path(out)
-    files = ("adapter_config.json", SAFETENSORS_WEIGHTS_NAME)
-    if not overwrite and any((out / name).exists() for name in files):
-        raise ConversionError(f"{str(out)!r} already holds an adapter; pass `overwrite=True` (--overwrite).")
     state = {**skeleton.state_dict(), **tensors}
     saved = get_peft_model_state_dict(skeleton, state_dict=state)
     unfilled = sorted(k for k, v in saved.items() if v.device.type == "meta")
@@ -91,14 +96,23 @@ def write_adapter(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        config.save_pretrained(staging)
+        config.save_pretrained(staging, auto_mapping_dict=_auto_mapping(skeleton, config))
         save_file(saved, staging / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
         out.mkdir(exist_ok=True)
-        for name in files:
+        for name in FILES:
             os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out, len(saved), (out / SAFETENSORS_WEIGHTS_NAME).stat().st_size
+
+
+def _auto_mapping(skeleton: PeftModel, config: PeftConfig) -> dict[str, str] | None:
+    """What `PeftModel.save_pretrained` records for configs without a task type (LaVIN), so that
+    `AutoPeftModelForCausalLM` finds the base class."""
+    if config.task_type is not None:
+        return None
+    base_class = type(skeleton.base_model.model)
+    return {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
 
 
 def convert_into_folder(
@@ -115,8 +129,11 @@ def convert_into_folder(
     progress: bool = True,
 ) -> ConversionSummary:
     """Map `checkpoint` onto the adapter `config` for `base` with `rules(skeleton)`, check it, write the folder."""
+    check_out(out, overwrite)
     skeleton = adapter_skeleton(base, config)
     where = f"the {family} adapter (preset {preset}) on the base {base.label}"
+    if getattr(config, "vision_model", None) is not None:
+        where += f" with `vision_model`={config.vision_model!r}"
     expected = expected_parameters(skeleton)
     mapped = map_checkpoint(
         checkpoint.tensors, rules(skeleton), expected, frozen=frozen, where=where, progress=progress
@@ -126,6 +143,6 @@ def convert_into_folder(
         saved_config.vision_pretrained = config.vision_pretrained
     saved_config.inference_mode = True
     saved_config.base_model_name_or_path = base.path
-    folder, written, size = write_adapter(skeleton, saved_config, mapped.tensors, out, overwrite)
+    folder, written, size = write_adapter(skeleton, saved_config, mapped.tensors, out)
     parameters = sum(t.numel() for t in mapped.tensors.values())
     return ConversionSummary(family, preset, folder, mapped.read, written, parameters, size, len(mapped.frozen))

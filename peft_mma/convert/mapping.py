@@ -118,7 +118,7 @@ def map_checkpoint(
     frozen_patterns = [re.compile(p) for p in frozen]
     out: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
-    unknown, absent, skipped, problems = [], [], [], []
+    unknown, absent, skipped, problems, misshaped = [], [], [], [], set()
     for key in tqdm(sorted(tensors), desc="converting", unit="tensor", disable=not progress, leave=False):
         hit = next(((rule, fields) for rule in rules if (fields := rule.match(key)) is not None), None)
         if hit is None:
@@ -137,19 +137,21 @@ def map_checkpoint(
             elif name in out:
                 problems.append(f"`{key}` and `{source[name]}` both fill `{name}`.")
             elif value.shape != expected[name]:
+                misshaped.add(name)
                 problems.append(
                     f"`{key}` gives `{name}` of shape {tuple(value.shape)}; {where} needs {tuple(expected[name])}."
                 )
             else:
                 out[name], source[name] = value, key
-    missing = list(dict.fromkeys(_official_name(name, rules) for name in expected if name not in out))
+    missing = [name for name in expected if name not in out and name not in misshaped]
+    missing = list(dict.fromkeys(_official_name(name, rules) for name in missing))
     report = []
     if unknown:
-        report.append(f"{len(unknown)} unknown checkpoint tensors:\n{summarise_keys(unknown)}")
+        report.append(f"Unknown checkpoint tensors ({len(unknown)}):\n{summarise_keys(unknown)}")
     if absent:
-        report.append(f"{len(absent)} checkpoint tensors with no place in {where}:\n{summarise_keys(absent)}")
+        report.append(f"Checkpoint tensors with no place in {where} ({len(absent)}):\n{summarise_keys(absent)}")
     if missing:
-        report.append(f"{len(missing)} tensors {where} needs are missing:\n{summarise_keys(missing)}")
+        report.append(f"Missing tensors that {where} needs ({len(missing)}):\n{summarise_keys(missing)}")
     report += problems[:40]
     if report:
         raise ConversionError("Cannot convert the checkpoint; nothing was written.\n" + "\n".join(report))
