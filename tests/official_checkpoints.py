@@ -5,9 +5,13 @@ LLaMA base with weights large enough that the logits are O(1)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from conftest import tiny_llama
+from safetensors.torch import save_file
+from transformers import LlamaConfig
 
 TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4, num_classes=24)
 VISION_MODEL = "vit_large_patch14_clip_224.openai"
@@ -25,6 +29,21 @@ def parity_base(kind: str = "mha", seed: int = 0):
             elif p.ndim == 2:
                 p.copy_(torch.randn(p.shape, generator=generator) * p.shape[1] ** -0.5)
     return model
+
+
+def norms_only_base(directory: Path, **config) -> SimpleNamespace:
+    """A Hugging Face LLaMA directory at real sizes holding only `config.json` and the norm weights (all a
+    conversion reads), and a stand-in with its `config` for the checkpoint builders."""
+    config = LlamaConfig(**config)
+    config.save_pretrained(directory)
+    names = ("input_layernorm", "post_attention_layernorm")
+    norms = {
+        f"model.layers.{i}.{n}.weight": torch.ones(config.hidden_size)
+        for i in range(config.num_hidden_layers)
+        for n in names
+    }
+    save_file(norms | {"model.norm.weight": torch.ones(config.hidden_size)}, directory / "model.safetensors")
+    return SimpleNamespace(config=config)
 
 
 class _Random:

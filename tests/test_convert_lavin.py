@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from official_checkpoints import TINY_VIT, VISION_MODEL, lavin, parity_base
+from official_checkpoints import TINY_VIT, VISION_MODEL, lavin, norms_only_base, parity_base
 from peft import PeftModel
 from reference.meta_layout_ref import hf_to_meta, lavin_logits, lavin_visual_tokens
 from safetensors.torch import load_file
@@ -87,3 +87,14 @@ def test_sizes_temperature_and_counts_come_from_the_checkpoint(tmp_path):
     up = saved["base_model.model.model.layers.0.self_attn.mma_lavin_up0.weight"]  # (g, C/g, h/g)
     conv = official["module.layers.0.adapter_attn.conv_B.weight"]  # (C, h/g, 1), groups g
     assert torch.equal(torch.block_diag(*up), torch.block_diag(*conv[..., 0].split(8)))
+
+
+def test_lavin_7b_shapes_give_the_3_8m_parameters_of_the_paper(tmp_path):
+    """Spec §5: 3,781,296 with CLIP ViT-L/14's 24 blocks of width 1024 (built on the meta device, never downloaded)."""
+    base = norms_only_base(tmp_path / "llama-7b", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
+    checkpoint = lavin(base, projector=128, vision_width=1024, vision_depth=24)
+    summary = convert_lavin(checkpoint, str(tmp_path / "llama-7b"), tmp_path / "out", progress=False)
+    assert (summary.preset, summary.parameters) == ("lavin-7b", 3_781_296)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["vision_model"] == VISION_MODEL and config["vision_pretrained"] is True
+    assert config["base_model_name_or_path"] == str(tmp_path / "llama-7b")

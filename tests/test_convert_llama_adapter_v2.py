@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from official_checkpoints import FEATURES, TINY_VIT, VISION_MODEL, llama_adapter_v2, parity_base
+from official_checkpoints import FEATURES, TINY_VIT, VISION_MODEL, llama_adapter_v2, norms_only_base, parity_base
 from peft import PeftModel
 from reference.meta_layout_ref import adapter_v2_logits, adapter_v2_visual, hf_to_meta
 from safetensors.torch import load_file
@@ -130,3 +130,13 @@ def test_folder_holds_every_official_parameter_once(tmp_path):
     assert (config["prompt_length"], config["prompt_layers"], config["lora_rank"]) == (3, 3, 2)
     assert (config["visual_width"], config["visual_depth"], config["base_num_layers"]) == (16, 2, 4)
     assert saved["base_model.mma_adapter_v2_visual.clip_proj.weight"].shape == (16, FEATURES)
+
+
+def test_chat_65b_shapes_give_the_14m_parameters_of_the_paper(tmp_path):
+    """Spec §5: the paper's "14M" is exactly the chat-65B bias + input-side scale + norm count."""
+    base = norms_only_base(
+        tmp_path / "llama-65b", hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64
+    )
+    checkpoint = llama_adapter_v2("chat", base)
+    summary = convert_llama_adapter_v2(checkpoint, str(tmp_path / "llama-65b"), tmp_path / "out", progress=False)
+    assert (summary.preset, summary.parameters, summary.tensors_written) == ("CHAT-65B", 13_811_712, 80 * 16 + 1)
