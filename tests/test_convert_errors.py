@@ -105,6 +105,14 @@ def test_lavin_plain_visual_adapter_has_no_counterpart(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_lavin_visual_mlp_adapters_have_no_counterpart(tmp_path):
+    checkpoint = lavin(parity_base())
+    state = checkpoint["model"]
+    state |= {k.replace("adapter_attn", "adapter_mlp"): v for k, v in state.items() if ".resblocks.0." in k}
+    with pytest.raises(ConversionError, match=r"`visual_adapter_type='router_block'`\); .* no counterpart"):
+        convert_lavin(checkpoint, parity_base(), tmp_path / "out", progress=False)
+
+
 @pytest.mark.parametrize(
     "change, match",
     [

@@ -81,10 +81,11 @@ def _unwrap(loaded: dict[str, Any], source: str) -> OfficialCheckpoint:
     if not_tensors:
         raise ConversionError(f"{source}: the state dict has entries that are not tensors: {not_tensors[:10]}.")
     tensors = {key.removeprefix("module."): value for key, value in state.items()}  # DDP prefix
-    args = loaded.get("args") if state is not loaded else None
-    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    config = loaded.get("config") if state is not loaded and isinstance(loaded.get("config"), Mapping) else {}
-    return OfficialCheckpoint(source, tensors, dict(config), args)
+    extras = {} if state is loaded else loaded
+    args = extras.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, Mapping) else {}
+    config = extras.get("config") if isinstance(extras.get("config"), Mapping) else {}
+    return OfficialCheckpoint(source, tensors, dict(config), dict(args))
 
 
 @dataclass
@@ -158,8 +159,8 @@ def _read_from_directory(directory: Path, keys: list[str]) -> dict[str, torch.Te
             with safe_open(directory / name, framework="pt") as handle:
                 found |= {k: handle.get_tensor(k) for k in wanted & set(handle.keys())}
         else:
-            state = torch.load(directory / name, map_location="cpu", weights_only=True, mmap=True)
-            found |= {k: state[k].clone() for k in wanted & set(state)}
+            state = torch.load(directory / name, map_location="cpu", weights_only=True)
+            found |= {k: state[k] for k in wanted & set(state)}
     return found
 
 

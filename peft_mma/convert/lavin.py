@@ -96,13 +96,7 @@ def build_config(
 ) -> LaVINConfig:
     """The preset, with the sizes read from the shapes and τ, s from the training `args`, then `overrides`."""
     t, args, fields = checkpoint.tensors, checkpoint.args, {}
-    visual = [key for key in t if key.startswith("backbone.") and ".adapter_" in key]
-    if args.get("visual_adapter_type", "router") != "router" or (visual and not any(".conv_D." in k for k in visual)):
-        raise ConversionError(
-            "The checkpoint's CLIP adapters are the plain `RepAdapter` (`visual_adapter_type='normal'`), which drops "
-            "the residual and has no router (spec §2 bug); it has no counterpart in LaVINConfig. Only router "
-            "adapters (`--visual_adapter_type router`, every released script) convert."
-        )
+    visual = _check_visual_adapters(checkpoint)
     down = t.get("layers.0.adapter_attn.conv_A.weight")
     up = t.get("layers.0.adapter_attn.conv_B.weight")
     if down is not None:
@@ -122,6 +116,24 @@ def build_config(
         return LaVINConfig.from_preset(preset, **{**fields, **(overrides or {})})
     except (TypeError, ValueError) as error:
         raise ConversionError(f"Cannot build the {preset} configuration: {error}") from error
+
+
+def _check_visual_adapters(checkpoint: OfficialCheckpoint) -> list[str]:
+    """The keys of the CLIP adapters, refused unless they are the router adapters before attention (§2, §4)."""
+    visual = [key for key in checkpoint.tensors if key.startswith("backbone.") and ".adapter_" in key]
+    kind = checkpoint.args.get("visual_adapter_type")
+    if kind == "router_block" or any(".adapter_mlp." in key for key in visual):
+        raise ConversionError(
+            "The checkpoint has MM-adapters before the CLIP blocks' MLPs (`visual_adapter_type='router_block'`); "
+            "LaVINConfig puts encoder adapters before attention only, so they have no counterpart."
+        )
+    if kind not in (None, "router") or (visual and not any(".conv_D." in key for key in visual)):
+        raise ConversionError(
+            "The checkpoint's CLIP adapters are the plain `RepAdapter` (`visual_adapter_type='normal'`), which drops "
+            "the residual and has no router (spec §2 bug); it has no counterpart in LaVINConfig. Only router "
+            "adapters (`--visual_adapter_type router`, every released script) convert."
+        )
+    return visual
 
 
 def rules(config: LaVINConfig, skeleton: PeftModel) -> list[Rule]:
