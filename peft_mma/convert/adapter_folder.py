@@ -1,0 +1,148 @@
+"""The PEFT side of a conversion: the adapter's expected parameters, and the folder `PeftModel.from_pretrained` reads.
+
+The expected parameters come from the adapter itself, built on the meta device on the base's config (no weights
+are read or allocated, and the frozen vision encoder is never downloaded): its trainable parameters are exactly what
+`save_pretrained` writes. The converted tensors are turned into the saved key layout by PEFT's own
+`get_peft_model_state_dict`, so the folder is what `save_pretrained` would have written: `adapter_config.json` and
+`adapter_model.safetensors`. The folder appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from .checkpoint import BaseModel, ConversionError, OfficialCheckpoint
+from .mapping import Rule, map_checkpoint
+
+FILES = ("adapter_config.json", SAFETENSORS_WEIGHTS_NAME)
+
+
+def adapter_skeleton(base: BaseModel, config: PeftConfig) -> PeftModel:
+    """The adapter `config` on a meta-device copy of the base; `config` is not modified."""
+    skeleton_config = copy.deepcopy(config)
+    if hasattr(skeleton_config, "vision_pretrained"):
+        skeleton_config.vision_pretrained = False  # the frozen encoder is neither saved nor needed here
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base.config)
+    try:
+        return get_peft_model(model, skeleton_config)
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"The converted configuration does not fit the base {base.label}: {error}") from error
+
+
+def expected_parameters(skeleton: PeftModel) -> dict[str, torch.Size]:
+    """PEFT parameter name → shape of every tensor the adapter saves (its trainable parameters)."""
+    return {name: p.shape for name, p in skeleton.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class ConversionSummary:
+    """What a conversion wrote."""
+
+    family: str
+    preset: str
+    out: Path
+    tensors_read: int
+    tensors_written: int
+    parameters: int
+    file_size: int
+    frozen_skipped: int
+
+    def __str__(self) -> str:
+        lines = [
+            f"Converted {self.family} checkpoint (preset {self.preset}) into {self.out}",
+            f"  checkpoint tensors converted: {self.tensors_read}",
+            f"  adapter tensors written:      {self.tensors_written}",
+            f"  parameters:                   {self.parameters:,}",
+            f"  adapter_model.safetensors:    {self.file_size / 2**20:.2f} MiB ({self.file_size:,} bytes)",
+        ]
+        if self.frozen_skipped:
+            lines.append(f"  frozen tensors left out:      {self.frozen_skipped} (encoder / base weights)")
+        return "\n".join(lines)
+
+
+def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace an adapter already in `out` unless `overwrite`."""
+    if not overwrite and any((Path(out) / name).exists() for name in FILES):
+        raise ConversionError(f"{str(out)!r} already holds an adapter; pass `overwrite=True` (--overwrite).")
+
+
+def write_adapter(
+    skeleton: PeftModel, config: PeftConfig, tensors: dict[str, torch.Tensor], out: str | os.PathLike
+) -> tuple[Path, int, int]:
+    """Write `config` and the converted `tensors` (PEFT parameter names) as a PEFT adapter folder `out`.
+
+    Returns (folder, number of tensors written, file size in bytes).
+    """
+    out = Path(out)
+    state = {**skeleton.state_dict(), **tensors}
+    saved = get_peft_model_state_dict(skeleton, state_dict=state)
+    unfilled = sorted(k for k, v in saved.items() if v.device.type == "meta")
+    if unfilled:  # `map_checkpoint` checks this first; a mismatch here is a bug
+        raise ConversionError(f"Internal error: saved tensors without a value: {unfilled[:5]}.")
+    saved = {k: v.detach().cpu().contiguous() for k, v in saved.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config.save_pretrained(staging, auto_mapping_dict=_auto_mapping(skeleton, config))
+        save_file(saved, staging / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+        out.mkdir(exist_ok=True)
+        for name in FILES:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out, len(saved), (out / SAFETENSORS_WEIGHTS_NAME).stat().st_size
+
+
+def _auto_mapping(skeleton: PeftModel, config: PeftConfig) -> dict[str, str] | None:
+    """What `PeftModel.save_pretrained` records for configs without a task type (LaVIN), so that
+    `AutoPeftModelForCausalLM` finds the base class."""
+    if config.task_type is not None:
+        return None
+    base_class = type(skeleton.base_model.model)
+    return {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+
+
+def convert_into_folder(
+    checkpoint: OfficialCheckpoint,
+    base: BaseModel,
+    config: PeftConfig,
+    rules: Callable[[PeftModel], list[Rule]],
+    *,
+    family: str,
+    preset: str,
+    frozen: list[str],
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Map `checkpoint` onto the adapter `config` for `base` with `rules(skeleton)`, check it, write the folder."""
+    check_out(out, overwrite)
+    skeleton = adapter_skeleton(base, config)
+    where = f"the {family} adapter (preset {preset}) on the base {base.label}"
+    if getattr(config, "vision_model", None) is not None:
+        where += f" with `vision_model`={config.vision_model!r}"
+    expected = expected_parameters(skeleton)
+    mapped = map_checkpoint(
+        checkpoint.tensors, rules(skeleton), expected, frozen=frozen, where=where, progress=progress
+    )
+    saved_config = skeleton.peft_config["default"]  # as injected (V2 records the base's depth and width)
+    if hasattr(config, "vision_pretrained"):
+        saved_config.vision_pretrained = config.vision_pretrained
+    saved_config.inference_mode = True
+    saved_config.base_model_name_or_path = base.path
+    folder, written, size = write_adapter(skeleton, saved_config, mapped.tensors, out)
+    parameters = sum(t.numel() for t in mapped.tensors.values())
+    return ConversionSummary(family, preset, folder, mapped.read, written, parameters, size, len(mapped.frozen))
