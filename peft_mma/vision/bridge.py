@@ -4,15 +4,20 @@
     h = Blocks([Q; f])[:, :K]                Q: (K, C_v) visual queries, N(0, 1)  → (B, K, C_v)
     V = LN_v(W_v h + b_v)                                                          → (B, K, C)
 
-`Blocks` are `visual_depth` pre-norm timm ViT blocks (qkv bias, MLP ratio 4). Parameter names follow the official
+`Blocks` are `visual_depth` pre-norm timm ViT blocks (qkv bias, MLP ratio 4, LayerNorm ε = 1e-5 as in the official
+code's timm 0.3.2 `Block`; timm 1.0's default is 1e-6). Parameter names follow the official
 checkpoint (`clip_proj`, `clip_proj_norm`, `visual_query`, `visual_blocks`, `visual_proj`, `visual_proj_norm`).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
+
+BLOCK_NORM = partial(nn.LayerNorm, eps=1e-5)  # the official blocks' norm (spec §3)
 
 
 class AdapterV2VisualBridge(nn.Module):
@@ -34,7 +39,8 @@ class AdapterV2VisualBridge(nn.Module):
         self.clip_proj_norm = nn.LayerNorm(width, **kw)
         self.visual_query = nn.Embedding(query_length, width, **kw)
         self.visual_blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, qkv_bias=True, device=device, dtype=dtype) for _ in range(depth)
+            Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=BLOCK_NORM, device=device, dtype=dtype)
+            for _ in range(depth)
         )
         self.visual_proj = nn.Linear(width, out_width, **kw)
         self.visual_proj_norm = nn.LayerNorm(out_width, **kw)

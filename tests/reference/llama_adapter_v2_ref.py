@@ -13,7 +13,7 @@ Entry points:
   → logits (B, T, vocab). `weights` uses `LlamaForCausalLM.state_dict()` names.
 - `reference_logits_from_model(model, input_ids, attention_mask=None, adapter=None, position_ids=None)`
   → the same, reading `model.config` and `model.state_dict()`.
-- `reference_visual_bridge(features, weights, num_heads, block_eps=1e-6, norm_eps=1e-5)` → V (B, K, C).
+- `reference_visual_bridge(features, weights, num_heads, block_eps=1e-5, norm_eps=1e-5)` → V (B, K, C).
 
 Adapter dict (every key optional; a missing key or an empty dict means "no adaptation"):
 
@@ -364,7 +364,7 @@ def _vit_block(x: Tensor, w: dict[str, Tensor], prefix: str, num_heads: int, eps
 
 @torch.no_grad()
 def reference_visual_bridge(
-    features: Tensor, weights: dict[str, Tensor], num_heads: int, block_eps: float = 1e-6, norm_eps: float = 1e-5
+    features: Tensor, weights: dict[str, Tensor], num_heads: int, block_eps: float = 1e-5, norm_eps: float = 1e-5
 ) -> Tensor:
     """V = LN(visual_proj(first K of blocks([query; LN(clip_proj(features))]))), spec §3 steps 2–5.
 
@@ -375,10 +375,8 @@ def reference_visual_bridge(
             i = 0..n−1 (a timm `Block` state_dict under `blocks.{i}.`; n is counted from the keys),
             `visual_proj.{weight,bias}` (C, Cv), `visual_proj_norm.{weight,bias}` (C,).
         num_heads: attention heads of each ViT block.
-        block_eps: LayerNorm ε inside the blocks. 1e-6 matches `timm.models.vision_transformer.Block(dim, heads,
-            qkv_bias=True)` built with defaults in timm 1.0.31 (its `norm_layer` is timm `LayerNorm`, ε = 1e-6).
-            The upstream code used the timm 0.3.2-era `Block`, whose default `norm_layer` was `torch.nn.LayerNorm`
-            (ε = 1e-5, not re-checked here); pass `block_eps=1e-5` to model that.
+        block_eps: LayerNorm ε inside the blocks. The upstream code builds timm 0.3.2-era `Block`s, whose default
+            `norm_layer` was `torch.nn.LayerNorm` (ε = 1e-5); timm 1.0's `Block` defaults to 1e-6.
         norm_eps: ε of `clip_proj_norm` and `visual_proj_norm`, which are `torch.nn.LayerNorm` (default 1e-5).
 
     Returns:

@@ -19,6 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from peft_mma.vision.bridge import AdapterV2VisualBridge
 from tests.conftest import tiny_llama
 from tests.reference.llama_adapter_v2_ref import (
     LINEAR_NAMES,
@@ -327,6 +328,9 @@ def test_visual_bridge_equals_torch_and_timm_modules(block_eps):
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
 
 
-def test_visual_bridge_default_eps_matches_timm_block_defaults():
-    block = Block(16, 2, qkv_bias=True)
-    assert block.norm1.eps == block.norm2.eps == 1e-6  # what `block_eps=1e-6` (the default) mirrors
+def test_visual_bridge_default_eps_is_the_official_one():
+    """The reference's default block ε is the official 1e-5 (timm 0.3.2's `Block`), which timm 1.0 no longer
+    gives by default (1e-6): the bridge must set it."""
+    assert Block(16, 2, qkv_bias=True).norm1.eps == 1e-6
+    bridge = AdapterV2VisualBridge(8, 12, query_length=2, width=16, depth=1, heads=2)
+    assert bridge.visual_blocks[0].norm1.eps == bridge.visual_blocks[0].norm2.eps == 1e-5
