@@ -71,8 +71,9 @@ def llama_adapter_v2(
     chat_prompts: bool = False,
     seed: int = 1,
 ) -> dict:
-    """An official V2 checkpoint for `base`: layout "bias" (BIAS-7B), "lora" (LORA-BIAS-7B) or "chat" (chat-65B,
-    with `chat_prompts` also prompts and gates in the top N − 1 layers as the chat code allows, spec §2e)."""
+    """An official V2 checkpoint for `base`: layout "bias" (BIAS-7B), "lora" (LORA-BIAS-7B), "caption" (CAPTION-7B:
+    the pre-training phase's gates, prompts and visual path, no biases, no norms, spec §4) or "chat" (chat-65B, with
+    `chat_prompts` also prompts and gates in the top N − 1 layers as the chat code allows, spec §2e)."""
     config, r = base.config, _Random(seed)
     c, n, f = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     heads, kv = config.num_attention_heads, config.num_key_value_heads
@@ -88,18 +89,20 @@ def llama_adapter_v2(
             if layout == "chat":  # bias and input-side scale on all seven linears (§2e)
                 state[site + f"{name}_bias"] = r.normal(out[name], std=0.2)
                 state[site + f"{name}_scale"] = r.uniform(inp[name])
-            elif name in ("wq", "wo", "w1", "w2", "w3"):  # multimodal: no k/v bias (§2d)
+            elif name in ("wq", "wo", "w1", "w2", "w3") and layout != "caption":  # multimodal: no k/v bias (§2d)
                 state[site + f"{name}.bias"] = r.normal(out[name], std=0.2)
             if layout == "lora":
                 state[site + f"lora_{name}_l1.weight"] = r.linear(lora_rank, inp[name])
                 state[site + f"lora_{name}_l2.weight"] = r.normal(out[name], lora_rank, std=0.3)
-        state[f"{p}layers.{i}.attention_norm.weight"] = r.uniform(c)
-        state[f"{p}layers.{i}.ffn_norm.weight"] = r.uniform(c)
+        if layout != "caption":
+            state[f"{p}layers.{i}.attention_norm.weight"] = r.uniform(c)
+            state[f"{p}layers.{i}.ffn_norm.weight"] = r.uniform(c)
         if layout != "chat" or (chat_prompts and i > 0):
             state[f"{p}layers.{i}.attention.gate"] = r.normal(1, heads, 1, 1)
         if layout == "lora":
             state[f"{p}layers.{i}.attention.new_gate"] = r.uniform(1, 1, 1, 1)
-    state[f"{p}norm.weight"] = r.uniform(c)
+    if layout != "caption":
+        state[f"{p}norm.weight"] = r.uniform(c)
     if layout != "chat" or chat_prompts:
         state["adapter_query.weight"] = r.normal((n - 1) * prompt_length, c)
     if layout == "chat":
@@ -117,7 +120,8 @@ def llama_adapter_v2(
         state[name + ".weight"], state[name + ".bias"] = r.linear(o, i), r.normal(o, std=0.1)
     for name, width in {"clip_proj_norm": w, "visual_proj_norm": c}.items():
         state[name + ".weight"], state[name + ".bias"] = r.uniform(width), r.normal(width, std=0.1)
-    return {"model": state, "config": {"w_bias": True, "w_lora": layout == "lora", "lora_rank": lora_rank}}
+    config = {"w_bias": layout != "caption", "w_lora": layout == "lora", "lora_rank": lora_rank}
+    return {"model": state, "config": config}
 
 
 def lavin(

@@ -98,3 +98,21 @@ def test_lavin_7b_shapes_give_the_3_8m_parameters_of_the_paper(tmp_path):
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["vision_model"] == VISION_MODEL and config["vision_pretrained"] is True
     assert config["base_model_name_or_path"] == str(tmp_path / "llama-7b")
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_lavin_13b_shapes_give_the_5_4m_parameters_of_the_paper(tmp_path, declared):
+    """Spec §5: 5,390,080 for 13B (ScienceQA and the chatbot share the layout, t = 5). The preset comes from
+    `args.llm_model`, or from the width when a checkpoint carries no args."""
+    base = norms_only_base(
+        tmp_path / "llama-13b", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
+    )
+    checkpoint = lavin(base, projector=128, vision_width=1024, vision_depth=24)
+    if declared:
+        checkpoint["args"].llm_model = "13B"
+    else:
+        del checkpoint["args"]
+    summary = convert_lavin(checkpoint, str(tmp_path / "llama-13b"), tmp_path / "out", progress=False)
+    assert (summary.preset, summary.parameters) == ("lavin-13b", 5_390_080)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["temperature"] == 5.0

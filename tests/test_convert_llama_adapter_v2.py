@@ -126,3 +126,25 @@ def test_chat_65b_shapes_give_the_14m_parameters_of_the_paper(tmp_path):
     checkpoint = llama_adapter_v2("chat", base)
     summary = convert_llama_adapter_v2(checkpoint, str(tmp_path / "llama-65b"), tmp_path / "out", progress=False)
     assert (summary.preset, summary.parameters, summary.tensors_written) == ("CHAT-65B", 13_811_712, 80 * 16 + 1)
+
+
+@pytest.mark.parametrize("with_norms", [False, True])
+def test_caption_checkpoint_gives_the_official_logits(tmp_path, with_norms):
+    """CAPTION-7B (the pre-training phase: gates, prompts, visual path; `w_bias` False): no biases, and norms only
+    where the file has them."""
+    base = parity_base("gqa")
+    meta = hf_to_meta(base)
+    checkpoint = llama_adapter_v2("caption", base)
+    if with_norms:
+        tuned = llama_adapter_v2("bias", base)["model"]
+        checkpoint["model"] |= {k: v for k, v in tuned.items() if k.endswith("norm.weight") and "proj" not in k}
+    summary = convert_llama_adapter_v2(checkpoint, base, tmp_path / "adapter", overrides=VISION, progress=False)
+    assert summary.preset == "CAPTION-7B"
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    config = model.peft_config["default"]
+    assert config.bias_modules == [] and bool(config.norm_modules) == with_norms
+    x, pixels = ids(), images()
+    with torch.no_grad():
+        got = model(input_ids=x, pixel_values=pixels).logits
+    visual = adapter_v2_visual(checkpoint["model"], clip_tokens(pixels), heads=2, block_eps=OFFICIAL_BLOCK_EPS)
+    torch.testing.assert_close(got, reference(model, meta, checkpoint["model"], x, visual), atol=1e-5, rtol=0)

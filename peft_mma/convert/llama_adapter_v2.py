@@ -16,7 +16,8 @@ Mapping (§9): wq/wk/wv/wo → q/k/v/o_proj, w1 → gate_proj, w3 → up_proj, w
 prompt of layer N − L + j; the official norms are full tuned weights, ours are deltas Δ = w − w_base. Rows acting on
 q/k outputs (q/k bias, LoRA B of q/k) are permuted to the HF RoPE layout (`rope.meta_to_hf_rows`).
 
-The preset follows from the keys (scales → CHAT-65B, LoRA → LORA-BIAS-7B, else BIAS-7B) unless one is given; the
+The preset follows from the keys (scales → CHAT-65B, LoRA → LORA-BIAS-7B, no linear biases → CAPTION-7B, else
+BIAS-7B) unless one is given; the
 sizes that shapes reveal (K, L, LoRA rank, bridge width and depth) are read from the checkpoint; what they do not
 (the bridge's heads, the vision encoder) comes from the preset, and `overrides` change any field last.
 
@@ -65,17 +66,23 @@ def _prefix(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def detect_preset(checkpoint: OfficialCheckpoint) -> str:
-    """CHAT-65B when the checkpoint has scales, LORA-BIAS-7B when it has LoRA, else BIAS-7B (§2, §5)."""
+    """CHAT-65B when the checkpoint has scales, LORA-BIAS-7B when it has LoRA, CAPTION-7B when it has no linear
+    biases (the pre-training phase, §4), else BIAS-7B (§2, §5). The checkpoint's own `w_lora` / `w_bias` flags,
+    where present, must agree with its tensors."""
     keys = list(checkpoint.tensors)
     has_lora = any(".lora_w" in key for key in keys)
-    declared = checkpoint.config.get("w_lora")
-    if declared is not None and bool(declared) != has_lora:
-        raise ConversionError(
-            f"The checkpoint's config says w_lora={declared}, but it {'has' if has_lora else 'has no'} LoRA tensors."
-        )
+    has_bias = any(re.search(r"\.w\w+(\.bias|_bias)$", key) for key in keys)
+    for flag, present, what in (("w_lora", has_lora, "LoRA tensors"), ("w_bias", has_bias, "linear biases")):
+        declared = checkpoint.config.get(flag)
+        if declared is not None and bool(declared) != present:
+            raise ConversionError(
+                f"The checkpoint's config says {flag}={declared}, but it {'has' if present else 'has no'} {what}."
+            )
     if any(re.search(r"\.w\w+_scale$", key) for key in keys):
         return "CHAT-65B"
-    return "LORA-BIAS-7B" if has_lora else "BIAS-7B"
+    if has_lora:
+        return "LORA-BIAS-7B"
+    return "BIAS-7B" if has_bias else "CAPTION-7B"
 
 
 def _first(tensors: Mapping[str, torch.Tensor], candidates: list[tuple[str, int]]) -> tuple[int, str] | None:
@@ -126,6 +133,8 @@ def build_config(
                 "right `prompt_length`."
             )
         fields["prompt_length"], fields["prompt_layers"] = length, rows // length
+    if preset == "CAPTION-7B" and any(re.search(r"(^|\.)(norm|attention_norm|ffn_norm)\.weight$", key) for key in t):
+        fields["norm_modules"] = LlamaAdapterV2Config.preset("BIAS-7B").norm_modules  # a file with tuned norms
     has_scales = any(re.search(r"\.w\w+_scale$", key) for key in t)
     if has_scales:  # chat 65B: prompts, if any, read k/v through the scale and bias (§2e)
         fields["prompt_kv_adapted"] = True

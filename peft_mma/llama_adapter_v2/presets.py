@@ -34,6 +34,11 @@ PRESETS: dict[str, dict] = {
         lora_alpha=None,  # y += l2(l1(x)), no alpha scaling (§2g)
         prompt_gate_scale=True,  # `new_gate` (§2b)
     ),
+    "CAPTION-7B": dict(  # the captioning model of the pre-training phase: gates, prompts, visual path only (§4)
+        _MULTIMODAL_7B,
+        bias_modules=[],
+        norm_modules=[],
+    ),
     "CHAT-65B": dict(  # Llama65B_bias_scale_norm_tuning (§2e)
         bias_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         scale_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
