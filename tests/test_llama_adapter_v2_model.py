@@ -274,3 +274,6 @@ def test_parameter_counts_of_the_presets_match_the_spec():
     assert count_trainable(LlamaAdapterV2Config.preset("CHAT-65B"), **LLAMA_65B) == 13_811_712
     lora = count_trainable(LlamaAdapterV2Config.preset("LORA-BIAS-7B", **vision), **LLAMA_7B)
     assert lora == 63_095_552 + 39_976_960 + 32
+    caption = count_trainable(LlamaAdapterV2Config.preset("CAPTION-7B", **vision), **LLAMA_7B)
+    biases, norms = 32 * (2 * 4096 + 2 * 11008 + 4096), (2 * 32 + 1) * 4096
+    assert caption == 63_095_552 - biases - norms == 61_731_584
