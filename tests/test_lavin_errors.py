@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import TINY_VIT, tiny_llama
 from peft import PeftModel, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM
 
 from peft_mma import LaVINConfig
 
-TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
 VISION = dict(
     vision_model="vit_large_patch14_clip_224.openai",
     vision_pretrained=False,

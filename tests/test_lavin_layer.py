@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import TINY_VIT, tiny_llama
 from peft import get_peft_model
 from reference.lavin_ref import adapter_tensors, dense_up, official_logits, vision_tokens
 
 from peft_mma import LaVINConfig
 from peft_mma.lavin import GroupedLinear
-
-TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
 
 
 def lavin(kind="mha", attn="eager", **kwargs):

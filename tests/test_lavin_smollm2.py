@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY_VIT
 from peft import get_peft_model
 
 from peft_mma import LaVINConfig
-
-TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
 
 
 @pytest.mark.smollm2
