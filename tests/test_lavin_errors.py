@@ -35,6 +35,8 @@ def ids(batch=2, length=6):
         (dict(image_token_id=5), "`image_token_id`=5 goes with `image_token_position`='placeholder'"),
         (dict(image_token_position="placeholder"), "Set both or neither"),
         (dict(merge_modality="audio"), "`merge_modality`='audio' is not one of"),
+        (dict(task_type="SEQ_CLS"), "`task_type`='SEQ_CLS'; LaVIN adapts causal LMs"),
+        (dict(task_type=None), "`task_type`=None; LaVIN adapts causal LMs"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -110,14 +112,14 @@ def test_bad_pixel_values(vision_model, pixels, match):
 @pytest.mark.parametrize(
     "mask, pixels, match",
     [
-        (torch.tensor([1, 0]), torch.randn(2, 3, 28, 28), "`image_mask` must be a 1-D bool tensor"),
-        (torch.tensor([True]), torch.randn(2, 3, 28, 28), "`image_mask` has 1 flags for a batch of 2"),
+        (torch.tensor([1, 0]), torch.randn(2, 3, 28, 28), "`has_image` must be a 1-D bool tensor"),
+        (torch.tensor([True]), torch.randn(2, 3, 28, 28), "`has_image` has 1 flags for a batch of 2"),
         (torch.tensor([True, False]), None, "no `pixel_values` were passed"),
     ],
 )
-def test_bad_image_mask(vision_model, mask, pixels, match):
+def test_bad_has_image(vision_model, mask, pixels, match):
     with pytest.raises(ValueError, match=match):
-        vision_model(input_ids=ids(), pixel_values=pixels, image_mask=mask)
+        vision_model(input_ids=ids(), pixel_values=pixels, has_image=mask)
 
 
 def test_visual_tokens_past_max_position_embeddings(vision_model):

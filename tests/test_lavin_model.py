@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_VIT, tiny_llama
-from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM, get_peft_model
 from reference.lavin_ref import adapter_tensors, official_logits
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from stand_in_tokenizer import word_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from peft_mma import LaVINConfig
+from peft_mma.data.collator import CausalLMCollator
 
 VISION = dict(
     vision_model="vit_large_patch14_clip_224.openai",
@@ -67,7 +69,7 @@ def test_mixed_batch_rows_equal_single_runs_and_labels_skip_visual_tokens():
     ids, pixels = ids_with_bos(), torch.randn(2, 3, 28, 28)
     labels = ids.clone()
     with torch.no_grad():
-        mixed = model(input_ids=ids, pixel_values=pixels, image_mask=torch.tensor([True, False]), labels=labels)
+        mixed = model(input_ids=ids, pixel_values=pixels, has_image=torch.tensor([True, False]), labels=labels)
         image_only = model(input_ids=ids[:1], pixel_values=pixels[:1]).logits
         text_only = model(input_ids=ids[1:]).logits
     torch.testing.assert_close(mixed.logits[:1], image_only, atol=1e-5, rtol=0)
@@ -153,12 +155,12 @@ def test_greedy_generate_with_cache_equals_without_and_batches_mixed_left_padded
     ids[1, :2] = 0  # left padding in row 1
     ids[1, 2] = 1
     mask = (ids != 0).long()
-    image_mask = torch.tensor([True, False])
+    has_image = torch.tensor([True, False])
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        cached = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask, **kw)
+        cached = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, has_image=has_image, **kw)
         uncached = model.generate(
-            input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask, use_cache=False, **kw
+            input_ids=ids, attention_mask=mask, pixel_values=pixels, has_image=has_image, use_cache=False, **kw
         )
         alone_image = model.generate(input_ids=ids[:1], pixel_values=pixels[:1], **kw)
         alone_text = model.generate(input_ids=ids[1:, 2:], **kw)
@@ -198,7 +200,7 @@ def test_training_reaches_every_part_and_checkpointing_gives_the_same_grads():
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         ids, pixels = ids_with_bos(), torch.randn(2, 3, 28, 28)
-        out = model(input_ids=ids, labels=ids, pixel_values=pixels, image_mask=torch.tensor([True, False]))
+        out = model(input_ids=ids, labels=ids, pixel_values=pixels, has_image=torch.tensor([True, False]))
         out.loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert all(g is not None and g.abs().sum() > 0 for g in grads[0].values()), [
@@ -232,3 +234,39 @@ def test_beam_search_with_images_expands_each_sample():
     with torch.no_grad():
         out = model.generate(input_ids=ids, pixel_values=pixels, num_beams=2, max_new_tokens=3, pad_token_id=0)
     assert out.shape == (2, 7 + 3)
+
+
+def test_peft_is_not_patched_and_the_causal_lm_wrapper_passes_images_to_the_tuner():
+    assert "special_peft_forward_args" not in vars(PeftModel)  # PEFT's own instance attribute, as PEFT sets it
+    model = lavin()
+    assert type(model) is PeftModelForCausalLM and model.peft_config["default"].task_type == "CAUSAL_LM"
+    assert not {"pixel_values", "has_image"} & model.special_peft_forward_args
+    ids, pixels = ids_with_bos(), torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        through_peft = model(input_ids=ids, pixel_values=pixels, has_image=torch.tensor([True, False])).logits
+        through_tuner = model.base_model(input_ids=ids, pixel_values=pixels, has_image=torch.tensor([True, False]))
+    assert through_peft.shape == (2, 7 + 2, 97)  # row 0 got 2 visual tokens, row 1 is right-padded
+    torch.testing.assert_close(through_peft, through_tuner.logits, atol=0, rtol=0)
+
+
+def test_trainer_with_the_collator_trains_every_part_from_a_mixed_batch(tmp_path):
+    model = lavin()
+    texts = ["What is shown ?", "It is a cat .", "Say hello .", "hello"]
+    samples = [
+        {"prompt": texts[0], "response": texts[1], "image": torch.randn(3, 28, 28)},
+        {"prompt": texts[2], "response": texts[3]},
+    ] * 2
+    collator = CausalLMCollator(word_tokenizer(texts=texts, add_bos=True), image_size=28)
+    assert collator(samples)["has_image"].tolist() == [True, False, True, False]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2,
+        report_to=[], save_strategy="no", remove_unused_columns=False, use_cpu=True,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    Trainer(model=model, args=args, train_dataset=samples, data_collator=collator).train()
+    after = dict(model.named_parameters())
+    unchanged = [n for n, p in before.items() if torch.equal(after[n], p)]
+    assert not unchanged, unchanged  # the projector and the encoder adapters: `pixel_values` reached the tuner
+    modality = model.base_model.mma_lavin_modality["default"]
+    moved = (modality - before[next(n for n in before if "mma_lavin_modality" in n)]).abs().amax(dim=1)
+    assert (moved > 0).all()  # both rows, text (0) and image (1): `has_image` reached the tuner

@@ -3,7 +3,9 @@
 Paper: "Cheap and Quick: Efficient Vision-Language Instruction Tuning for Large Language Models",
 https://arxiv.org/abs/2305.15023.
 
-Per call (`PeftModel.forward` / `generate`), a forward pre-hook on the LLaMA model
+`get_peft_model` returns a `PeftModelForCausalLM` (the config's `task_type` is always "CAUSAL_LM"), whose `forward`
+and `generate` call this tuner's `forward` / `generate` with every keyword. These take `pixel_values` and `has_image`
+out and call the LLaMA model. Per call, a forward pre-hook on the LLaMA model
   1. encodes `pixel_values` once (frozen `VisionBackbone` with MM-adapters in its blocks, then the projector
      `P = Linear → SiLU → Linear`) and splices the visual tokens into the input (`lavin.sequence`);
   2. computes the router weights per sample from its modality (0 text, 1 image) with the side pass of
@@ -14,11 +16,11 @@ Per call (`PeftModel.forward` / `generate`), a forward pre-hook on the LLaMA mod
 Usage::
 
     model = get_peft_model(llama, LaVINConfig.from_preset("lavin-7b"))
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=images, image_mask=has_image)
-    model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, image_mask=has_image, max_new_tokens=64)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=images, has_image=has_image)
+    model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, has_image=has_image, max_new_tokens=64)
     llama_merged = model.merge_and_unload(modality="text")   # or "image"; default: `config.merge_modality`
 
-* `pixel_values` (B, 3, H, W) float, one row per sequence; `image_mask` (B,) bool marks the rows that really have
+* `pixel_values` (B, 3, H, W) float, one row per sequence; `has_image` (B,) bool marks the rows that really have
   an image (default: all). Rows of text-only samples are ignored (zeros are fine); those samples get no visual
   tokens and are routed as text. Without `pixel_values` every sample is text.
 * Visual tokens make image samples n tokens longer; mixed batches are re-padded as described in `lavin.sequence`
@@ -38,7 +40,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from peft.peft_model import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
@@ -52,12 +53,11 @@ from .layer import LaVINLayer, MMAdapter
 from .sequence import insert_visual_tokens, positions
 
 CONSUMERS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
-SPECIAL_FORWARD_ARGS = ("pixel_values", "image_mask")
 
 
 @dataclass
 class _Call:
-    """What one `PeftModel.forward`/`generate` call passed, and what is cached for its later decoding steps."""
+    """What one `forward`/`generate` call passed, and what is cached for its later decoding steps."""
 
     pixel_values: torch.Tensor | None = None
     has_image: torch.Tensor | None = None  # (B,) bool
@@ -78,7 +78,9 @@ class LaVINModel(MMATunerMixin, BaseTuner):
     prefix = "mma_lavin_"
     tuner_layer_cls = LaVINLayer
     target_module_mapping = {"llama": ["self_attn"]}
-    special_forward_args = SPECIAL_FORWARD_ARGS
+    _lavin_call: _Call | None = None  # the call in progress (`forward` / `generate`)
+    _lavin_disabled = False  # `disable_adapter_layers()`: images are ignored, the base model runs unchanged
+    _lavin_hook = None  # the forward pre-hook on the LLaMA model
 
     # ---------------------------------------------------------------- injection
     def inject_adapter(
@@ -102,7 +104,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         self._add_model_level(model, adapter_name, config, visual)
         self._link_siblings(model)
-        if getattr(self, "_lavin_hook", None) is None:
+        if self._lavin_hook is None:
             self._lavin_hook = model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)
         active = [a for a in self.active_adapters if a in self.peft_config]
         self.set_adapter(self.active_adapters, inference_mode=any(self.peft_config[a].inference_mode for a in active))
@@ -205,12 +207,26 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         self._lavin_disabled = True
 
     # ---------------------------------------------------------------- per call
+    def forward(
+        self, *args, pixel_values: torch.Tensor | None = None, has_image: torch.Tensor | None = None, **kwargs
+    ):
+        """The LLaMA model's forward, with `pixel_values` (B, 3, H, W) and `has_image` (B,) bool taken out here."""
+        with self._call(args, kwargs, pixel_values, has_image):
+            return self.model(*args, **kwargs)
+
+    def generate(
+        self, *args, pixel_values: torch.Tensor | None = None, has_image: torch.Tensor | None = None, **kwargs
+    ):
+        """The LLaMA model's `generate`; the visual tokens and router weights are computed once for all its steps."""
+        with self._call(args, kwargs, pixel_values, has_image):
+            return self.model.generate(*args, **kwargs)
+
     @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """Entered once per `PeftModel.forward` and once per `generate`: checks and stores `pixel_values` and
-        `image_mask` for the pre-hook; everything computed from them is cached for the whole call."""
-        call = self._new_call(kwargs.get("pixel_values"), kwargs.get("image_mask"), _batch_of(args, kwargs))
-        previous, self._lavin_call = getattr(self, "_lavin_call", None), call
+    def _call(self, args: tuple, kwargs: dict, pixel_values, has_image):
+        """Check and store the call's images for the pre-hook; everything computed from them is cached per call."""
+        batch = _batch_of(args, kwargs)
+        call = _Call() if self._lavin_disabled else self._new_call(pixel_values, has_image, batch)
+        previous, self._lavin_call = self._lavin_call, call
         try:
             yield
         finally:
@@ -222,29 +238,30 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             raise ValueError(f"LaVIN routes with one active adapter at a time; got active adapters {active}.")
         return active[0] if active else None
 
-    def _new_call(self, pixel_values, image_mask, batch: int | None) -> _Call:
+    def _new_call(self, pixel_values, has_image, batch: int | None) -> _Call:
         name = self._active_name()
         if name is None:
             return _Call()
         config = self.peft_config[name]
-        if image_mask is not None:
-            if not isinstance(image_mask, torch.Tensor) or image_mask.ndim != 1 or image_mask.dtype != torch.bool:
-                raise ValueError(f"`image_mask` must be a 1-D bool tensor (one flag per sample); got {image_mask!r}.")
-            if batch is not None and len(image_mask) != batch:
-                raise ValueError(f"`image_mask` has {len(image_mask)} flags for a batch of {batch} sequences.")
-            if bool(image_mask.any()) and pixel_values is None:
-                raise ValueError("`image_mask` marks samples with images but no `pixel_values` were passed.")
+        if has_image is not None:
+            if not isinstance(has_image, torch.Tensor) or has_image.ndim != 1 or has_image.dtype != torch.bool:
+                raise ValueError(f"`has_image` must be a 1-D bool tensor (one flag per sample); got {has_image!r}.")
+            if batch is not None and len(has_image) != batch:
+                raise ValueError(f"`has_image` has {len(has_image)} flags for a batch of {batch} sequences.")
+            if bool(has_image.any()) and pixel_values is None:
+                raise ValueError("`has_image` marks samples with images but no `pixel_values` were passed.")
         if pixel_values is None:
-            return _Call(has_image=image_mask)
+            return _Call(has_image=has_image)
         if not config.has_vision:
             raise ValueError(
                 f"`pixel_values` were passed but adapter {name!r} has no vision model (`vision_model`=None); build "
                 "the config with `vision_model=...` (e.g. LaVINConfig.from_preset('lavin-7b')) to use images."
             )
         self.mma_lavin_visual[name].check_pixel_values(pixel_values, batch)
-        if image_mask is not None and len(image_mask) != len(pixel_values):
-            raise ValueError(f"`image_mask` has {len(image_mask)} flags for {len(pixel_values)} images.")
-        has_image = image_mask if image_mask is not None else torch.ones(len(pixel_values), dtype=torch.bool)
+        if has_image is not None and len(has_image) != len(pixel_values):
+            raise ValueError(f"`has_image` has {len(has_image)} flags for {len(pixel_values)} images.")
+        if has_image is None:
+            has_image = torch.ones(len(pixel_values), dtype=torch.bool)
         return _Call(pixel_values=pixel_values, has_image=has_image.to(pixel_values.device))
 
     def encode_images(self, pixel_values: torch.Tensor, adapter_name: str | None = None) -> torch.Tensor:
@@ -256,14 +273,14 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         return proj_out(nn.functional.silu(proj_in(features.to(proj_in.weight.dtype))))  # (B, n, C)
 
     def _model_pre_hook(self, module, args, kwargs):
-        if "lavin_routing" in kwargs or getattr(self, "_lavin_disabled", False):
+        if "lavin_routing" in kwargs or self._lavin_disabled:
             return None
         name = self._active_name()
         if name is None:
             return None
         if args:  # LlamaForCausalLM(input_ids, attention_mask, ...) called positionally
             kwargs = {**dict(zip(("input_ids", "attention_mask"), args)), **kwargs}
-        call = getattr(self, "_lavin_call", None) or _Call()
+        call = self._lavin_call or _Call()
         if call.pixel_values is not None:
             kwargs = self._splice(name, call, kwargs)
         batch = _batch_of((), kwargs)
@@ -425,7 +442,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
-        if getattr(self, "_lavin_hook", None) is not None:
+        if self._lavin_hook is not None:
             self._lavin_hook.remove()
             self._lavin_hook = None
         return model
@@ -449,19 +466,5 @@ def _batch_of(args, kwargs) -> int | None:
             return value.shape[0]
     return None
 
-
-def _special_forward_args(self) -> set[str]:
-    """`PeftModel.special_peft_forward_args`, plus the kwargs its tuner consumes in `_enable_peft_forward_hooks`."""
-    extra = getattr(type(self.__dict__.get("_modules", {}).get("base_model")), "special_forward_args", ())
-    return self.__dict__.get("_special_peft_forward_args", set()) | set(extra)
-
-
-def _set_special_forward_args(self, value: set[str]) -> None:
-    self.__dict__["_special_peft_forward_args"] = set(value)
-
-
-if not isinstance(PeftModel.__dict__.get("special_peft_forward_args"), property):
-    # PEFT strips only these kwargs before the base model's forward/generate; `generate` rejects unknown kwargs.
-    PeftModel.special_peft_forward_args = property(_special_forward_args, _set_special_forward_args)
 
 register(MMA_LAVIN, LaVINConfig, LaVINModel)
