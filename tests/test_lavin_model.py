@@ -169,25 +169,62 @@ def test_greedy_generate_with_cache_equals_without_and_batches_mixed_left_padded
     assert torch.equal(cached[1, 2:], alone_text[0])
 
 
-def test_several_adapters_set_disable_delete():
+def test_several_adapters_with_images_set_disable_delete(tmp_path):
+    model = lavin()
+    torch.manual_seed(2)
+    model.add_adapter("other", LaVINConfig(init_weights=False, adapter_dropout=0.0, **VISION))
+    tuner = model.base_model
+    ids, pixels, has_image = ids_with_bos(), torch.randn(2, 3, 28, 28), torch.tensor([True, False])
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids, pixel_values=pixels, has_image=has_image).logits
+
+    first = logits()
+    model.set_adapter("other")
+    second = logits()
+    assert (first - second).abs().max() > 1e-3
+    assert tuner.encode_images(pixels).shape == (2, 2, 32)  # through the other adapter's encoder and projector
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".other" in n for n in trainable)  # its encoder adapters and projector included
+    assert any("mma_lavin_visual.other." in n for n in trainable)
+    with model.disable_adapter():
+        base = logits()[:, :7]  # images are ignored: the base model's logits
+    torch.testing.assert_close(base, tiny_llama()(input_ids=ids).logits, atol=0, rtol=0)
+
+    model.save_pretrained(tmp_path, selected_adapters=["other"])  # "other" alone, loaded as "default", is the same
+    alone = PeftModel.from_pretrained(tiny_llama(), tmp_path / "other").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            alone(input_ids=ids, pixel_values=pixels, has_image=has_image).logits, second, atol=0, rtol=0
+        )
+
+    model.set_adapter("default")
+    torch.testing.assert_close(logits(), first, atol=0, rtol=0)
+    model.delete_adapter("other")
+    assert "other" not in model.peft_config
+    for role in ("modality", "visual", "proj_in", "proj_out"):
+        assert "other" not in getattr(tuner, f"mma_lavin_{role}")
+    assert not any(".other" in key for key in model.state_dict())
+    assert sum(1 for m in model.modules() if type(m).__name__ == "VisionBackbone") == 1
+    torch.testing.assert_close(logits(), first, atol=0, rtol=0)
+
+
+def test_several_active_adapters_are_refused_and_change_nothing():
     model = lavin(vision_model=None)
     model.add_adapter("other", LaVINConfig(init_weights=False, vision_model=None))
     ids = ids_with_bos()
     with torch.no_grad():
-        first = model(input_ids=ids).logits
-        model.set_adapter("other")
-        second = model(input_ids=ids).logits
-        with model.disable_adapter():
-            base = model(input_ids=ids).logits
-        model.set_adapter("default")
-        torch.testing.assert_close(model(input_ids=ids).logits, first, atol=0, rtol=0)
-    assert (first - second).abs().max() > 1e-4
-    torch.testing.assert_close(base, tiny_llama()(input_ids=ids).logits, atol=0, rtol=0)
+        before = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match=r"LaVIN runs one adapter at a time .* got active adapters \['default', 'o"):
+        model.base_model.set_adapter(["default", "other"])
+    assert model.active_adapters == ["default"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any(".other" in n for n in trainable)
-    model.delete_adapter("other")
-    assert "other" not in model.peft_config and "other" not in model.base_model.mma_lavin_modality
-    assert not any(".other" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="Adapter 'nope' does not exist"):
+        model.base_model.set_adapter("nope")
 
 
 def test_training_reaches_every_part_and_checkpointing_gives_the_same_grads():

@@ -27,7 +27,8 @@ Usage::
   (left when the batch is left-padded or when generating, else right). `generate` returns the original prompt ids
   followed by the new tokens; the visual tokens are not part of the returned ids.
 * With adapters disabled (`disable_adapter()`), images are ignored and the base model runs unchanged.
-* One LaVIN adapter may be active at a time (the side pass routes with one modality embedding).
+* One LaVIN adapter may be active at a time (the side pass routes with one modality embedding); `set_adapter`
+  refuses several.
 
 Known deviations from the official code: images do not couple across the batch (§4 layout bug not reproduced);
 the routing weights are not rounded to fp16 (§9); adapters inside the frozen encoder run without dropout, because
@@ -180,6 +181,20 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     # ---------------------------------------------------------------- adapters: set / delete / enable
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter (`name` or `[name]`); its parts, and only its parts, become trainable.
+
+        LaVIN runs one adapter at a time: the side pass routes every layer from one modality embedding, and the
+        visual tokens come from one encoder. Several names raise a `ValueError` and change nothing.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            raise ValueError(
+                f"LaVIN runs one adapter at a time (one modality embedding routes every layer); got active adapters "
+                f"{names}. Activate one with `set_adapter(name)`."
+            )
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter {unknown[0]!r} does not exist; the adapters are {sorted(self.peft_config)}.")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         active = set(self.active_adapters)
         for role in ("modality", "visual", "proj_in", "proj_out"):
