@@ -307,3 +307,30 @@ def test_trainer_with_the_collator_trains_every_part_from_a_mixed_batch(tmp_path
     modality = model.base_model.mma_lavin_modality["default"]
     moved = (modality - before[next(n for n in before if "mma_lavin_modality" in n)]).abs().amax(dim=1)
     assert (moved > 0).all()  # both rows, text (0) and image (1): `has_image` reached the tuner
+
+
+def test_encoder_adapters_use_dropout_in_train_mode_while_the_encoder_stays_in_eval():
+    model = lavin(adapter_dropout=0.5)
+    tuner, pixels = model.base_model, torch.randn(2, 3, 28, 28)
+    encoder = tuner.mma_lavin_visual["default"].encoder
+
+    def features_twice():
+        with torch.no_grad():
+            return tuner.encode_images(pixels), tuner.encode_images(pixels)
+
+    def modes():
+        parts = [m.training for n, m in encoder.named_modules() if "mma_lavin_" in n]
+        own = [m.training for n, m in encoder.named_modules() if "mma_lavin_" not in n]
+        return set(parts), set(own)
+
+    first, second = features_twice()
+    assert torch.equal(first, second) and modes() == ({False}, {False})
+    model.train()
+    first, second = features_twice()
+    assert (first - second).abs().max() > 1e-3  # each call draws its own dropout mask
+    assert modes() == ({True}, {False})  # the encoder's own modules (timm dropout, drop-path) stay off
+    dropouts = [m for n, m in encoder.named_modules() if n.endswith("mma_lavin_dropout.default")]
+    assert len(dropouts) == 4 and all(isinstance(m, torch.nn.Dropout) and m.training for m in dropouts)
+    model.eval()
+    first, second = features_twice()
+    assert torch.equal(first, second) and modes() == ({False}, {False})

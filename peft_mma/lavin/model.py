@@ -31,8 +31,8 @@ Usage::
   refuses several.
 
 Known deviations from the official code: images do not couple across the batch (§4 layout bug not reproduced);
-the routing weights are not rounded to fp16 (§9); adapters inside the frozen encoder run without dropout, because
-`VisionBackbone` keeps the encoder in eval mode.
+the routing weights are not rounded to fp16 (§9). The adapters inside the frozen encoder follow the model's
+train/eval mode (dropout while training, as officially), while `VisionBackbone` keeps the encoder itself in eval.
 """
 
 from __future__ import annotations
@@ -160,6 +160,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 attn_name = "attn" if hasattr(block, "attn") else "self_attn"
                 attn = getattr(block, attn_name)
                 setattr(block, attn_name, MMAdapter(attn, adapter_name, config, visual.width, routing="token"))
+            visual.train(self.training)  # the new adapters follow the tuner's mode; the encoder stays in eval
         if embed.device.type != "meta":
             visual.to(embed.device)
         self.mma_lavin_visual[adapter_name] = visual
