@@ -82,10 +82,33 @@ def test_model_dependent_config_errors_leave_the_model_untouched(kwargs, match):
     assert [n for n, _ in model.named_modules()] == names
 
 
-def test_images_for_a_text_only_adapter():
-    model = get_peft_model(tiny_llama(), LaVINConfig())
-    with pytest.raises(ValueError, match="adapter 'default' has no vision model"):
+FIXED_IDS = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+
+def snapshot(model) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every tensor of the model, and its logits on a fixed text batch."""
+    with torch.no_grad():
+        logits = model(input_ids=FIXED_IDS).logits
+    return {k: v.clone() for k, v in model.state_dict().items()}, logits
+
+
+def assert_unchanged(model, before: tuple[dict[str, torch.Tensor], torch.Tensor]) -> None:
+    state, logits = snapshot(model)
+    assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
+    torch.testing.assert_close(logits, before[1], atol=0, rtol=0)
+    assert model.base_model._lavin_call is None  # no per-call state left behind
+
+
+def test_images_for_a_text_only_adapter_are_refused_and_change_nothing():
+    model = get_peft_model(tiny_llama(), LaVINConfig()).eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="adapter 'default' has no vision model .* build the config with `vision_m"):
         model(input_ids=ids(), pixel_values=torch.randn(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="adapter 'default' has no vision model"):
+        model.generate(input_ids=ids(), pixel_values=torch.randn(2, 3, 28, 28), max_new_tokens=2)
+    with pytest.raises(ValueError, match="`has_image` marks samples with images but no `pixel_values`"):
+        model(input_ids=ids(), has_image=torch.tensor([True, False]))
+    assert_unchanged(model, before)
 
 
 @pytest.fixture
@@ -122,10 +145,17 @@ def test_bad_has_image(vision_model, mask, pixels, match):
         vision_model(input_ids=ids(), pixel_values=pixels, has_image=mask)
 
 
-def test_visual_tokens_past_max_position_embeddings(vision_model):
-    with pytest.raises(ValueError, match="more than `max_position_embeddings`=128"):
-        vision_model(input_ids=ids(1, 127), pixel_values=torch.randn(1, 3, 28, 28))
-    vision_model(input_ids=ids(1, 126), pixel_values=torch.randn(1, 3, 28, 28))  # exactly fits
+def test_visual_tokens_past_max_position_embeddings_are_refused_and_change_nothing(vision_model):
+    before = snapshot(vision_model)
+    image = torch.randn(1, 3, 28, 28)
+    message = r"With 2 visual tokens the sequence has 129 positions, more than `max_position_embeddings`=128"
+    with pytest.raises(ValueError, match=message):
+        vision_model(input_ids=ids(1, 127), pixel_values=image)
+    with pytest.raises(ValueError, match=message):
+        vision_model.generate(input_ids=ids(1, 127), pixel_values=image, max_new_tokens=2)
+    assert_unchanged(vision_model, before)
+    with torch.no_grad():
+        assert vision_model(input_ids=ids(1, 126), pixel_values=image).logits.shape == (1, 128, 97)  # exactly fits
 
 
 def test_missing_placeholder():
