@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from peft_mma import LaVINConfig
 from peft_mma.data.collator import CausalLMCollator
+from peft_mma.lavin.call import Call
 
 VISION = dict(
     vision_model="vit_large_patch14_clip_224.openai",
@@ -140,7 +141,7 @@ def test_merge_image_modality_and_unmerge_restores_weights():
     original = q.weight.detach().clone()
     ids = ids_with_bos()
     with torch.no_grad():
-        routing = tuner._routing("default", tuner._new_call(None, None, 2), torch.ones(2, dtype=torch.bool), 2)
+        routing = tuner._routing("default", Call(), torch.ones(2, dtype=torch.bool), 2)
         image_routed = tuner.model(input_ids=ids, lavin_routing=routing).logits
         model.merge_adapter(modality="image")
         torch.testing.assert_close(model(input_ids=ids).logits, image_routed, atol=1e-5, rtol=0)
