@@ -39,7 +39,7 @@ class GroupedLinear(nn.Module):
 
 
 class LaVINLayer(MMATunerLayer):
-    """Owns the MM-adapter containers of one wrapped norm, keyed by adapter name.
+    """Owns the MM-adapter containers of one wrapped module (a reader of a normalised input), keyed by adapter name.
 
     out(x) = x + s·w0·(B z + b) + s·w1·(D z + d),  z = Dropout(A x + a),  w = softmax(router(t) / τ)
 
