@@ -47,6 +47,8 @@ def register(peft_type: PeftType, config_cls: type, model_cls: type) -> None:
 
 def register_all() -> None:
     """Register every peft_mma method (called once by `import peft_mma`)."""
+    from .lavin import LaVINConfig, LaVINModel
     from .llama_adapter_v2 import LlamaAdapterV2Config, LlamaAdapterV2Model
 
     register(MMA_ADAPTER_V2, LlamaAdapterV2Config, LlamaAdapterV2Model)
+    register(MMA_LAVIN, LaVINConfig, LaVINModel)

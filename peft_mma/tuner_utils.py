@@ -6,19 +6,62 @@
   left out of the adapter state dict (only adapter containers of tuner layers inside it are kept).
 * Adapter containers may be nested (`<prefix>visual.<adapter>.blocks.0.attn.qkv.weight`), so the adapter name is
   removed right after the container name, wherever it is in the key.
+* Every tuner layer starts from `MMATunerLayer`: the instance attributes PEFT expects of a `BaseTunerLayer` (spec
+  §2.1), and where new adapter parameters are created and then moved (`adapter_parameter_kwargs`).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
+import torch
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from .vision.backbone import VisionBackbone
 
 BACKBONE_ATTR = "mma_vision_backbone"  # tuner attribute holding frozen encoders; outside the method prefixes, so
 # PEFT does not report their (deliberately unsaved) weights as missing adapter keys on load
+
+
+def adapter_parameter_kwargs(base: nn.Module) -> dict[str, Any]:
+    """`device`/`dtype` keywords for a new adapter parameter of a layer wrapping `base`.
+
+    Adapter parameters are fp32. They are created on the meta device when the base is there (counting parameters
+    without memory), else on the default device, and `MMATunerLayer._finish_update` moves them next to the base.
+    """
+    reference = next(base.parameters(), None)
+    on_meta = reference is not None and reference.device.type == "meta"
+    return dict(device=torch.device("meta") if on_meta else None, dtype=torch.float32)
+
+
+class MMATunerLayer(BaseTunerLayer):
+    """Set-up shared by the tuner layers of both methods; concrete layers also subclass `nn.Module`."""
+
+    def _init_tuner_layer(self, base_layer: nn.Module, adapter_name: str) -> None:
+        """The state every `BaseTunerLayer` needs: base layer, active adapter, merge and disable flags."""
+        self.base_layer = base_layer
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+
+    def _finish_update(self, adapter_name: str, config: PeftConfig) -> None:
+        """Call at the end of `update_layer`: move the new parameters to the base's device, refresh `requires_grad`."""
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device | None, Any]:
+        """PEFT reads the base's `weight`; a wrapped module without one (an attention block) gives the device of its
+        first parameter and no dtype, so its adapters stay fp32."""
+        device, dtype = super()._get_base_layer_device_and_dtype(base_layer)
+        if device is None:
+            reference = next(base_layer.parameters(), None)
+            device = reference.device if reference is not None else None
+        return device, dtype
 
 
 def _under(key: str, prefixes: set[str]) -> bool:

@@ -18,6 +18,10 @@ TINY_LLAMAS: dict[str, dict] = {
     "odd_head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12),  # 4·12 != 32
 }
 
+# timm keyword arguments that shrink `vit_large_patch14_clip_224.openai` to a 4-block ViT of width 32 on 28-px
+# images (2 × 2 patches of 14 px); built with `pretrained=False`, so nothing is downloaded.
+TINY_VIT: dict = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
+
 
 def tiny_llama_config(kind: str = "mha", attn_implementation: str = "eager", **overrides) -> LlamaConfig:
     kwargs = dict(

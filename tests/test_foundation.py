@@ -7,13 +7,12 @@ import pickle
 
 import pytest
 import torch
+from conftest import TINY_VIT
 from peft.utils import PeftType
 
 import peft_mma
 from peft_mma.registry import ensure_peft_type
 from peft_mma.vision import VisionBackbone
-
-TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
 
 
 def test_peft_types_behave_like_native_members():

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import TINY_VIT, tiny_llama
 from peft import PeftModel, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM
 
 from peft_mma import LaVINConfig
 
-TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
 VISION = dict(
     vision_model="vit_large_patch14_clip_224.openai",
     vision_pretrained=False,
@@ -36,6 +35,8 @@ def ids(batch=2, length=6):
         (dict(image_token_id=5), "`image_token_id`=5 goes with `image_token_position`='placeholder'"),
         (dict(image_token_position="placeholder"), "Set both or neither"),
         (dict(merge_modality="audio"), "`merge_modality`='audio' is not one of"),
+        (dict(task_type="SEQ_CLS"), "`task_type`='SEQ_CLS'; LaVIN adapts causal LMs"),
+        (dict(task_type=None), "`task_type`=None; LaVIN adapts causal LMs"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -81,10 +82,33 @@ def test_model_dependent_config_errors_leave_the_model_untouched(kwargs, match):
     assert [n for n, _ in model.named_modules()] == names
 
 
-def test_images_for_a_text_only_adapter():
-    model = get_peft_model(tiny_llama(), LaVINConfig())
-    with pytest.raises(ValueError, match="adapter 'default' has no vision model"):
+FIXED_IDS = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+
+def snapshot(model) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every tensor of the model, and its logits on a fixed text batch."""
+    with torch.no_grad():
+        logits = model(input_ids=FIXED_IDS).logits
+    return {k: v.clone() for k, v in model.state_dict().items()}, logits
+
+
+def assert_unchanged(model, before: tuple[dict[str, torch.Tensor], torch.Tensor]) -> None:
+    state, logits = snapshot(model)
+    assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
+    torch.testing.assert_close(logits, before[1], atol=0, rtol=0)
+    assert model.base_model._lavin_call is None  # no per-call state left behind
+
+
+def test_images_for_a_text_only_adapter_are_refused_and_change_nothing():
+    model = get_peft_model(tiny_llama(), LaVINConfig()).eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="adapter 'default' has no vision model .* build the config with `vision_m"):
         model(input_ids=ids(), pixel_values=torch.randn(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="adapter 'default' has no vision model"):
+        model.generate(input_ids=ids(), pixel_values=torch.randn(2, 3, 28, 28), max_new_tokens=2)
+    with pytest.raises(ValueError, match="`has_image` marks samples with images but no `pixel_values`"):
+        model(input_ids=ids(), has_image=torch.tensor([True, False]))
+    assert_unchanged(model, before)
 
 
 @pytest.fixture
@@ -111,20 +135,27 @@ def test_bad_pixel_values(vision_model, pixels, match):
 @pytest.mark.parametrize(
     "mask, pixels, match",
     [
-        (torch.tensor([1, 0]), torch.randn(2, 3, 28, 28), "`image_mask` must be a 1-D bool tensor"),
-        (torch.tensor([True]), torch.randn(2, 3, 28, 28), "`image_mask` has 1 flags for a batch of 2"),
+        (torch.tensor([1, 0]), torch.randn(2, 3, 28, 28), "`has_image` must be a 1-D bool tensor"),
+        (torch.tensor([True]), torch.randn(2, 3, 28, 28), "`has_image` has 1 flags for a batch of 2"),
         (torch.tensor([True, False]), None, "no `pixel_values` were passed"),
     ],
 )
-def test_bad_image_mask(vision_model, mask, pixels, match):
+def test_bad_has_image(vision_model, mask, pixels, match):
     with pytest.raises(ValueError, match=match):
-        vision_model(input_ids=ids(), pixel_values=pixels, image_mask=mask)
+        vision_model(input_ids=ids(), pixel_values=pixels, has_image=mask)
 
 
-def test_visual_tokens_past_max_position_embeddings(vision_model):
-    with pytest.raises(ValueError, match="more than `max_position_embeddings`=128"):
-        vision_model(input_ids=ids(1, 127), pixel_values=torch.randn(1, 3, 28, 28))
-    vision_model(input_ids=ids(1, 126), pixel_values=torch.randn(1, 3, 28, 28))  # exactly fits
+def test_visual_tokens_past_max_position_embeddings_are_refused_and_change_nothing(vision_model):
+    before = snapshot(vision_model)
+    image = torch.randn(1, 3, 28, 28)
+    message = r"With 2 visual tokens the sequence has 129 positions, more than `max_position_embeddings`=128"
+    with pytest.raises(ValueError, match=message):
+        vision_model(input_ids=ids(1, 127), pixel_values=image)
+    with pytest.raises(ValueError, match=message):
+        vision_model.generate(input_ids=ids(1, 127), pixel_values=image, max_new_tokens=2)
+    assert_unchanged(vision_model, before)
+    with torch.no_grad():
+        assert vision_model(input_ids=ids(1, 126), pixel_values=image).logits.shape == (1, 128, 97)  # exactly fits
 
 
 def test_missing_placeholder():

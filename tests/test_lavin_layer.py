@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import TINY_VIT, tiny_llama
 from peft import get_peft_model
 from reference.lavin_ref import adapter_tensors, dense_up, official_logits, vision_tokens
 
 from peft_mma import LaVINConfig
 from peft_mma.lavin import GroupedLinear
-
-TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
+from peft_mma.lavin.call import Call
 
 
 def lavin(kind="mha", attn="eager", **kwargs):
@@ -53,7 +52,7 @@ def test_side_pass_equals_official_masked_modality_token(kind, attn):
         # a text-only call routes both rows as text; compare row 0, then route row 1 as an image through the
         # image path with the same text (the reference has no visual tokens, so pass the routing directly)
         got_text = model(input_ids=ids).logits
-        routing = model.base_model._routing("default", model.base_model._new_call(None, None, 2), modality.bool(), 2)
+        routing = model.base_model._routing("default", Call(), modality.bool(), 2)
         got_mixed = model.base_model.model(input_ids=ids, lavin_routing=routing).logits
     torch.testing.assert_close(got_text[0], expected[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(got_mixed, expected, atol=1e-5, rtol=0)

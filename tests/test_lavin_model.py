@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
-from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from conftest import TINY_VIT, tiny_llama
+from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM, get_peft_model
 from reference.lavin_ref import adapter_tensors, official_logits
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from stand_in_tokenizer import word_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from peft_mma import LaVINConfig
+from peft_mma.data.collator import CausalLMCollator
+from peft_mma.lavin.call import Call
 
-TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
 VISION = dict(
     vision_model="vit_large_patch14_clip_224.openai",
     vision_pretrained=False,
@@ -68,7 +70,7 @@ def test_mixed_batch_rows_equal_single_runs_and_labels_skip_visual_tokens():
     ids, pixels = ids_with_bos(), torch.randn(2, 3, 28, 28)
     labels = ids.clone()
     with torch.no_grad():
-        mixed = model(input_ids=ids, pixel_values=pixels, image_mask=torch.tensor([True, False]), labels=labels)
+        mixed = model(input_ids=ids, pixel_values=pixels, has_image=torch.tensor([True, False]), labels=labels)
         image_only = model(input_ids=ids[:1], pixel_values=pixels[:1]).logits
         text_only = model(input_ids=ids[1:]).logits
     torch.testing.assert_close(mixed.logits[:1], image_only, atol=1e-5, rtol=0)
@@ -139,7 +141,7 @@ def test_merge_image_modality_and_unmerge_restores_weights():
     original = q.weight.detach().clone()
     ids = ids_with_bos()
     with torch.no_grad():
-        routing = tuner._routing("default", tuner._new_call(None, None, 2), torch.ones(2, dtype=torch.bool), 2)
+        routing = tuner._routing("default", Call(), torch.ones(2, dtype=torch.bool), 2)
         image_routed = tuner.model(input_ids=ids, lavin_routing=routing).logits
         model.merge_adapter(modality="image")
         torch.testing.assert_close(model(input_ids=ids).logits, image_routed, atol=1e-5, rtol=0)
@@ -154,12 +156,12 @@ def test_greedy_generate_with_cache_equals_without_and_batches_mixed_left_padded
     ids[1, :2] = 0  # left padding in row 1
     ids[1, 2] = 1
     mask = (ids != 0).long()
-    image_mask = torch.tensor([True, False])
+    has_image = torch.tensor([True, False])
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        cached = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask, **kw)
+        cached = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, has_image=has_image, **kw)
         uncached = model.generate(
-            input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask, use_cache=False, **kw
+            input_ids=ids, attention_mask=mask, pixel_values=pixels, has_image=has_image, use_cache=False, **kw
         )
         alone_image = model.generate(input_ids=ids[:1], pixel_values=pixels[:1], **kw)
         alone_text = model.generate(input_ids=ids[1:, 2:], **kw)
@@ -168,25 +170,62 @@ def test_greedy_generate_with_cache_equals_without_and_batches_mixed_left_padded
     assert torch.equal(cached[1, 2:], alone_text[0])
 
 
-def test_several_adapters_set_disable_delete():
+def test_several_adapters_with_images_set_disable_delete(tmp_path):
+    model = lavin()
+    torch.manual_seed(2)
+    model.add_adapter("other", LaVINConfig(init_weights=False, adapter_dropout=0.0, **VISION))
+    tuner = model.base_model
+    ids, pixels, has_image = ids_with_bos(), torch.randn(2, 3, 28, 28), torch.tensor([True, False])
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids, pixel_values=pixels, has_image=has_image).logits
+
+    first = logits()
+    model.set_adapter("other")
+    second = logits()
+    assert (first - second).abs().max() > 1e-3
+    assert tuner.encode_images(pixels).shape == (2, 2, 32)  # through the other adapter's encoder and projector
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".other" in n for n in trainable)  # its encoder adapters and projector included
+    assert any("mma_lavin_visual.other." in n for n in trainable)
+    with model.disable_adapter():
+        base = logits()[:, :7]  # images are ignored: the base model's logits
+    torch.testing.assert_close(base, tiny_llama()(input_ids=ids).logits, atol=0, rtol=0)
+
+    model.save_pretrained(tmp_path, selected_adapters=["other"])  # "other" alone, loaded as "default", is the same
+    alone = PeftModel.from_pretrained(tiny_llama(), tmp_path / "other").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            alone(input_ids=ids, pixel_values=pixels, has_image=has_image).logits, second, atol=0, rtol=0
+        )
+
+    model.set_adapter("default")
+    torch.testing.assert_close(logits(), first, atol=0, rtol=0)
+    model.delete_adapter("other")
+    assert "other" not in model.peft_config
+    for role in ("modality", "visual", "proj_in", "proj_out"):
+        assert "other" not in getattr(tuner, f"mma_lavin_{role}")
+    assert not any(".other" in key for key in model.state_dict())
+    assert sum(1 for m in model.modules() if type(m).__name__ == "VisionBackbone") == 1
+    torch.testing.assert_close(logits(), first, atol=0, rtol=0)
+
+
+def test_several_active_adapters_are_refused_and_change_nothing():
     model = lavin(vision_model=None)
     model.add_adapter("other", LaVINConfig(init_weights=False, vision_model=None))
     ids = ids_with_bos()
     with torch.no_grad():
-        first = model(input_ids=ids).logits
-        model.set_adapter("other")
-        second = model(input_ids=ids).logits
-        with model.disable_adapter():
-            base = model(input_ids=ids).logits
-        model.set_adapter("default")
-        torch.testing.assert_close(model(input_ids=ids).logits, first, atol=0, rtol=0)
-    assert (first - second).abs().max() > 1e-4
-    torch.testing.assert_close(base, tiny_llama()(input_ids=ids).logits, atol=0, rtol=0)
+        before = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match=r"LaVIN runs one adapter at a time .* got active adapters \['default', 'o"):
+        model.base_model.set_adapter(["default", "other"])
+    assert model.active_adapters == ["default"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any(".other" in n for n in trainable)
-    model.delete_adapter("other")
-    assert "other" not in model.peft_config and "other" not in model.base_model.mma_lavin_modality
-    assert not any(".other" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="Adapter 'nope' does not exist"):
+        model.base_model.set_adapter("nope")
 
 
 def test_training_reaches_every_part_and_checkpointing_gives_the_same_grads():
@@ -199,7 +238,7 @@ def test_training_reaches_every_part_and_checkpointing_gives_the_same_grads():
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         ids, pixels = ids_with_bos(), torch.randn(2, 3, 28, 28)
-        out = model(input_ids=ids, labels=ids, pixel_values=pixels, image_mask=torch.tensor([True, False]))
+        out = model(input_ids=ids, labels=ids, pixel_values=pixels, has_image=torch.tensor([True, False]))
         out.loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert all(g is not None and g.abs().sum() > 0 for g in grads[0].values()), [
@@ -233,3 +272,66 @@ def test_beam_search_with_images_expands_each_sample():
     with torch.no_grad():
         out = model.generate(input_ids=ids, pixel_values=pixels, num_beams=2, max_new_tokens=3, pad_token_id=0)
     assert out.shape == (2, 7 + 3)
+
+
+def test_peft_is_not_patched_and_the_causal_lm_wrapper_passes_images_to_the_tuner():
+    assert "special_peft_forward_args" not in vars(PeftModel)  # PEFT's own instance attribute, as PEFT sets it
+    model = lavin()
+    assert type(model) is PeftModelForCausalLM and model.peft_config["default"].task_type == "CAUSAL_LM"
+    assert not {"pixel_values", "has_image"} & model.special_peft_forward_args
+    ids, pixels = ids_with_bos(), torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        through_peft = model(input_ids=ids, pixel_values=pixels, has_image=torch.tensor([True, False])).logits
+        through_tuner = model.base_model(input_ids=ids, pixel_values=pixels, has_image=torch.tensor([True, False]))
+    assert through_peft.shape == (2, 7 + 2, 97)  # row 0 got 2 visual tokens, row 1 is right-padded
+    torch.testing.assert_close(through_peft, through_tuner.logits, atol=0, rtol=0)
+
+
+def test_trainer_with_the_collator_trains_every_part_from_a_mixed_batch(tmp_path):
+    model = lavin()
+    texts = ["What is shown ?", "It is a cat .", "Say hello .", "hello"]
+    samples = [
+        {"prompt": texts[0], "response": texts[1], "image": torch.randn(3, 28, 28)},
+        {"prompt": texts[2], "response": texts[3]},
+    ] * 2
+    collator = CausalLMCollator(word_tokenizer(texts=texts, add_bos=True), image_size=28)
+    assert collator(samples)["has_image"].tolist() == [True, False, True, False]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2,
+        report_to=[], save_strategy="no", remove_unused_columns=False, use_cpu=True,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    Trainer(model=model, args=args, train_dataset=samples, data_collator=collator).train()
+    after = dict(model.named_parameters())
+    unchanged = [n for n, p in before.items() if torch.equal(after[n], p)]
+    assert not unchanged, unchanged  # the projector and the encoder adapters: `pixel_values` reached the tuner
+    modality = model.base_model.mma_lavin_modality["default"]
+    moved = (modality - before[next(n for n in before if "mma_lavin_modality" in n)]).abs().amax(dim=1)
+    assert (moved > 0).all()  # both rows, text (0) and image (1): `has_image` reached the tuner
+
+
+def test_encoder_adapters_use_dropout_in_train_mode_while_the_encoder_stays_in_eval():
+    model = lavin(adapter_dropout=0.5)
+    tuner, pixels = model.base_model, torch.randn(2, 3, 28, 28)
+    encoder = tuner.mma_lavin_visual["default"].encoder
+
+    def features_twice():
+        with torch.no_grad():
+            return tuner.encode_images(pixels), tuner.encode_images(pixels)
+
+    def modes():
+        parts = [m.training for n, m in encoder.named_modules() if "mma_lavin_" in n]
+        own = [m.training for n, m in encoder.named_modules() if "mma_lavin_" not in n]
+        return set(parts), set(own)
+
+    first, second = features_twice()
+    assert torch.equal(first, second) and modes() == ({False}, {False})
+    model.train()
+    first, second = features_twice()
+    assert (first - second).abs().max() > 1e-3  # each call draws its own dropout mask
+    assert modes() == ({True}, {False})  # the encoder's own modules (timm dropout, drop-path) stay off
+    dropouts = [m for n, m in encoder.named_modules() if n.endswith("mma_lavin_dropout.default")]
+    assert len(dropouts) == 4 and all(isinstance(m, torch.nn.Dropout) and m.training for m in dropouts)
+    model.eval()
+    first, second = features_twice()
+    assert torch.equal(first, second) and modes() == ({False}, {False})

@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY_VIT
 from peft import get_peft_model
 
 from peft_mma import LaVINConfig
-
-TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
 
 
 @pytest.mark.smollm2
@@ -30,7 +29,7 @@ def test_smollm2_identity_images_generate_and_merge(smollm2):
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**ids).logits, base, atol=1e-4, rtol=0)  # identity at init
         out = peft_model.generate(
-            **ids, pixel_values=pixels, image_mask=torch.tensor([True, False]), max_new_tokens=3, do_sample=False
+            **ids, pixel_values=pixels, has_image=torch.tensor([True, False]), max_new_tokens=3, do_sample=False
         )
         assert out.shape == (2, ids["input_ids"].shape[1] + 3)
         for module in peft_model.modules():  # make the adapter non-trivial, then fold it

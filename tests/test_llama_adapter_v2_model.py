@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import TINY_VIT, tiny_llama
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -14,11 +14,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from peft_mma import LlamaAdapterV2Config
 from peft_mma.llama_adapter_v2.layer import OutputProjection
 
-TINY_VIT = dict(img_size=28, patch_size=14, depth=2, embed_dim=32, num_heads=4)
 VISION = dict(
     vision_model="vit_large_patch14_clip_224.openai",
     vision_pretrained=False,
-    vision_model_kwargs=TINY_VIT,
+    vision_model_kwargs=dict(TINY_VIT, depth=2),
     visual_width=16,
     visual_depth=1,
     visual_heads=2,

@@ -80,6 +80,9 @@ class LaVINConfig(PeftConfig):
         init_weights (`bool`):
             `True`: the official init, identity at start (up-projections zero). `False`: random non-zero
             up-projections, for tests.
+        task_type (`str`):
+            Always `"CAUSAL_LM"`: `get_peft_model` then returns a `PeftModelForCausalLM`, whose `forward` and
+            `generate` hand `pixel_values` / `has_image` to [`LaVINModel`].
     """
 
     target_modules: list[str] | str | None = field(
@@ -111,10 +114,16 @@ class LaVINConfig(PeftConfig):
     image_token_id: int | None = field(default=None, metadata={"help": "Placeholder token id for the image."})
     merge_modality: str = field(default="text", metadata={"help": "Modality folded by `merge_and_unload`."})
     init_weights: bool = field(default=True, metadata={"help": "Identity init (True) or random (False)."})
+    task_type: str | None = field(default="CAUSAL_LM", metadata={"help": "Always CAUSAL_LM."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = MMA_LAVIN
+        if self.task_type != "CAUSAL_LM":
+            raise ValueError(
+                f"`task_type`={self.task_type!r}; LaVIN adapts causal LMs: use 'CAUSAL_LM' (the default), which makes "
+                "`get_peft_model` return a `PeftModelForCausalLM` that passes `pixel_values` and `has_image` through."
+            )
         if self.adapter_placement not in PLACEMENTS:
             raise ValueError(f"`adapter_placement`={self.adapter_placement!r} is not one of {PLACEMENTS}.")
         if self.target_modules is None:

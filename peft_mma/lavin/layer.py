@@ -7,10 +7,11 @@ https://arxiv.org/abs/2305.15023.
 from __future__ import annotations
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..router import SELF_ROUTED, route
+from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
 
 
 class GroupedLinear(nn.Module):
@@ -37,8 +38,8 @@ class GroupedLinear(nn.Module):
         return torch.block_diag(*self.weight)
 
 
-class LaVINLayer(BaseTunerLayer):
-    """Owns the MM-adapter containers of one wrapped norm, keyed by adapter name.
+class LaVINLayer(MMATunerLayer):
+    """Owns the MM-adapter containers of one wrapped module (a reader of a normalised input), keyed by adapter name.
 
     out(x) = x + s·w0·(B z + b) + s·w1·(D z + d),  z = Dropout(A x + a),  w = softmax(router(t) / τ)
 
@@ -56,8 +57,8 @@ class LaVINLayer(BaseTunerLayer):
     adapter_layer_names = ("mma_lavin_down", "mma_lavin_up0", "mma_lavin_up1", "mma_lavin_router")
     other_param_names = ("mma_lavin_dropout", "scale", "temperature")
 
-    def __init__(self, base_layer: nn.Module, width: int, routing: str) -> None:
-        self.base_layer = base_layer
+    def __init__(self, base_layer: nn.Module, adapter_name: str, width: int, routing: str) -> None:
+        self._init_tuner_layer(base_layer, adapter_name)
         self.width = width
         self.routing = routing
         self.mma_lavin_down = nn.ModuleDict()
@@ -67,8 +68,6 @@ class LaVINLayer(BaseTunerLayer):
         self.mma_lavin_dropout = nn.ModuleDict()
         self.scale: dict[str, float] = {}
         self.temperature: dict[str, float] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
         # Per-call state, never saved: weights given by the tuner (or SELF_ROUTED), and a dict to record into.
         self.lavin_routing: dict[str, torch.Tensor] | str | None = None
         self.lavin_record: dict[str, torch.Tensor] | None = None
@@ -81,10 +80,7 @@ class LaVINLayer(BaseTunerLayer):
         c, h, g = self.width, config.adapter_dim, config.adapter_groups
         if c % g:
             raise ValueError(f"`adapter_groups`={g} must divide the adapted width {c}; pick a divisor of {c}.")
-        reference = next(self.get_base_layer().parameters(), None)
-        kw = dict(device=reference.device, dtype=torch.float32) if reference is not None else {}
-        if kw and kw["device"].type == "meta":
-            kw["device"] = torch.device("meta")
+        kw = adapter_parameter_kwargs(self.get_base_layer())
         self.mma_lavin_down[adapter_name] = nn.Linear(c, h, **kw)
         self.mma_lavin_up0[adapter_name] = GroupedLinear(h, c, g, **kw)
         self.mma_lavin_up1[adapter_name] = GroupedLinear(h, c, g, **kw)
@@ -94,7 +90,7 @@ class LaVINLayer(BaseTunerLayer):
         self.scale[adapter_name] = config.adapter_scale
         self.temperature[adapter_name] = config.temperature
         self.reset_lavin_parameters(adapter_name, config.init_weights)
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._finish_update(adapter_name, config)
 
     @torch.no_grad()
     def reset_lavin_parameters(self, adapter_name: str, init_weights: bool) -> None:
@@ -159,8 +155,7 @@ class MMAdapter(nn.Module, LaVINLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, width: int, routing: str) -> None:
         super().__init__()
-        LaVINLayer.__init__(self, base_layer, width, routing)
-        self._active_adapter = adapter_name
+        LaVINLayer.__init__(self, base_layer, adapter_name, width, routing)
         self.lavin_key = ""
         self.siblings: list[MMAdapter] = []  # adapters of the same decoder layer that this one hands routing to
         self.update_layer(adapter_name, config)

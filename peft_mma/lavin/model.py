@@ -3,9 +3,12 @@
 Paper: "Cheap and Quick: Efficient Vision-Language Instruction Tuning for Large Language Models",
 https://arxiv.org/abs/2305.15023.
 
-Per call (`PeftModel.forward` / `generate`), a forward pre-hook on the LLaMA model
-  1. encodes `pixel_values` once (frozen `VisionBackbone` with MM-adapters in its blocks, then the projector
-     `P = Linear → SiLU → Linear`) and splices the visual tokens into the input (`lavin.sequence`);
+The tuner puts an `MMAdapter` on the normalised input of every decoder layer's `self_attn` (and `mlp` for placement
+"block") and keeps the model-level parts of each adapter: the modality embedding E_m, and the visual path
+(`lavin.visual`). `get_peft_model` returns a `PeftModelForCausalLM` (the config's `task_type` is always
+"CAUSAL_LM"), whose `forward` and `generate` call this tuner's with every keyword. These take `pixel_values` and
+`has_image` out (`lavin.call`) and call the LLaMA model, whose forward pre-hook, for every forward of the call,
+  1. encodes the images once and splices the visual tokens into the input (`lavin.call`, `lavin.sequence`);
   2. computes the router weights per sample from its modality (0 text, 1 image) with the side pass of
      `peft_mma.router`, once per call when gradients are off, on every forward when they are on;
   3. passes them down as the `lavin_routing` kwarg, which reaches every `self_attn` (and is replayed by gradient
@@ -14,57 +17,35 @@ Per call (`PeftModel.forward` / `generate`), a forward pre-hook on the LLaMA mod
 Usage::
 
     model = get_peft_model(llama, LaVINConfig.from_preset("lavin-7b"))
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=images, image_mask=has_image)
-    model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, image_mask=has_image, max_new_tokens=64)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=images, has_image=has_image)
+    model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, has_image=has_image, max_new_tokens=64)
     llama_merged = model.merge_and_unload(modality="text")   # or "image"; default: `config.merge_modality`
 
-* `pixel_values` (B, 3, H, W) float, one row per sequence; `image_mask` (B,) bool marks the rows that really have
-  an image (default: all). Rows of text-only samples are ignored (zeros are fine); those samples get no visual
-  tokens and are routed as text. Without `pixel_values` every sample is text.
-* Visual tokens make image samples n tokens longer; mixed batches are re-padded as described in `lavin.sequence`
-  (left when the batch is left-padded or when generating, else right). `generate` returns the original prompt ids
-  followed by the new tokens; the visual tokens are not part of the returned ids.
-* With adapters disabled (`disable_adapter()`), images are ignored and the base model runs unchanged.
-* One LaVIN adapter may be active at a time (the side pass routes with one modality embedding).
+The inputs (`pixel_values`, `has_image`, mixed batches, padding) are described in `lavin.call`. One LaVIN adapter
+may be active at a time (the side pass routes with one modality embedding); `set_adapter` refuses several.
 
 Known deviations from the official code: images do not couple across the batch (§4 layout bug not reproduced);
-the routing weights are not rounded to fp16 (§9); adapters inside the frozen encoder run without dropout, because
-`VisionBackbone` keeps the encoder in eval mode.
+the routing weights are not rounded to fp16 (§9).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
 
 import torch
-from peft.peft_model import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..registry import MMA_LAVIN, register
 from ..router import modality_side_pass
 from ..tuner_utils import MMATunerMixin
 from ..utils import check_supported_model
 from ..vision.backbone import VisionBackbone
+from .call import Call, batch_of, expand, new_call, splice
 from .config import LaVINConfig
 from .layer import LaVINLayer, MMAdapter
-from .sequence import insert_visual_tokens, positions
+from .visual import add_encoder_adapters, build_encoder, build_projector, visual_tokens
 
 CONSUMERS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
-SPECIAL_FORWARD_ARGS = ("pixel_values", "image_mask")
-
-
-@dataclass
-class _Call:
-    """What one `PeftModel.forward`/`generate` call passed, and what is cached for its later decoding steps."""
-
-    pixel_values: torch.Tensor | None = None
-    has_image: torch.Tensor | None = None  # (B,) bool
-    visual: torch.Tensor | None = None  # (B, n, C) projected visual tokens
-    routing: dict[str, torch.Tensor] | None = None  # lavin_key → (2 modalities, 2) weights
-    prefix_mask: torch.Tensor | None = None  # (B, T) attention mask of the spliced prompt
-    prefix_len: int = 0  # prompt length S before splicing
 
 
 class LaVINModel(MMATunerMixin, BaseTuner):
@@ -72,13 +53,15 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     Model-level containers (keyed by adapter name, saved): `mma_lavin_modality` (2, C) modality embedding E_m,
     N(0, 1); `mma_lavin_visual` the frozen `VisionBackbone` (only its adapters are saved); `mma_lavin_proj_in`,
-    `mma_lavin_proj_out` the projector Linear(C_v → 128) → SiLU → Linear(128 → C), xavier weights, zero biases (§4).
+    `mma_lavin_proj_out` the projector W₁, W₂ of `lavin.visual` (§4).
     """
 
     prefix = "mma_lavin_"
     tuner_layer_cls = LaVINLayer
     target_module_mapping = {"llama": ["self_attn"]}
-    special_forward_args = SPECIAL_FORWARD_ARGS
+    _lavin_call: Call | None = None  # the call in progress (`forward` / `generate`)
+    _lavin_disabled = False  # `disable_adapter_layers()`: images are ignored, the base model runs unchanged
+    _lavin_hook = None  # the forward pre-hook on the LLaMA model
 
     # ---------------------------------------------------------------- injection
     def inject_adapter(
@@ -98,26 +81,15 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             raise ValueError(
                 f"`adapter_groups`={groups} must divide the model width {width}; pick a divisor of {width}."
             )
-        visual = self._build_visual(model, config) if config.has_vision else None
+        on_meta = model.get_input_embeddings().weight.device.type == "meta"
+        visual = build_encoder(config, on_meta) if config.has_vision else None
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         self._add_model_level(model, adapter_name, config, visual)
         self._link_siblings(model)
-        if getattr(self, "_lavin_hook", None) is None:
+        if self._lavin_hook is None:
             self._lavin_hook = model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)
         active = [a for a in self.active_adapters if a in self.peft_config]
         self.set_adapter(self.active_adapters, inference_mode=any(self.peft_config[a].inference_mode for a in active))
-
-    def _build_visual(self, model: nn.Module, config: LaVINConfig) -> VisionBackbone:
-        meta = model.get_input_embeddings().weight.device.type == "meta"
-        with torch.device("meta") if meta else nullcontext():
-            visual = VisionBackbone(config.vision_model, config.vision_pretrained, config.vision_model_kwargs)
-        every = config.vision_feature_every
-        if visual.depth % every:
-            raise ValueError(
-                f"`vision_feature_every`={every} must divide the depth {visual.depth} of `vision_model`="
-                f"{config.vision_model!r} (ViT-L/14: 24 blocks, every 4 → 6 visual tokens)."
-            )
-        return visual
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, LaVINLayer):
@@ -137,7 +109,10 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
 
-    def _add_model_level(self, model, adapter_name: str, config: LaVINConfig, visual) -> None:
+    def _add_model_level(
+        self, model: nn.Module, adapter_name: str, config: LaVINConfig, visual: VisionBackbone | None
+    ) -> None:
+        """E_m ~ N(0, 1) (2, C); with a vision model, the encoder's adapters and the projector (`lavin.visual`)."""
         for role, kind in (
             ("modality", nn.ParameterDict),
             ("visual", nn.ModuleDict),
@@ -148,23 +123,18 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 setattr(self, self.prefix + role, kind())
         embed = model.get_input_embeddings().weight
         width = embed.shape[1]
-        kw = dict(device=embed.device, dtype=torch.float32)
-        self.mma_lavin_modality[adapter_name] = nn.Parameter(torch.randn(2, width, **kw))  # E_m ~ N(0, 1)
+        self.mma_lavin_modality[adapter_name] = nn.Parameter(
+            torch.randn(2, width, device=embed.device, dtype=torch.float32)
+        )
         if visual is None:
             return
         if config.vision_adapters:
-            for block in visual.blocks:
-                attn_name = "attn" if hasattr(block, "attn") else "self_attn"
-                attn = getattr(block, attn_name)
-                setattr(block, attn_name, MMAdapter(attn, adapter_name, config, visual.width, routing="token"))
+            add_encoder_adapters(visual, adapter_name, config, training=self.training)
         if embed.device.type != "meta":
             visual.to(embed.device)
         self.mma_lavin_visual[adapter_name] = visual
-        self.mma_lavin_proj_in[adapter_name] = nn.Linear(visual.width, config.projector_hidden, **kw)
-        self.mma_lavin_proj_out[adapter_name] = nn.Linear(config.projector_hidden, width, **kw)
-        if embed.device.type != "meta":
-            for linear in (self.mma_lavin_proj_in[adapter_name], self.mma_lavin_proj_out[adapter_name]):
-                nn.init.xavier_uniform_(linear.weight), nn.init.zeros_(linear.bias)
+        proj_in, proj_out = build_projector(visual.width, config.projector_hidden, width, embed.device)
+        self.mma_lavin_proj_in[adapter_name], self.mma_lavin_proj_out[adapter_name] = proj_in, proj_out
 
     def _link_siblings(self, model: nn.Module) -> None:
         """Each decoder layer's `self_attn` adapter hands the per-call routing to the adapters of its layer."""
@@ -178,6 +148,20 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     # ---------------------------------------------------------------- adapters: set / delete / enable
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter (`name` or `[name]`); its parts, and only its parts, become trainable.
+
+        LaVIN runs one adapter at a time: the side pass routes every layer from one modality embedding, and the
+        visual tokens come from one encoder. Several names raise a `ValueError` and change nothing.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            raise ValueError(
+                f"LaVIN runs one adapter at a time (one modality embedding routes every layer); got active adapters "
+                f"{names}. Activate one with `set_adapter(name)`."
+            )
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter {unknown[0]!r} does not exist; the adapters are {sorted(self.peft_config)}.")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         active = set(self.active_adapters)
         for role in ("modality", "visual", "proj_in", "proj_out"):
@@ -205,12 +189,29 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         self._lavin_disabled = True
 
     # ---------------------------------------------------------------- per call
+    def forward(
+        self, *args, pixel_values: torch.Tensor | None = None, has_image: torch.Tensor | None = None, **kwargs
+    ):
+        """The LLaMA model's forward, with `pixel_values` (B, 3, H, W) and `has_image` (B,) bool taken out here."""
+        with self._call(args, kwargs, pixel_values, has_image):
+            return self.model(*args, **kwargs)
+
+    def generate(
+        self, *args, pixel_values: torch.Tensor | None = None, has_image: torch.Tensor | None = None, **kwargs
+    ):
+        """The LLaMA model's `generate`; the visual tokens and router weights are computed once for all its steps."""
+        with self._call(args, kwargs, pixel_values, has_image):
+            return self.model.generate(*args, **kwargs)
+
     @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """Entered once per `PeftModel.forward` and once per `generate`: checks and stores `pixel_values` and
-        `image_mask` for the pre-hook; everything computed from them is cached for the whole call."""
-        call = self._new_call(kwargs.get("pixel_values"), kwargs.get("image_mask"), _batch_of(args, kwargs))
-        previous, self._lavin_call = getattr(self, "_lavin_call", None), call
+    def _call(self, args: tuple, kwargs: dict, pixel_values, has_image):
+        """Check and keep the call's images for the pre-hook; everything computed from them is cached per call."""
+        name = None if self._lavin_disabled else self._active_name()
+        call = Call()
+        if name is not None:
+            visual = self.mma_lavin_visual[name] if name in self.mma_lavin_visual else None
+            call = new_call(name, self.peft_config[name], visual, pixel_values, has_image, batch_of(args, kwargs))
+        previous, self._lavin_call = self._lavin_call, call
         try:
             yield
         finally:
@@ -222,56 +223,30 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             raise ValueError(f"LaVIN routes with one active adapter at a time; got active adapters {active}.")
         return active[0] if active else None
 
-    def _new_call(self, pixel_values, image_mask, batch: int | None) -> _Call:
-        name = self._active_name()
-        if name is None:
-            return _Call()
-        config = self.peft_config[name]
-        if image_mask is not None:
-            if not isinstance(image_mask, torch.Tensor) or image_mask.ndim != 1 or image_mask.dtype != torch.bool:
-                raise ValueError(f"`image_mask` must be a 1-D bool tensor (one flag per sample); got {image_mask!r}.")
-            if batch is not None and len(image_mask) != batch:
-                raise ValueError(f"`image_mask` has {len(image_mask)} flags for a batch of {batch} sequences.")
-            if bool(image_mask.any()) and pixel_values is None:
-                raise ValueError("`image_mask` marks samples with images but no `pixel_values` were passed.")
-        if pixel_values is None:
-            return _Call(has_image=image_mask)
-        if not config.has_vision:
-            raise ValueError(
-                f"`pixel_values` were passed but adapter {name!r} has no vision model (`vision_model`=None); build "
-                "the config with `vision_model=...` (e.g. LaVINConfig.from_preset('lavin-7b')) to use images."
-            )
-        self.mma_lavin_visual[name].check_pixel_values(pixel_values, batch)
-        if image_mask is not None and len(image_mask) != len(pixel_values):
-            raise ValueError(f"`image_mask` has {len(image_mask)} flags for {len(pixel_values)} images.")
-        has_image = image_mask if image_mask is not None else torch.ones(len(pixel_values), dtype=torch.bool)
-        return _Call(pixel_values=pixel_values, has_image=has_image.to(pixel_values.device))
-
     def encode_images(self, pixel_values: torch.Tensor, adapter_name: str | None = None) -> torch.Tensor:
-        """(B, 3, H, W) → visual tokens (B, n, C): P(CLS after every k-th adapted encoder block), §4."""
+        """(B, 3, H, W) → visual tokens (B, n, C) of the active adapter (or `adapter_name`), `lavin.visual`."""
         name = adapter_name or self._active_name()
-        config, visual = self.peft_config[name], self.mma_lavin_visual[name]
-        features = visual.prefix_intermediates(pixel_values, config.vision_feature_every)  # (B, n, C_v)
-        proj_in, proj_out = self.mma_lavin_proj_in[name], self.mma_lavin_proj_out[name]
-        return proj_out(nn.functional.silu(proj_in(features.to(proj_in.weight.dtype))))  # (B, n, C)
+        visual, every = self.mma_lavin_visual[name], self.peft_config[name].vision_feature_every
+        return visual_tokens(visual, self.mma_lavin_proj_in[name], self.mma_lavin_proj_out[name], pixel_values, every)
 
     def _model_pre_hook(self, module, args, kwargs):
-        if "lavin_routing" in kwargs or getattr(self, "_lavin_disabled", False):
+        if "lavin_routing" in kwargs or self._lavin_disabled:
             return None
         name = self._active_name()
         if name is None:
             return None
         if args:  # LlamaForCausalLM(input_ids, attention_mask, ...) called positionally
             kwargs = {**dict(zip(("input_ids", "attention_mask"), args)), **kwargs}
-        call = getattr(self, "_lavin_call", None) or _Call()
+        call = self._lavin_call or Call()
         if call.pixel_values is not None:
-            kwargs = self._splice(name, call, kwargs)
-        batch = _batch_of((), kwargs)
+            embed, config = self.model.get_input_embeddings(), self.peft_config[name]
+            kwargs = splice(call, kwargs, config, self.model.config, embed, lambda x: self.encode_images(x, name))
+        batch = batch_of((), kwargs)
         has_image = call.has_image if call.has_image is not None else torch.zeros(batch, dtype=torch.bool)
         kwargs["lavin_routing"] = self._routing(name, call, has_image, batch)
         return (), kwargs
 
-    def _routing(self, name: str, call: _Call, has_image: torch.Tensor, batch: int) -> dict:
+    def _routing(self, name: str, call: Call, has_image: torch.Tensor, batch: int) -> dict:
         """{lavin_key: {name: (B, 2)}}: the side-pass weights of each sample's modality (cached per call)."""
         table = call.routing
         if table is None or torch.is_grad_enabled():
@@ -281,70 +256,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             table = {a.lavin_key: records[a][name] for a in adapters if name in records[a]}
             if not torch.is_grad_enabled():
                 call.routing = table
-        modality = has_image.long()
-        if batch != len(modality):  # generate expands each sample (beams, num_return_sequences)
-            modality = modality.repeat_interleave(batch // len(modality))
+        modality = expand(has_image.long(), batch)  # generate expands each sample (beams, num_return_sequences)
         return {key: {name: weights[modality.to(weights.device)]} for key, weights in table.items()}
-
-    def _splice(self, name: str, call: _Call, kwargs: dict) -> dict:
-        """Prefill: insert the visual tokens (`lavin.sequence`). Decoding: extend the mask and positions to match."""
-        past = kwargs.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None else 0
-        mask = kwargs.get("attention_mask")
-        if past_len > 0:
-            if call.prefix_mask is None:
-                raise ValueError("`pixel_values` cannot be combined with a pre-filled `past_key_values`.")
-            step = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-            batch, prefix = step.shape[0], call.prefix_mask
-            if batch != prefix.shape[0]:  # generate expands each sample (beams, num_return_sequences)
-                prefix = prefix.repeat_interleave(batch // prefix.shape[0], dim=0)
-            if mask is None:
-                new = prefix.new_ones(batch, past_len - prefix.shape[1] + step.shape[1])
-            else:
-                new = mask[:, call.prefix_len :].to(prefix.dtype)
-            full = torch.cat([prefix, new], dim=1)
-            return {**kwargs, "attention_mask": full, "position_ids": positions(full)[:, -step.shape[1] :]}
-        config = self.peft_config[name]
-        input_ids, embeds = kwargs.pop("input_ids", None), kwargs.get("inputs_embeds")
-        if embeds is None:
-            embeds = self.model.get_input_embeddings()(input_ids)
-        batch, length = embeds.shape[:2]
-        images = len(call.has_image)
-        if batch % images or (batch != images and past is None):  # only cached `generate` expands the batch
-            raise ValueError(f"{images} images (`pixel_values`) for a batch of {batch} sequences.")
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        if call.visual is None or torch.is_grad_enabled():
-            call.visual = self.encode_images(call.pixel_values, name)
-        # generate expands each sample batch // images times (beams, num_return_sequences)
-        visual, has_image = (
-            call.visual.repeat_interleave(batch // images, 0),
-            call.has_image.repeat_interleave(batch // images),
-        )
-        left = past is not None or bool((mask[:, 0] == 0).any())
-        embeds, new_mask, labels, position_ids = insert_visual_tokens(
-            embeds,
-            mask,
-            kwargs.get("labels"),
-            input_ids,
-            visual,
-            has_image,
-            position=config.image_token_position,
-            bos_id=self.model.config.bos_token_id,
-            image_token_id=config.image_token_id,
-            left=left,
-        )
-        limit = self.model.config.max_position_embeddings
-        if embeds.shape[1] > limit:
-            raise ValueError(
-                f"With {call.visual.shape[1]} visual tokens the sequence has {embeds.shape[1]} positions, more than "
-                f"`max_position_embeddings`={limit}; shorten the text."
-            )
-        call.prefix_mask, call.prefix_len = new_mask, length
-        kwargs.update(inputs_embeds=embeds, attention_mask=new_mask, position_ids=position_ids)
-        if labels is not None:
-            kwargs["labels"] = labels
-        return kwargs
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -425,7 +338,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
-        if getattr(self, "_lavin_hook", None) is not None:
+        if self._lavin_hook is not None:
             self._lavin_hook.remove()
             self._lavin_hook = None
         return model
@@ -441,27 +354,3 @@ def _add_zero_biases(model: nn.Module, attention: bool, mlp: bool) -> None:
                 if linear.bias is None:
                     weight = linear.weight
                     linear.bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)
-
-
-def _batch_of(args, kwargs) -> int | None:
-    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
-        if isinstance(value, torch.Tensor):
-            return value.shape[0]
-    return None
-
-
-def _special_forward_args(self) -> set[str]:
-    """`PeftModel.special_peft_forward_args`, plus the kwargs its tuner consumes in `_enable_peft_forward_hooks`."""
-    extra = getattr(type(self.__dict__.get("_modules", {}).get("base_model")), "special_forward_args", ())
-    return self.__dict__.get("_special_peft_forward_args", set()) | set(extra)
-
-
-def _set_special_forward_args(self, value: set[str]) -> None:
-    self.__dict__["_special_peft_forward_args"] = set(value)
-
-
-if not isinstance(PeftModel.__dict__.get("special_peft_forward_args"), property):
-    # PEFT strips only these kwargs before the base model's forward/generate; `generate` rejects unknown kwargs.
-    PeftModel.special_peft_forward_args = property(_special_forward_args, _set_special_forward_args)
-
-register(MMA_LAVIN, LaVINConfig, LaVINModel)

@@ -13,37 +13,20 @@ import math
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from ..attention import gated_prompt_attention
+from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
 from .config import LlamaAdapterV2Config
 
 PREFIX = "mma_adapter_v2_"
 
 
-def _param_kwargs(base: nn.Module) -> dict:
-    """Adapter parameters are fp32; on the meta device when the base is (counting parameters without memory)."""
-    device = base.weight.device
-    return dict(device=device if device.type == "meta" else None, dtype=torch.float32)
-
-
-class LlamaAdapterV2Layer(BaseTunerLayer):
+class LlamaAdapterV2Layer(MMATunerLayer):
     """Mixin owning the adapter containers; concrete layers also subclass `nn.Module`."""
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
-
-    def _init_tuner_layer(self, base_layer: nn.Module, adapter_name: str) -> None:
-        self.base_layer = base_layer
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self._active_adapter = adapter_name
-        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
-
-    def _finish_update(self, adapter_name: str, config: LlamaAdapterV2Config) -> None:
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _safe_assign(self, tensors: dict[str, torch.Tensor], safe_merge: bool, adapter: str) -> None:
         """Check every merged tensor, then assign them all: a failed merge changes nothing."""
@@ -99,7 +82,7 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
         self, adapter_name: str, config: LlamaAdapterV2Config, name: str, prompt_path: str | None = None
     ) -> None:
         """Add `adapter_name`'s parameters for the linear called `name` (e.g. "q_proj")."""
-        kw = _param_kwargs(self.get_base_layer())
+        kw = adapter_parameter_kwargs(self.get_base_layer())
         if prompt_path is not None:
             self.prompt_path[adapter_name] = prompt_path
         if name in config.bias_modules:
@@ -258,7 +241,7 @@ class OutputProjection(Linear):
     ) -> None:
         """Add the gate (where `gated`) and the prompt (where `prompted`), then the `Linear` parameters."""
         weight = self.get_base_layer().weight
-        kw = _param_kwargs(self.get_base_layer())
+        kw = adapter_parameter_kwargs(self.get_base_layer())
         if prompted:
             self.mma_adapter_v2_prompt[adapter_name] = nn.Parameter(
                 torch.empty(config.prompt_length, self.out_features, **kw)
@@ -340,7 +323,7 @@ class Norm(nn.Module, LlamaAdapterV2Layer):
 
     def update_layer(self, adapter_name: str, config: LlamaAdapterV2Config, name: str) -> None:
         weight = self.get_base_layer().weight
-        kw = _param_kwargs(self.get_base_layer())
+        kw = adapter_parameter_kwargs(self.get_base_layer())
         self.mma_adapter_v2_norm[adapter_name] = nn.Parameter(torch.zeros(weight.shape[-1], **kw))
         if not config.init_weights and weight.device.type != "meta":
             with torch.no_grad():

@@ -25,6 +25,7 @@ from typing import Any
 
 import timm
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 HF_PREFIX = "hf:"
@@ -77,9 +78,20 @@ class VisionBackbone(nn.Module):
         self.is_timm = not name.startswith(HF_PREFIX)
 
     def train(self, mode: bool = True) -> VisionBackbone:
-        """The encoder stays in eval mode (frozen: no dropout, no drop-path), whatever the mode of its parent."""
+        """The encoder stays in eval mode (frozen: no dropout, no drop-path), whatever the mode of its parent.
+
+        Adapters that a method placed inside the encoder (LaVIN's MM-adapters) do follow `mode`: the adapter
+        containers of every PEFT tuner layer in it (`adapter_layer_names`, `other_param_names`, e.g. a dropout)
+        are set to `mode`, while the wrapped encoder modules stay in eval mode.
+        """
         super().train(mode)
         self.encoder.eval()
+        for module in self.encoder.modules():
+            if isinstance(module, BaseTunerLayer):
+                for name in (*module.adapter_layer_names, *module.other_param_names):
+                    part = getattr(module, name, None)
+                    if isinstance(part, nn.Module):
+                        part.train(mode)
         return self
 
     @property
