@@ -27,11 +27,13 @@ def test_adapter_v2_on_smollm2_identity_training_reload_generate(smollm2, tmp_pa
     inputs = batch(tokenizer)
     with torch.no_grad():
         base_logits = base(**inputs).logits
+    torch.manual_seed(0)  # the prompts' N(0, 1) init
     model = get_peft_model(base, LlamaAdapterV2Config(prompt_layers=8))
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, base_logits, atol=0, rtol=0)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    # lr 1e-3: the loss falls every step (3.80 → 1.39 here); 5e-3 overshoots and climbs back for some prompt inits
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     losses = []
     for _ in range(6):
@@ -40,7 +42,7 @@ def test_adapter_v2_on_smollm2_identity_training_reload_generate(smollm2, tmp_pa
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.6 * losses[0], losses
 
     model.eval()
     with torch.no_grad():
