@@ -23,3 +23,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a `LlamaForCausalLM` (or a bare `LlamaModel`)."""
     inner = getattr(model, "model", model)
     return inner.layers
+
+
+# config flag → (decoder sub-module, its linears) of a LLaMA layer
+BIAS_GROUPS = {
+    "attention_bias": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "mlp_bias": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+
+
+def declare_merged_biases(model: nn.Module) -> None:
+    """After a merge that created biases: give every linear of the group a bias (zeros where it had none) and set
+    the config's `attention_bias` / `mlp_bias`, so that vanilla transformers saves and reloads the same numbers."""
+    for flag, (parent, names) in BIAS_GROUPS.items():
+        linears = [getattr(getattr(layer, parent), n) for layer in decoder_layers(model) for n in names]
+        if getattr(model.config, flag, False) or all(linear.bias is None for linear in linears):
+            continue
+        for linear in linears:
+            if linear.bias is None:
+                weight = linear.weight
+                linear.bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)
+        setattr(model.config, flag, True)

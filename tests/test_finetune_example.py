@@ -55,7 +55,6 @@ def test_evaluate_loss_is_the_token_mean_cross_entropy(finetune):
     assert not model.training
 
 
-
 def test_trainer_logs_the_same_loss_as_the_held_out_measure(finetune):
     """No train/eval-mode gap: at init, V2's loss in training mode, the Trainer's logged first-step loss (lr 0, one
     batch holding every sample) and `evaluate_loss` in eval mode agree."""
@@ -73,6 +72,7 @@ def test_trainer_logs_the_same_loss_as_the_held_out_measure(finetune):
     logged = finetune.train(model, samples, collator, steps=1, batch_size=4, lr=0.0)[0]["loss"]
     torch.testing.assert_close(training_mode, held_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(logged, held_out, atol=1e-5, rtol=0)
+
 
 def test_job_trains_saves_reloads_and_generates_on_a_tiny_llama(finetune, tmp_path):
     args = small_args(finetune, tmp_path, "--lr", "3e-2")

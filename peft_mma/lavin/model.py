@@ -38,7 +38,7 @@ from torch import nn
 
 from ..router import modality_side_pass
 from ..tuner_utils import MMATunerMixin
-from ..utils import check_supported_model
+from ..utils import check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
 from .call import Call, batch_of, expand, new_call, splice
 from .config import LaVINConfig
@@ -331,9 +331,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         placement 'block') is set and the other projections get zero biases, so that transformers reloads it.
         """
         self._set_merge_routing(adapter_names, modality)
-        placements = {adapter.lavin_key.rsplit(".", 1)[-1] for adapter in self._llm_adapters()}
         model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
-        _add_zero_biases(model, attention="self_attn" in placements, mlp="mlp" in placements)
+        declare_merged_biases(model)
         return model
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
@@ -342,15 +341,3 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             self._lavin_hook.remove()
             self._lavin_hook = None
         return model
-
-
-def _add_zero_biases(model: nn.Module, attention: bool, mlp: bool) -> None:
-    groups = [("attention_bias", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))] if attention else []
-    groups += [("mlp_bias", "mlp", ("gate_proj", "up_proj", "down_proj"))] if mlp else []
-    for flag, module_name, names in groups:
-        setattr(model.config, flag, True)
-        for layer in model.model.layers:
-            for linear in (getattr(getattr(layer, module_name), n) for n in names):
-                if linear.bias is None:
-                    weight = linear.weight
-                    linear.bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..attention import STATE_KWARG, install_prompt_attention, uninstall_prompt_attention
 from ..tuner_utils import BACKBONE_ATTR, MMATunerMixin
-from ..utils import check_supported_model, decoder_layers
+from ..utils import check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
 from ..vision.bridge import AdapterV2VisualBridge
 from .config import LINEAR_NAMES, NORM_NAMES, LlamaAdapterV2Config
@@ -280,16 +280,6 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
 
     @staticmethod
     def _finish_unload(model: nn.Module) -> None:
-        """Restore the attention implementation and make the config declare every bias a merge created, giving
-        each linear of the group a (zero) bias so that vanilla transformers reloads the same numbers."""
+        """Restore the attention implementation and declare the biases a merge created."""
         uninstall_prompt_attention(model.config)
-        groups = {"attention_bias": ("self_attn", LINEAR_NAMES[:4]), "mlp_bias": ("mlp", LINEAR_NAMES[4:])}
-        for flag, (parent, names) in groups.items():
-            linears = [getattr(getattr(layer, parent), n) for layer in decoder_layers(model) for n in names]
-            if getattr(model.config, flag, False) or all(linear.bias is None for linear in linears):
-                continue
-            for linear in linears:
-                if linear.bias is None:
-                    weight = linear.weight
-                    linear.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
-            setattr(model.config, flag, True)
+        declare_merged_biases(model)
