@@ -335,3 +335,28 @@ def test_encoder_adapters_use_dropout_in_train_mode_while_the_encoder_stays_in_e
     model.eval()
     first, second = features_twice()
     assert torch.equal(first, second) and modes() == ({False}, {False})
+
+
+def test_generate_encodes_images_and_routes_once_per_call(monkeypatch):
+    """The modality side pass and the image encoder run once per `generate` call, not once per decoding step."""
+    import peft_mma.lavin.model as lavin_model
+
+    model = lavin()
+    counts = {"side pass": 0, "images": 0}
+    side_pass, encode = lavin_model.modality_side_pass, model.base_model.encode_images
+
+    def counting_side_pass(*args, **kwargs):
+        counts["side pass"] += 1
+        return side_pass(*args, **kwargs)
+
+    def counting_encode(*args, **kwargs):
+        counts["images"] += 1
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(lavin_model, "modality_side_pass", counting_side_pass)
+    monkeypatch.setattr(model.base_model, "encode_images", counting_encode)
+    ids, pixels = ids_with_bos(), torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 7 + 6)
+    assert counts == {"side pass": 1, "images": 1}
