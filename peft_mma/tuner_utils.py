@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, set_requires_grad
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
@@ -111,6 +112,22 @@ class MMATunerMixin:
         """Before injection: keep 4-bit bitsandbytes weights in their portable layout on the CPU."""
         keep_bnb_cpu_layout(model)
         super()._prepare_model(peft_config, model)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """PEFT's `set_requires_grad`, extended to the model-level modules the tuner holds (visual bridge,
+        projector, modality embedding) and the adapters inside frozen encoders, which PEFT's walk of `self.model`
+        does not reach. An encoder's own weights stay frozen."""
+        super().set_requires_grad(adapter_names, requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for attr, container in vars(self)["_modules"].items():
+            if not attr.startswith(self.prefix) or not isinstance(container, (nn.ModuleDict, nn.ParameterDict)):
+                continue
+            for name in names & set(container.keys()):
+                item = container[name]
+                if isinstance(item, VisionBackbone):
+                    set_requires_grad(item, adapter_names=[name], requires_grad=requires_grad)
+                else:
+                    item.requires_grad_(requires_grad)
 
     def _delete_model_level_adapter(self: BaseTuner, adapter_name: str) -> None:
         """Drop `adapter_name` from every container the tuner itself holds (`<prefix><role>` dicts, encoders)."""

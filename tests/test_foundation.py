@@ -78,3 +78,30 @@ def test_backbone_rejects_bad_pixel_values(vit, pixels, match):
 def test_unknown_vision_model_name_is_a_clear_error():
     with pytest.raises(ValueError, match="neither a timm model name"):
         VisionBackbone("not_a_model_xyz")
+
+
+@pytest.mark.parametrize("method", ["adapter-v2", "lavin"])
+def test_set_requires_grad_reaches_model_level_modules_and_encoder_adapters(method):
+    """PEFT's `set_requires_grad` walks only the LLM; ours also reaches the visual bridge / projector / modality
+    embedding held on the tuner and the adapters inside the frozen encoder, and never unfreezes the encoder."""
+    from conftest import TINY_VIT, tiny_llama
+    from peft import get_peft_model
+
+    from peft_mma import LaVINConfig, LlamaAdapterV2Config
+
+    vision = dict(vision_model="vit_large_patch14_clip_224.openai", vision_pretrained=False)
+    if method == "lavin":
+        config = LaVINConfig(**vision, vision_model_kwargs=dict(TINY_VIT, depth=4), vision_feature_every=2)
+    else:
+        config = LlamaAdapterV2Config(
+            **vision, vision_model_kwargs=TINY_VIT, visual_width=16, visual_depth=1, visual_heads=2
+        )
+    model = get_peft_model(tiny_llama(), config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model_level = {n for n in trainable if n.startswith("base_model.mma_")}
+    assert model_level  # the check below is not vacuous
+
+    model.base_model.set_requires_grad("default", requires_grad=False)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.base_model.set_requires_grad("default", requires_grad=True)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # the encoder stays frozen
