@@ -63,6 +63,7 @@ class _Call:
     has_image: torch.Tensor | None = None  # (B,) bool
     visual: torch.Tensor | None = None  # (B, n, C) projected visual tokens
     routing: dict[str, torch.Tensor] | None = None  # lavin_key → (2 modalities, 2) weights
+    per_sample: tuple[int, dict] | None = None  # (batch, the weights per sample handed down), without grad
     prefix_mask: torch.Tensor | None = None  # (B, T) attention mask of the spliced prompt
     prefix_len: int = 0  # prompt length S before splicing
 
@@ -275,16 +276,22 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         """{lavin_key: {name: (B, 2)}}: the side-pass weights of each sample's modality (cached per call)."""
         table = call.routing
         if table is None or torch.is_grad_enabled():
-            adapters = self._llm_adapters()
-            records = modality_side_pass(self.model, self.mma_lavin_modality[name], adapters)
-            # (2 modalities, 2) per adapter layer; a merged layer records nothing and needs no weights
+            # a merged layer needs no weights: the side pass runs only up to the last unmerged one, if any
+            adapters = [a for a in self._llm_adapters() if not a.merged]
+            records = modality_side_pass(self.model, self.mma_lavin_modality[name], adapters) if adapters else {}
+            # (2 modalities, 2) per adapter layer
             table = {a.lavin_key: records[a][name] for a in adapters if name in records[a]}
             if not torch.is_grad_enabled():
                 call.routing = table
+        elif call.per_sample is not None and call.per_sample[0] == batch:
+            return call.per_sample[1]  # every decoding step of a `generate` call routes alike
         modality = has_image.long()
         if batch != len(modality):  # generate expands each sample (beams, num_return_sequences)
             modality = modality.repeat_interleave(batch // len(modality))
-        return {key: {name: weights[modality.to(weights.device)]} for key, weights in table.items()}
+        routing = {key: {name: weights[modality.to(weights.device)]} for key, weights in table.items()}
+        if not torch.is_grad_enabled():
+            call.per_sample = (batch, routing)
+        return routing
 
     def _splice(self, name: str, call: _Call, kwargs: dict) -> dict:
         """Prefill: insert the visual tokens (`lavin.sequence`). Decoding: extend the mask and positions to match."""
