@@ -39,13 +39,32 @@ def gated_prompt_attention(
     Returns:
         (B, T, H, d), the layout attention functions return.
     """
-    batch, heads = query.shape[:2]
-    prompt_key = prompt_key.to(query.dtype).expand(batch, -1, -1, -1)
-    prompt_value = prompt_value.to(query.dtype).expand(batch, -1, -1, -1)
-    enable_gqa = prompt_key.shape[1] != heads
-    term = F.scaled_dot_product_attention(query, prompt_key, prompt_value, scale=scaling, enable_gqa=enable_gqa)
-    term = term * gate.to(query.dtype).view(1, heads, 1, 1)  # (B, H, T, d)
-    return term.transpose(1, 2)  # (B, T, H, d)
+    key, value = gated_prompt_key_value(prompt_key, prompt_value, gate, query.shape[1], query.dtype)
+    return prompt_attention(query, key, value, scaling)
+
+
+def gated_prompt_key_value(
+    prompt_key: torch.Tensor, prompt_value: torch.Tensor, gate: torch.Tensor, heads: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head prompt keys and gated values, (B or 1, H, K, d) each, in `dtype`.
+
+    The gate moves onto the values, g_h · softmax(q k_pᵀ) v_p = softmax(q k_pᵀ)(g_h v_p), so that it costs K rows
+    once per call instead of a pass over (B, H, T, d) per layer and step; grouped-query heads are repeated as in
+    transformers' `repeat_kv` (query head h reads key/value head h // (H / H_kv)).
+    """
+    groups = heads // prompt_key.shape[1]
+    key, value = prompt_key.to(dtype), prompt_value.to(dtype)
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return key, value * gate.to(dtype).view(1, heads, 1, 1)
+
+
+def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """softmax(q kᵀ · scaling) v with no mask: query (B, H, T, d), key/value (B or 1, H, K, d) → (B, T, H, d)."""
+    batch = query.shape[0]
+    if key.shape[0] != batch:
+        key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+    return F.scaled_dot_product_attention(query, key, value, scale=scaling).transpose(1, 2)
 
 
 def _with_prompts(base_name: str):

@@ -42,6 +42,7 @@ class Call:
     has_image: torch.Tensor | None = None  # (B,) bool
     visual: torch.Tensor | None = None  # (B, n, C) projected visual tokens
     routing: dict[str, torch.Tensor] | None = None  # lavin_key → (2 modalities, 2) weights
+    per_sample: tuple[int, dict] | None = None  # (batch, the weights per sample handed down), without grad
     prefix_mask: torch.Tensor | None = None  # (B, T) attention mask of the spliced prompt
     prefix_len: int = 0  # prompt length S before splicing
 

@@ -71,6 +71,7 @@ class LaVINLayer(MMATunerLayer):
         # Per-call state, never saved: weights given by the tuner (or SELF_ROUTED), and a dict to record into.
         self.lavin_routing: dict[str, torch.Tensor] | str | None = None
         self.lavin_record: dict[str, torch.Tensor] | None = None
+        self._mixed: dict[str, tuple] = {}  # adapter → (routing weights given, U, c), see `_mixed_up`
         # Merge state: the Linears that read the input (q/k/v or gate/up), the (2,) weights to fold, created biases.
         self.consumers: list[nn.Linear] = []
         self.merge_routing: dict[str, torch.Tensor] = {}
@@ -125,11 +126,36 @@ class LaVINLayer(MMATunerLayer):
         return self.lavin_routing[name].to(x.dtype)[:, None]  # (B, 1, 2)
 
     def adapter_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """s·w0·(B z + b) + s·w1·(D z + d) for adapter `name`; x in the adapter dtype."""
+        """s·w0·(B z + b) + s·w1·(D z + d) for adapter `name`; x in the adapter dtype.
+
+        With one routing weight per sample (the decoder), the two paths are mixed in weight space first:
+        U_b = s·(w0·B + w1·D)ᵀ (h × C) and c_b = s·(w0·b + w1·d) per sample, then one batched matmul
+        c_b + z U_b, instead of two grouped matmuls and three mixing passes over (B, T, C) activations.
+        """
         w = self._weights(name, x)
         z = self.mma_lavin_dropout[name](self.mma_lavin_down[name](x))  # (…, h)
         s = self.scale[name]
-        return s * (w[..., :1] * self.mma_lavin_up0[name](z) + w[..., 1:] * self.mma_lavin_up1[name](z))
+        if self.routing == "token" or x.ndim != 3:
+            return s * (w[..., :1] * self.mma_lavin_up0[name](z) + w[..., 1:] * self.mma_lavin_up1[name](z))
+        u, c = self._mixed_up(name, w.reshape(-1, 2), s)
+        return torch.baddbmm(c[:, None], z, u)  # (B, T, C)
+
+    def _mixed_up(self, name: str, w: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """U = s·(w0·B + w1·D)ᵀ (B, h, C) and c = s·(w0·b + w1·d) (B, C) for per-sample weights w (B, 2).
+
+        Without gradients they are kept while the tuner hands down the same weights (every decoding step of one
+        `generate` call), so that a step costs one batched matmul."""
+        given = self.lavin_routing.get(name) if isinstance(self.lavin_routing, dict) else None
+        cached = self._mixed.get(name)
+        if cached is not None and given is not None and cached[0] is given and not torch.is_grad_enabled():
+            return cached[1], cached[2]
+        up0, up1 = self.mma_lavin_up0[name], self.mma_lavin_up1[name]
+        ups = torch.stack([up0.dense().T, up1.dense().T])  # (2, h, C)
+        u = torch.einsum("bp,phc->bhc", w * s, ups)  # (B, h, C)
+        c = (w * s) @ torch.stack([up0.bias, up1.bias])  # (B, C)
+        if given is not None and not torch.is_grad_enabled():
+            self._mixed[name] = (given, u, c)
+        return u, c
 
     def fold(self, name: str, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, V, c) in float64 with out(x) = (I + U V) x + c for fixed routing weights (2,), dropout off.

@@ -250,14 +250,20 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         """{lavin_key: {name: (B, 2)}}: the side-pass weights of each sample's modality (cached per call)."""
         table = call.routing
         if table is None or torch.is_grad_enabled():
-            adapters = self._llm_adapters()
-            records = modality_side_pass(self.model, self.mma_lavin_modality[name], adapters)
-            # (2 modalities, 2) per adapter layer; a merged layer records nothing and needs no weights
+            # a merged layer needs no weights: the side pass runs only up to the last unmerged one, if any
+            adapters = [a for a in self._llm_adapters() if not a.merged]
+            records = modality_side_pass(self.model, self.mma_lavin_modality[name], adapters) if adapters else {}
+            # (2 modalities, 2) per adapter layer
             table = {a.lavin_key: records[a][name] for a in adapters if name in records[a]}
             if not torch.is_grad_enabled():
                 call.routing = table
+        elif call.per_sample is not None and call.per_sample[0] == batch:
+            return call.per_sample[1]  # every decoding step of a `generate` call routes alike
         modality = expand(has_image.long(), batch)  # generate expands each sample (beams, num_return_sequences)
-        return {key: {name: weights[modality.to(weights.device)]} for key, weights in table.items()}
+        routing = {key: {name: weights[modality.to(weights.device)]} for key, weights in table.items()}
+        if not torch.is_grad_enabled():
+            call.per_sample = (batch, routing)
+        return routing
 
     # ---------------------------------------------------------------- loading
     @classmethod

@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from ..attention import gated_prompt_attention
+from ..attention import gated_prompt_key_value, prompt_attention
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
 from .config import LlamaAdapterV2Config
 
 PREFIX = "mma_adapter_v2_"
+_LLAMA_RMS_NORM = LlamaRMSNorm.forward  # the computation `Norm` reproduces with the tuned weight
 
 
 class LlamaAdapterV2Layer(MMATunerLayer):
@@ -118,27 +120,42 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
         return [a for a in self.active_adapters if a in container]
 
     def forward(self, x: torch.Tensor, *args, use_lora: bool = True, **kwargs) -> torch.Tensor:
+        if self.merged_adapters and not self._disable_adapters:  # the common merged case first: a decoding step
+            return self.base_layer(x, *args, **kwargs)  # runs it for every linear, so it checks no property
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        dtype = x.dtype
-        for a in self._active(self.mma_adapter_v2_scale):
-            if self.scale_side[a] == "input":
-                x = x * self.mma_adapter_v2_scale[a].to(dtype)
-        y = self.base_layer(x, *args, **kwargs)
-        y = self.quantization_backend.maybe_clone_base_result(y) if self.quantization_backend else y
-        for a in self._active(self.mma_adapter_v2_bias):
-            y = y + self.mma_adapter_v2_bias[a].to(y.dtype)
-        for a in self._active(self.mma_adapter_v2_lora_A) if use_lora else ():
-            lora_A, lora_B = self.mma_adapter_v2_lora_A[a], self.mma_adapter_v2_lora_B[a]
-            y = y + (lora_B(lora_A(x.to(lora_A.weight.dtype))) * self.lora_scaling[a]).to(y.dtype)
-        for a in self._active(self.mma_adapter_v2_scale):
-            if self.scale_side[a] == "output":
-                y = y * self.mma_adapter_v2_scale[a].to(y.dtype)
+        dtype, active = x.dtype, self.active_adapters
+        scale, bias, lora_A = self.mma_adapter_v2_scale, self.mma_adapter_v2_bias, self.mma_adapter_v2_lora_A
+        scales = [(scale[a], self.scale_side[a]) for a in active if a in scale]
+        for s, side in scales:
+            if side == "input":
+                x = x * s.to(dtype)
+        y = self._base_plus_bias(x, [bias[a] for a in active if a in bias], *args, **kwargs)
+        for a in [a for a in active if a in lora_A] if use_lora else ():
+            lora_B = self.mma_adapter_v2_lora_B[a]
+            y = y + (lora_B(lora_A[a](x.to(lora_B.weight.dtype))) * self.lora_scaling[a]).to(y.dtype)
+        for s, side in scales:
+            if side == "output":
+                y = y * s.to(y.dtype)
         return y.to(dtype)
+
+    def _base_plus_bias(self, x: torch.Tensor, biases: list[torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        """W x + b₀ + Σ b. A plain `nn.Linear` (no hooks, no quantization) takes the biases into its own GEMM
+        (one op instead of a matmul and an add per bias); any other base layer runs as it is, then adds them."""
+        base = self.base_layer
+        plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks or args or kwargs)
+        if plain and biases and "forward" not in base.__dict__ and not self.quantization_backend:
+            total = base.bias
+            for b in biases:
+                total = b.to(base.weight.dtype) if total is None else total + b.to(base.weight.dtype)
+            return F.linear(x, base.weight, total)
+        y = base(x, *args, **kwargs)
+        y = self.quantization_backend.maybe_clone_base_result(y) if self.quantization_backend else y
+        for b in biases:
+            y = y + b.to(y.dtype)
+        return y
 
     def get_delta(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(s, b, γ·B A) of one adapter in fp32, each `None` where the adapter has none."""
@@ -295,24 +312,45 @@ class OutputProjection(Linear):
             cache[key] = (k_p, v_p)
         return k_p, v_p
 
+    def _gated_key_value(self, attention: nn.Module, adapter: str, state, query: torch.Tensor):
+        """Per-head keys and gated values for `query`'s batch (`attention.gated_prompt_key_value`), (B or 1, H, K, d);
+        without gradients cached per call, so that a decoding step only runs the attention itself."""
+        cache = state.cache if state is not None and not torch.is_grad_enabled() else None
+        key = (id(self), adapter, "gated", query.shape[0], query.dtype)
+        if cache is not None and key in cache:
+            return cache[key]
+        k_p, v_p = self.prompt_key_value(attention, adapter, state, query.dtype)
+        if k_p.shape[0] not in (1, query.shape[0]):  # beams / several samples per prompt in generate
+            k_p = k_p.repeat_interleave(query.shape[0] // k_p.shape[0], dim=0)
+            v_p = v_p.repeat_interleave(query.shape[0] // v_p.shape[0], dim=0)
+        gated = gated_prompt_key_value(k_p, v_p, self._gate(adapter), query.shape[1], query.dtype)
+        if cache is not None:
+            cache[key] = gated
+        return gated
+
     def gated_prompt_term(self, attention: nn.Module, query: torch.Tensor, state) -> torch.Tensor | None:
         """Σ_adapters a(g) · ν · softmax(q k_pᵀ / √d) v_p, (B, T, H, d); `None` when no prompt is active."""
         if self.disable_adapters:
             return None
+        cache = state.cache if state is not None and not torch.is_grad_enabled() else None
+        step_key = (id(self), query.shape[0], query.dtype)  # what a decoding step needs, looked up once
+        pairs = cache.get(step_key) if cache is not None else None
+        if pairs is None:
+            adapters = self._active(self.mma_adapter_v2_prompt)
+            pairs = [self._gated_key_value(attention, adapter, state, query) for adapter in adapters]
+            if cache is not None:
+                cache[step_key] = pairs
         term = None
-        for adapter in self._active(self.mma_adapter_v2_prompt):
-            k_p, v_p = self.prompt_key_value(attention, adapter, state, query.dtype)
-            if k_p.shape[0] not in (1, query.shape[0]):  # beams / several samples per prompt in generate
-                k_p = k_p.repeat_interleave(query.shape[0] // k_p.shape[0], dim=0)
-                v_p = v_p.repeat_interleave(query.shape[0] // v_p.shape[0], dim=0)
-            out = gated_prompt_attention(query, k_p, v_p, self._gate(adapter), attention.scaling)
+        for key, value in pairs:
+            out = prompt_attention(query, key, value, attention.scaling)
             term = out if term is None else term + out
         return term
 
 
 class Norm(nn.Module, LlamaAdapterV2Layer):
-    """Tuned RMSNorm: y = (w + Δ) ⊙ x / √(mean(x²) + ε), computed as base(x) + Δ ⊙ n(x) with n(x) the normalised
-    input, so Δ = 0 (init) is exactly the base norm. Δ ∈ R^C is trainable; the official checkpoints store w + Δ."""
+    """Tuned RMSNorm: y = (w + Δ) ⊙ x / √(mean(x²) + ε). On a `LlamaRMSNorm` it is computed as the base computes it
+    with w + Δ in place of w; on any other norm as base(x) + Δ ⊙ n(x), with n(x) the normalised input. Either way
+    Δ = 0 (init) is exactly the base norm. Δ ∈ R^C is trainable; the official checkpoints store w + Δ."""
 
     adapter_layer_names = (PREFIX + "norm",)
 
@@ -340,13 +378,22 @@ class Norm(nn.Module, LlamaAdapterV2Layer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        y = self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.mma_adapter_v2_norm]
+        deltas = self.mma_adapter_v2_norm
+        active = [a for a in self.active_adapters if a in deltas]
+        base = self.base_layer
         if self.merged or not active:
-            return y
-        n = self._normalized(x)
+            return base(x, *args, **kwargs)
+        if type(base).forward is _LLAMA_RMS_NORM and not (base._forward_hooks or base._forward_pre_hooks or args):
+            # LlamaRMSNorm's own computation with w + Δ (rounded as `merge` rounds it): one normalisation, not two
+            weight = base.weight.float()
+            for a in active:
+                weight = weight + deltas[a].float()
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + base.variance_epsilon)
+            return weight.to(base.weight.dtype) * h.to(x.dtype)
+        y, n = base(x, *args, **kwargs), self._normalized(x)
         for a in active:
-            y = y + self.mma_adapter_v2_norm[a].to(n.dtype) * n
+            y = y + deltas[a].to(n.dtype) * n
         return y
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -1,0 +1,121 @@
+"""PNG plots from the result JSON files (needs matplotlib: `pip install -e ".[bench]"`).
+
+python -m benchmarks.plot                 # every results/*.json it knows → results/*.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import RESULTS_DIR
+from .targets import GENERATE_MIN, TRAIN_MAX
+
+COLOURS = {"ours": "#d95f02", "peer": "#7570b3", "reference": "#999999"}
+
+
+def _colour(name: str) -> str:
+    if name.startswith(("v2", "lavin")):
+        return COLOURS["ours"]
+    if name in ("floor", "base", "floor_image", "base_image"):
+        return COLOURS["reference"]
+    return COLOURS["peer"]
+
+
+def _machine(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    return f"{m['device_name']}, {m['torch_threads']} thread(s), load {m['load_average']}"
+
+
+def _metric(result: dict[str, Any]) -> str:
+    """The ratio the targets use: CPU time on a (shared) CPU, wall time on an accelerator."""
+    return result.get("decisive_metric", "ratio_wall")
+
+
+def plot_speed(result: dict[str, Any], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = _metric(result)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    panels = [
+        ("train", "train step / floor (lower is better)", TRAIN_MAX),
+        ("generate", "generation tokens/s / plain base (higher is better)", min(GENERATE_MIN.values())),
+    ]
+    for ax, (kind, title, goal) in zip(axes, panels):
+        rows = result.get(kind, {})
+        names = list(rows)
+        values = [rows[n][metric] or 0 for n in names]
+        spread = [rows[n].get(metric.replace("ratio_", "ratios_")) or [v] for n, v in zip(names, values)]
+        ax.bar(names, values, color=[_colour(n) for n in names])
+        for i, s in enumerate(spread):
+            ax.plot([i, i], [min(s), max(s)], color="black", linewidth=1)
+        ax.axhline(goal, linestyle="--", color="black", linewidth=0.8)
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+        ax.set_title(f"{title}\n{metric}, median and range over rounds")
+        ax.tick_params(axis="x", rotation=60)
+        low = min(min(min(s) for s in spread), goal)
+        ax.set_ylim(max(0.0, low - 0.1), max(max(max(s) for s in spread), goal) + 0.1)
+    ax = axes[2]
+    train = result.get("train", {})
+    names = [n for n in train if train[n].get("peak_bytes") is not None]
+    ax.bar(names, [train[n]["peak_bytes"] / 2**20 for n in names], color=[_colour(n) for n in names])
+    ax.set_title("peak training memory (MiB, weights included)")
+    ax.tick_params(axis="x", rotation=60)
+    fig.suptitle(f"{result['preset']} {result['dtype']} on {_machine(result)}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_quality(result: dict[str, Any], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vqa = result["benchmark"] == "quality_vqa"
+    key = "accuracy" if vqa else "held_out_loss"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, run in result["runs"].items():
+        steps = [p["step"] for p in run["curve"]]
+        minutes = [p["train_cpu_s"] / 60 for p in run["curve"]]
+        values = [p[key] for p in run["curve"]]
+        label = f"{name} (lr {run['lr']:g})"
+        axes[0].plot(steps, values, marker="o", markersize=3, label=label, color=_colour(name.split("_")[0]))
+        axes[1].plot(minutes, values, marker="o", markersize=3, label=label, color=_colour(name.split("_")[0]))
+    for ax, xlabel in zip(axes, ("training steps", "training CPU minutes")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out accuracy" if vqa else "held-out loss")
+        if vqa:
+            ax.axhline(0.95, linestyle="--", color="black", linewidth=0.8)
+            ax.axhline(0.25, color="grey", linewidth=0.5)
+        ax.legend()
+    title = "procedural visual QA (4-way)" if vqa else "procedural instructions"
+    fig.suptitle(f"{title}, SmolLM2-135M-Instruct, on {_machine(result)}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> list[Path]:
+    written = []
+    for path in sorted(Path(RESULTS_DIR).glob("*.json")):
+        result = json.loads(path.read_text())
+        kind = result.get("benchmark", "")
+        if kind == "speed" and "train" in result:
+            written.append(plot_speed(result, path.with_suffix(".png")))
+        elif kind.startswith("quality_"):
+            written.append(plot_quality(result, path.with_suffix(".png")))
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""LaVIN-7B ScienceQA recipe on one accelerator, projected from measured step times; training memory at 4 × 512.
+
+The recipe (spec `lavin_mma.md` §5): 12.7k training samples × 20 epochs, micro-batches of 4 with dynamic padding
+(each batch padded to its longest sample), visual tokens (n = 6) added to image samples. Step times T are measured
+at batch 4 for several text lengths L, once with 4 images and once text-only, and interpolated:
+
+    T(L, k images) = T_text(L) + k/4 · (T_image(L) − T_text(L))
+
+The epochs are then simulated batch by batch with sample lengths drawn from `ASSUMPTIONS` (no ScienceQA offline).
+Memory: peak allocated bytes of one LaVIN image+text train step at batch 4 × 512 with activation checkpointing, in
+the benchmark dtype and with the decoder's linears in 4-bit NF4 (bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+from typing import Any
+
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from .common import image_flag, median, peak_memory, share_weights_copy, synchronize, timed
+from .models import Preset, lavin_config
+
+# ScienceQA, LaVIN's prompt ("Question/Context/Options/Response:" + "The answer is X. BECAUSE: lecture solution").
+# Word counts from the ScienceQA paper (Lu et al. 2022: question 12.1, lecture 125, solution 47 words on average;
+# 48.7 % of questions have an image), ≈ 1.3 LLaMA tokens per word, plus the template. Not measured here.
+ASSUMPTIONS: dict[str, Any] = {
+    "train_samples": 12726,
+    "epochs": 20,
+    "micro_batch": 4,
+    "image_fraction": 0.487,
+    "length_distribution": "lognormal",
+    "length_median_tokens": 270,
+    "length_sigma": 0.4,
+    "length_min_tokens": 64,
+    "max_seq_len": 512,
+    "visual_tokens": 6,
+    "padding": "dynamic: each micro-batch padded to its longest sample; samples shuffled every epoch",
+    "optimizer_step": "AdamW on every micro-batch (the recipe steps every 8; the extra steps are counted, not saved)",
+    "source": "ScienceQA paper averages (words) × 1.3 tokens/word; LaVIN's prompt format; not measured offline",
+}
+GOAL_HOURS = 1.4
+GOAL_MEMORY_GB = {"checkpointing": 20.0, "4bit_checkpointing": 8.0}
+
+
+def sample_lengths(count: int, rng: random.Random, a: dict[str, Any] = ASSUMPTIONS) -> list[tuple[int, bool]]:
+    """(text tokens, has image) for `count` samples drawn from the assumed distribution."""
+    samples = []
+    for _ in range(count):
+        length = int(rng.lognormvariate(math.log(a["length_median_tokens"]), a["length_sigma"]))
+        image = rng.random() < a["image_fraction"]
+        cap = a["max_seq_len"] - (a["visual_tokens"] if image else 0)
+        samples.append((max(a["length_min_tokens"], min(cap, length)), image))
+    return samples
+
+
+def interpolate(points: dict[int, float], length: float) -> float:
+    """Piecewise-linear T(L) through the measured points, extended linearly beyond them."""
+    xs = sorted(points)
+    if len(xs) == 1:
+        return points[xs[0]] * length / xs[0]
+    i = max(1, min(len(xs) - 1, next((j for j, x in enumerate(xs) if x >= length), len(xs) - 1)))
+    x0, x1 = xs[i - 1], xs[i]
+    return points[x0] + (points[x1] - points[x0]) * (length - x0) / (x1 - x0)
+
+
+def project_hours(
+    text: dict[int, float], image: dict[int, float], a: dict[str, Any] = ASSUMPTIONS, seed: int = 0
+) -> dict[str, Any]:
+    """Simulate every epoch's micro-batches with dynamic padding; return hours and the padding overhead."""
+    rng = random.Random(seed)
+    samples = sample_lengths(a["train_samples"], rng, a)
+    batch = a["micro_batch"]
+    seconds, padded, real = 0.0, 0, 0
+    for _ in range(a["epochs"]):
+        rng.shuffle(samples)
+        for start in range(0, len(samples), batch):
+            chunk = samples[start : start + batch]
+            images = sum(image for _, image in chunk)
+            longest = max(length + (a["visual_tokens"] if image else 0) for length, image in chunk)
+            t_text = interpolate(text, longest) * len(chunk) / batch
+            t_image = interpolate(image, longest) * len(chunk) / batch
+            seconds += t_text + images / len(chunk) * (t_image - t_text)
+            padded += longest * len(chunk)
+            real += sum(length + (a["visual_tokens"] if image else 0) for length, image in chunk)
+    mean_length = sum(length for length, _ in samples) / len(samples)
+    return {
+        "hours": seconds / 3600,
+        "padding_overhead": padded / real - 1,
+        "mean_text_tokens": mean_length,
+        "goal_hours": GOAL_HOURS,
+        "met": seconds / 3600 <= GOAL_HOURS,
+    }
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def _lavin(base: nn.Module, preset: Preset, share: bool = True) -> nn.Module:
+    """LaVIN with images on `base`: on a weight-sharing copy, or on `base` itself (quantized bases)."""
+    return get_peft_model(share_weights_copy(base) if share else base, lavin_config(preset, vision=True))
+
+
+def _step(model: nn.Module, ids: torch.Tensor, pixels: torch.Tensor | None, optimizer) -> None:
+    extra = {} if pixels is None else {"pixel_values": pixels, **image_flag(len(pixels), pixels.device)}
+    model.train()
+    model(input_ids=ids, labels=ids, use_cache=False, **extra).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_times(model: nn.Module, preset: Preset, lengths: list[int], rounds: int, device) -> dict[str, dict]:
+    """Median step time at each text length, text-only and with images, interleaved round-robin."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    vocab, size = model.config.vocab_size, preset.image_size
+    pixels = torch.rand(preset.batch, 3, size, size, device=device)
+    jobs = [(length, with_image) for length in lengths for with_image in (False, True)]
+    ids = {length: torch.randint(3, vocab, (preset.batch, length), device=device) for length in lengths}
+    times: dict[tuple[int, bool], list[float]] = {job: [] for job in jobs}
+    for r in range(rounds + 1):  # the first round warms up
+        for length, with_image in jobs:
+            images = pixels if with_image else None
+            wall, _, _ = timed(lambda: _step(model, ids[length], images, optimizer), device)  # noqa: B023
+            if r:
+                times[(length, with_image)].append(wall)
+    return {
+        kind: {length: median(times[(length, kind == "image")]) for length in lengths} for kind in ("text", "image")
+    }
+
+
+def memory_at(model: nn.Module, preset: Preset, total_len: int, device, checkpointing: bool) -> dict[str, Any]:
+    """Peak allocated bytes of one image+text LaVIN step at batch × `total_len` (visual tokens included)."""
+    tuner = model.base_model
+    n = tuner.mma_lavin_visual["default"].depth // tuner.peft_config["default"].vision_feature_every
+    ids = torch.randint(3, model.config.vocab_size, (preset.batch, total_len - n), device=device)
+    pixels = torch.rand(preset.batch, 3, preset.image_size, preset.image_size, device=device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        _step(model, ids, pixels, optimizer)  # optimizer state exists before the measured step
+        memory = peak_memory(lambda: _step(model, ids, pixels, optimizer), device)
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+    peak = memory["peak_bytes"]
+    return {
+        "batch": preset.batch,
+        "total_len": total_len,
+        "checkpointing": checkpointing,
+        "peak_gb": None if peak is None else peak / 1e9,
+    }
+
+
+def quantize_4bit_(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Replace every decoder Linear by a bitsandbytes NF4 `Linear4bit` in place, freeing the dense weights."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is not nn.Linear:
+                    continue
+                device = child.weight.device
+                quantized = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                    device="meta",
+                )
+                quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                setattr(parent, name, quantized.to(device))
+                del child
+        gc.collect()
+
+
+def measure_projection(
+    base: nn.Module,
+    preset: Preset,
+    device: torch.device,
+    dtype: torch.dtype,
+    lengths: list[int] | None = None,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """Step times → projected hours; memory at 4 × 512 with checkpointing, then (quantizing `base` in place)
+    in 4-bit. `base` is unusable in its original precision afterwards."""
+    lengths = lengths or ([128, 256, 384, 512] if preset.name == "7b" else [preset.seq_len // 2, preset.seq_len])
+    total_len = 512 if preset.name == "7b" else preset.seq_len
+    model = _lavin(base, preset)
+    times = step_times(model, preset, lengths, rounds, device)
+    out: dict[str, Any] = {"assumptions": ASSUMPTIONS, "step_time_s": times, "lengths": lengths, "rounds": rounds}
+    out["projection"] = project_hours(times["text"], times["image"])
+    out["memory"] = {
+        "no_checkpointing": memory_at(model, preset, total_len, device, checkpointing=False),
+        "checkpointing": memory_at(model, preset, total_len, device, checkpointing=True),
+    }
+    del model
+    gc.collect()
+    try:
+        quantize_4bit_(base, dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        synchronize(device)
+        model = _lavin(base, preset, share=False)
+        out["memory"]["4bit_checkpointing"] = memory_at(model, preset, total_len, device, checkpointing=True)
+    except Exception as error:  # bitsandbytes without a backend for this device
+        out["memory"]["4bit_checkpointing"] = {"error": f"{type(error).__name__}: {error}"}
+    for key, goal in GOAL_MEMORY_GB.items():
+        entry = out["memory"][key]
+        entry["goal_gb"] = goal
+        entry["met"] = entry.get("peak_gb") is not None and entry["peak_gb"] <= goal
+    return out

@@ -1,0 +1,315 @@
+"""Learning quality on SmolLM2-135M-Instruct: what each method learns at equal steps, and at what CPU cost.
+
+    python -m benchmarks.quality                                  # both experiments, all methods
+    python -m benchmarks.quality --experiment vqa --methods lavin --lr 5e-3 --steps 300
+
+* ``vqa``: the procedural visual QA (`peft_mma.data.procedural.visual_qa_dataset`, 4 options, chance 25 %) with a
+  frozen, randomly initialised timm ViT (`quality_methods`). Held-out accuracy (the answer letter's logit among
+  A-D, teacher-forced) every `--eval-every` steps, with the training wall and CPU time (`time.process_time`) spent
+  so far. Before and after, the text-only held-out loss on the procedural instruction set: the MMA claim is that
+  routing keeps language ability (goal: within +2 %).
+* ``instruction``: the procedural instruction set; V2 bias/scale (no prompts) and V2 default against PEFT LoRA
+  r8 q,v at equal steps: held-out loss curve and greedy exact match at the end.
+
+Every method trains with AdamW (β = 0.9, 0.95), linear warm-up over 5 % of the steps then cosine decay, batch
+`--batch-size`, the same sample order, one CPU thread by default. The loss covers the response tokens only, and
+only the last positions go through the LM head (left padding, `logits_to_keep`), for every method alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator
+from peft_mma.data.procedural import instruction_dataset, visual_qa_dataset
+from peft_mma.data.templates import OPTION_LETTERS, scienceqa_answer
+
+from .common import RESULTS_DIR, load_average, machine_info, write_json
+from .quality_methods import IMAGE_SIZE, TEXT_METHODS, VISION_KWARGS, VISION_MODEL, VQA_METHODS, Method, build_method
+
+DEFAULT_LR = {"lavin": 5e-3, "v2": 5e-3, "lora_projector": 2e-3, "v2_bias_scale": 5e-3, "lora_qv": 2e-3}
+TEXT_LOSS_GOAL = 0.02  # text-only held-out loss may rise by at most 2 % after multimodal tuning
+ACCURACY_GOAL, CPU_MINUTES_GOAL = 0.95, 10.0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", choices=("vqa", "instruction", "all"), default="all")
+    parser.add_argument("--methods", nargs="*", default=None, help="default: every method of the experiment")
+    parser.add_argument("--steps", type=int, default=None, help="default: 240 (vqa), 150 (instruction)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None, help="default: per method, `DEFAULT_LR`")
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--eval-size", type=int, default=96)
+    parser.add_argument("--train-size", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="default: results/quality_<experiment>.json")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- loss and metrics
+
+
+def keep_length(labels: torch.Tensor) -> int:
+    """Positions the LM head must see: from just before the earliest supervised token to the end."""
+    supervised = labels != IGNORE_INDEX
+    first = torch.where(supervised.any(1), supervised.float().argmax(1), labels.shape[1] - 1)
+    return int(labels.shape[1] - first.min()) + 1
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of the last `logits.shape[1]` positions against the labels that follow them."""
+    keep = logits.shape[1]
+    targets = labels[:, labels.shape[1] - keep + 1 :]  # (B, keep - 1)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
+
+
+def letter_ids(tokenizer) -> tuple[list[int], int]:
+    """The token ids of A-D inside "The answer is X.", and the letter's index in that response."""
+    rows = [tokenizer(scienceqa_answer(letter), add_special_tokens=False)["input_ids"] for letter in "ABCD"]
+    index = next(i for i in range(len(rows[0])) if len({row[i] for row in rows}) == 4)
+    return [row[index] for row in rows], index
+
+
+@torch.no_grad()
+def vqa_accuracy(method: Method, samples: list[dict], collator, letters: tuple[list[int], int], batch: int) -> float:
+    """Share of held-out samples whose answer letter scores highest among A-D at its position."""
+    ids, offset = letters
+    method.eval()
+    correct = 0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        data = collator(chunk)
+        labels = data.pop("labels")
+        keep = keep_length(labels)
+        logits = method.logits(data, keep)  # (B, keep, V)
+        first = (labels != IGNORE_INDEX).float().argmax(1)  # response start, per row
+        position = first + offset - 1 - (labels.shape[1] - keep)  # logits index that predicts the letter
+        scores = logits[torch.arange(len(chunk)), position][:, ids]  # (B, 4)
+        truth = torch.tensor([OPTION_LETTERS.index(s["answer"]) for s in chunk])
+        correct += int((scores.argmax(-1) == truth).sum())
+    return correct / len(samples)
+
+
+@torch.no_grad()
+def text_loss(method: Method, samples: list[dict], collator, batch: int) -> float:
+    """Mean response-token cross-entropy on text-only samples, with the method used without images."""
+    method.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch):
+        data = collator(samples[start : start + batch])
+        labels = data.pop("labels")
+        logits = method.text_logits(data, keep_length(labels))
+        total += float(response_loss(logits, labels, reduction="sum"))
+        count += int((labels[:, labels.shape[1] - logits.shape[1] + 1 :] != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- training
+
+
+def schedule(step: int, steps: int) -> float:
+    """Learning-rate factor: linear warm-up over 5 % of the steps, then cosine to 0."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train(
+    method: Method,
+    train_set: list[dict],
+    collator,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    evaluate,
+    eval_every: int,
+) -> list[dict[str, Any]]:
+    """Train `steps` steps; every `eval_every` steps (and at 0 and the end) record `evaluate()` with the training
+    wall and CPU seconds spent so far (evaluation itself not counted)."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, steps))
+    order = list(range(len(train_set)))
+    random.Random(seed).shuffle(order)
+    curve = [{"step": 0, "train_wall_s": 0.0, "train_cpu_s": 0.0, "train_loss": None, **evaluate()}]
+    wall = cpu = 0.0
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        method.train()
+        picks = [order[(step * batch + i) % len(order)] for i in range(batch)]
+        data = collator([train_set[i] for i in picks])
+        labels = data.pop("labels")
+        loss = response_loss(method.logits(data, keep_length(labels)), labels)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        wall += time.perf_counter() - start_wall
+        cpu += time.process_time() - start_cpu
+        losses.append(float(loss.detach()))
+        if step % eval_every == 0 or step == steps:
+            point = {"step": step, "train_wall_s": wall, "train_cpu_s": cpu, "train_loss": sum(losses) / len(losses)}
+            curve.append(point | evaluate())
+            losses = []
+            print(f"  {method.name} {curve[-1]} load {load_average()}", file=sys.stderr, flush=True)
+    return curve
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def run_vqa(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
+    train_set = visual_qa_dataset(args.train_size, seed=args.seed, image_size=IMAGE_SIZE)
+    held_out = visual_qa_dataset(args.eval_size, seed=args.seed + 1, image_size=IMAGE_SIZE, split="eval")
+    text_set = instruction_dataset(48, seed=args.seed, split="eval")
+    collator = CausalLMCollator(tokenizer, max_length=128, padding_side="left", image_size=IMAGE_SIZE)
+    text_collator = CausalLMCollator(tokenizer, max_length=96, padding_side="left")
+    letters = letter_ids(tokenizer)
+    steps = args.steps or 240
+    runs = {}
+    for name in args.methods or VQA_METHODS:
+        method = build_method(name, base, multimodal=True, seed=args.seed)
+        before = text_loss(method, text_set, text_collator, args.batch_size)
+        lr = args.lr or DEFAULT_LR[name]
+
+        def evaluate(method=method) -> dict[str, float]:
+            return {"accuracy": vqa_accuracy(method, held_out, collator, letters, 16)}
+
+        curve = train(method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every)
+        after = text_loss(method, text_set, text_collator, args.batch_size)
+        runs[name] = summarize_vqa(name, lr, curve, before, after, count_trainable(method))
+        del method
+    return {
+        "settings": {
+            "steps": steps,
+            "batch_size": args.batch_size,
+            "train_size": args.train_size,
+            "eval_size": args.eval_size,
+            "vision_model": VISION_MODEL,
+            "vision_kwargs": VISION_KWARGS,
+            "image_size": IMAGE_SIZE,
+            "text_eval_size": len(text_set),
+        },
+        "runs": runs,
+    }
+
+
+def count_trainable(method: Method) -> int:
+    return sum(p.numel() for p in method.parameters() if p.requires_grad)
+
+
+def summarize_vqa(name, lr, curve, before: float, after: float, trainable: int) -> dict[str, Any]:
+    """The curve, when (step, CPU minutes) the accuracy goal was first reached, and the text-loss change."""
+    reached = next((p for p in curve if p["accuracy"] >= ACCURACY_GOAL), None)
+    change = (after - before) / before
+    return {
+        "lr": lr,
+        "trainable_params": trainable,
+        "curve": curve,
+        "final_accuracy": curve[-1]["accuracy"],
+        "best_accuracy": max(p["accuracy"] for p in curve),
+        "reached_goal_at_step": reached and reached["step"],
+        "reached_goal_at_cpu_min": reached and reached["train_cpu_s"] / 60,
+        "goal_met": reached is not None and reached["train_cpu_s"] / 60 <= CPU_MINUTES_GOAL,
+        "text_loss_before": before,
+        "text_loss_after": after,
+        "text_loss_change": change,
+        "text_loss_goal_met": change <= TEXT_LOSS_GOAL,
+    }
+
+
+@torch.no_grad()
+def exact_match(method: Method, tokenizer, samples: list[dict], batch: int, max_new_tokens: int = 24) -> float:
+    """Share of held-out instructions whose greedy answer equals the expected output."""
+    method.eval()
+    collator = CausalLMCollator(tokenizer, max_length=96, padding_side="left", with_response=False)
+    hits = 0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        data = collator(chunk)
+        out = method.model.generate(
+            **data,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=collator.pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        answers = tokenizer.batch_decode(out[:, data["input_ids"].shape[1] :], skip_special_tokens=True)
+        hits += sum(a.strip() == s["output"].strip() for a, s in zip(answers, chunk))
+    return hits / len(samples)
+
+
+def run_instruction(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
+    train_set = instruction_dataset(args.train_size, seed=args.seed, split="train")
+    held_out = instruction_dataset(48, seed=args.seed, split="eval")
+    collator = CausalLMCollator(tokenizer, max_length=96, padding_side="left")
+    steps = args.steps or 150
+    runs = {}
+    for name in args.methods or TEXT_METHODS:
+        method = build_method(name, base, multimodal=False, seed=args.seed)
+        lr = args.lr or DEFAULT_LR[name]
+
+        def evaluate(method=method) -> dict[str, float]:
+            return {"held_out_loss": text_loss(method, held_out, collator, args.batch_size)}
+
+        curve = train(method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every)
+        runs[name] = {
+            "lr": lr,
+            "trainable_params": count_trainable(method),
+            "curve": curve,
+            "final_loss": curve[-1]["held_out_loss"],
+            "exact_match": exact_match(method, tokenizer, held_out, 16),
+        }
+        del method
+    return {
+        "settings": {
+            "steps": steps,
+            "batch_size": args.batch_size,
+            "train_size": args.train_size,
+            "eval_size": len(held_out),
+        },
+        "runs": runs,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from peft_mma.data.smollm2 import load_smollm2
+
+    base, tokenizer = load_smollm2(dtype=torch.float32)
+    base.requires_grad_(False)
+    command = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = {}
+    for experiment, run in (("vqa", run_vqa), ("instruction", run_instruction)):
+        if args.experiment not in (experiment, "all"):
+            continue
+        started = time.time()
+        result = {"benchmark": f"quality_{experiment}", "command": command.strip(), "machine": machine_info("cpu")}
+        result |= run(base, tokenizer, args)
+        result["load_after"], result["elapsed_s"] = load_average(), round(time.time() - started, 1)
+        path = args.out or RESULTS_DIR / f"quality_{experiment}.json"
+        write_json(result, path)
+        print(f"wrote {path}")
+        results[experiment] = result
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The methods the quality benchmark trains, behind one interface: `logits(batch, keep)` and `text_logits`.
+
+Multimodal (visual QA), all reading the same frozen, randomly initialised timm ViT:
+  * ``lavin``: LaVIN (MM-adapters in the LLM and the encoder, projector of the CLS tokens after every 2nd block);
+  * ``v2``: LLaMA-Adapter V2 (bias/scale/norms, gated prompts, a small visual bridge fused into the prompts);
+  * ``lora_projector``: PEFT LoRA r8 on q,v plus a trainable Linear from the encoder's final CLS token to
+    `SOFT_TOKENS` soft tokens placed in front of the text.
+Text-only (procedural instructions): ``v2_bias_scale`` (no prompts), ``v2`` and ``lora_qv``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from peft_mma import LaVINConfig, LlamaAdapterV2Config
+from peft_mma.vision.backbone import VisionBackbone
+
+from .common import IMAGE_FLAG_KWARG, share_weights_copy
+
+# A ViT-Ti/16 layout (12 blocks, width 192) at 28 px with 7 px patches: 16 patches + CLS; random weights, frozen.
+VISION_MODEL = "vit_tiny_patch16_224"
+VISION_KWARGS = dict(img_size=28, patch_size=7, num_classes=0)
+IMAGE_SIZE = 28
+SOFT_TOKENS = 4
+VQA_METHODS = ("lavin", "v2", "lora_projector")
+TEXT_METHODS = ("v2_bias_scale", "v2", "lora_qv")
+
+
+def _lora_qv() -> LoraConfig:
+    return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Method(nn.Module):
+    """A trainable model on a weight-sharing copy of the base; `logits` returns the last `keep` positions."""
+
+    def __init__(self, name: str, model: nn.Module, flag: str | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.flag = flag  # the image-flag kwarg of a multimodal PEFT method
+
+    def logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "pixel_values" in batch and self.flag is not None:
+            kwargs |= {"pixel_values": batch["pixel_values"], self.flag: batch["has_image"]}
+        return self.model(**kwargs, logits_to_keep=keep, use_cache=False).logits
+
+    def text_logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+        """The method used on text alone (no image inputs)."""
+        text = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        return Method.logits(self, text, keep)
+
+
+class LoRAProjector(Method):
+    """LoRA r8 q,v + Linear(CLS of the frozen encoder → `SOFT_TOKENS` × C) soft tokens before the text."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__("lora_projector", model)
+        with torch.random.fork_rng(devices=[]):
+            self.backbone = VisionBackbone(VISION_MODEL, False, VISION_KWARGS)
+        width = model.config.hidden_size
+        self.proj = nn.Linear(self.backbone.width, SOFT_TOKENS * width)
+        nn.init.normal_(self.proj.weight, std=0.02), nn.init.zeros_(self.proj.bias)
+
+    def logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        embeds = self.model.get_input_embeddings()(ids)  # (B, S, C)
+        with torch.no_grad():
+            cls = self.backbone.encoder.forward_features(batch["pixel_values"])[:, 0]  # (B, C_v), final norm
+        soft = self.proj(cls).view(len(ids), SOFT_TOKENS, -1) * batch["has_image"].view(-1, 1, 1)  # (B, k, C)
+        embeds = torch.cat([soft.to(embeds.dtype), embeds], dim=1)  # (B, k + S, C)
+        mask = torch.cat([mask.new_ones(len(ids), SOFT_TOKENS), mask], dim=1)
+        order = torch.argsort(mask, dim=1, stable=True)  # left padding stays on the left of the soft tokens
+        embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+        mask = mask.gather(1, order)
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=_positions(mask),
+            logits_to_keep=keep,
+            use_cache=False,
+        )
+        return out.logits
+
+
+def build_method(name: str, base: nn.Module, multimodal: bool, seed: int = 0) -> Method:
+    """Method `name` (see the module docstring) on a weight-sharing copy of `base`, adapters seeded by `seed`;
+    `multimodal` gives V2 its visual path."""
+    torch.manual_seed(seed)
+    model = share_weights_copy(base)
+    vision = dict(vision_model=VISION_MODEL, vision_pretrained=False, vision_model_kwargs=VISION_KWARGS)
+    if name == "lavin":
+        config = LaVINConfig(**vision, vision_feature_every=2)  # 6 visual tokens, LaVIN's count
+        return Method(name, get_peft_model(model, config), IMAGE_FLAG_KWARG["lavin"])
+    if name == "v2" and multimodal:
+        config = LlamaAdapterV2Config(**vision, visual_width=192, visual_depth=2, visual_heads=3)
+        return Method(name, get_peft_model(model, config), IMAGE_FLAG_KWARG["adapter-v2"])
+    if name == "lora_projector":
+        return LoRAProjector(get_peft_model(model, _lora_qv()))
+    configs = {
+        "v2": LlamaAdapterV2Config(),
+        "v2_bias_scale": LlamaAdapterV2Config(prompt_layers=0),
+        "lora_qv": _lora_qv(),
+    }
+    if name not in configs:
+        raise ValueError(f"Unknown method {name!r}; choose from {sorted({*VQA_METHODS, *TEXT_METHODS})}.")
+    return Method(name, get_peft_model(model, configs[name]))

@@ -1,0 +1,389 @@
+"""Training step time, peak training memory and cached greedy generation speed, side by side in one process.
+
+    python -m benchmarks.speed                                   # SmolLM2-135M, CPU, fp32 (the issue's setting)
+    python -m benchmarks.speed --preset 7b --device cuda --dtype bf16      # plus the LaVIN-7B projection
+
+Every variant is built once on a copy of the base that shares its frozen weights. One warm-up round, then
+`--rounds` rounds in which every variant runs once, in an order shuffled per round (round-robin, so load changes
+hit all variants alike). Reported: per-variant medians, and the median over rounds of the ratio to the reference
+measured in the same round (train: the frozen-base floor; generate: the plain base), for wall and CPU time.
+
+* train step = forward + backward + AdamW step + zero_grad, batch × seq_len random tokens, loss on every token.
+  The floor is the frozen base with only the input embeddings' output requiring grad: gradients flow through
+  every layer to the inputs, no weight gets one, and its optimizer steps one dummy scalar.
+* generate = `generate(do_sample=False, use_cache=True)` of exactly `gen_new` tokens after `gen_prompt` tokens,
+  tokens/s = batch × gen_new / wall time (prefill included).
+* image variants (`lavin_image*`) are compared with references that do the unavoidable work of an image
+  sample: the same frozen encoder and n visual tokens in front of the text (`floor_image`, `base_image`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from .common import (
+    RESULTS_DIR,
+    SavedActivations,
+    count_parameters,
+    load_average,
+    machine_info,
+    median,
+    peak_memory,
+    timed,
+    trainable_parameters,
+    write_json,
+)
+from .models import (
+    GEN_VARIANTS,
+    IMAGE_REFERENCE,
+    IMAGE_VARIANTS,
+    MODELS,
+    PRESETS,
+    REFERENCE,
+    TRAIN_VARIANTS,
+    FrozenVisualPrefix,
+    Preset,
+    build_base,
+    build_model,
+    image_kwargs,
+)
+from .targets import check_targets
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:i], or meta (7b dry validation only)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 by default: on a shared machine a descheduled OpenMP thread "
+        "stalls the other at every barrier (measured: 10-100x outliers with 2)",
+    )
+    parser.add_argument(
+        "--variants", nargs="*", choices=list(MODELS), default=None, help="subset of models to build (default: all)"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory pass")
+    parser.add_argument(
+        "--projection",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LaVIN-7B ScienceQA projection and memory at 4 x 512 (default: on for --preset 7b)",
+    )
+    parser.add_argument("--out", default=None, help="result JSON (default: results/speed_<preset>_<device>.json)")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- inputs and variants
+
+
+@dataclass
+class Inputs:
+    """Random token ids and images, the same for every variant."""
+
+    ids: torch.Tensor  # (B, S) training tokens
+    prompt: torch.Tensor  # (B, P) generation prompts
+    pixel_values: torch.Tensor  # (B, 3, H, W)
+    generation: GenerationConfig
+
+
+def make_inputs(preset: Preset, config, device: torch.device, dtype: torch.dtype, seq_len: int | None = None):
+    generator = torch.Generator().manual_seed(0)
+    low = 3  # skip pad/bos/eos ids
+    ids = torch.randint(low, config.vocab_size, (preset.batch, seq_len or preset.seq_len), generator=generator)
+    prompt = torch.randint(low, config.vocab_size, (preset.batch, preset.gen_prompt), generator=generator)
+    ids[:, 0] = prompt[:, 0] = config.bos_token_id
+    size = preset.image_size
+    pixels = torch.rand(preset.batch, 3, size, size, generator=generator)
+    generation = GenerationConfig(
+        max_new_tokens=preset.gen_new,
+        min_new_tokens=preset.gen_new,  # exactly gen_new tokens for every variant
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=config.pad_token_id if config.pad_token_id is not None else config.eos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+    return Inputs(ids.to(device), prompt.to(device), pixels.to(device=device, dtype=dtype), generation)
+
+
+@dataclass
+class Variant:
+    """One model and what is measured on it: a train step and/or a generate call, as closures."""
+
+    key: str  # a key of `models.MODELS`
+    model: nn.Module
+    names: dict[str, str | None]  # "train"/"generate" → the variant name reported, None where not measured
+    calls: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    wall: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "generate": []})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "generate": []})
+    # the reference's time around each measurement (mean of the one before and after), for the paired ratios
+    ref_wall: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "generate": []})
+    ref_cpu: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "generate": []})
+
+
+def _floor_forward(model: nn.Module, inputs: Inputs, prefix: FrozenVisualPrefix | None) -> Callable[[], Any]:
+    embed = model.get_input_embeddings()
+    labels = inputs.ids
+    if prefix is not None:
+        labels = torch.cat([labels.new_full((labels.shape[0], prefix.tokens), -100), labels], dim=1)
+
+    def forward() -> torch.Tensor:
+        embeds = embed(inputs.ids)
+        if prefix is not None:
+            embeds = prefix(inputs.pixel_values, embeds)
+        embeds.requires_grad_(True)  # a leaf: gradients flow through every layer to it and stop there
+        return model(inputs_embeds=embeds, labels=labels, use_cache=False).loss
+
+    return forward
+
+
+def _peft_forward(name: str, model: nn.Module, inputs: Inputs) -> Callable[[], torch.Tensor]:
+    extra = image_kwargs(inputs.pixel_values) if name in IMAGE_VARIANTS else {}
+    return lambda: model(input_ids=inputs.ids, labels=inputs.ids, use_cache=False, **extra).loss
+
+
+def train_step(model: nn.Module, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """forward + backward + AdamW step + zero_grad; a model without trainable parameters steps one dummy scalar."""
+    device = model.get_input_embeddings().weight.device
+    params = trainable_parameters(model) or [nn.Parameter(torch.zeros(1, device=device))]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> torch.Tensor:
+        model.train()
+        loss = forward()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def generate_call(name: str, model: nn.Module, inputs: Inputs, prefix: FrozenVisualPrefix | None):
+    """Cached greedy `generate` of exactly `gen_new` tokens (in eval mode, without grad)."""
+    mask = torch.ones_like(inputs.prompt)
+    extra = image_kwargs(inputs.pixel_values) if name in IMAGE_VARIANTS and prefix is None else {}
+
+    @torch.no_grad()
+    def generate() -> torch.Tensor:
+        model.eval()
+        if prefix is None:
+            return model.generate(
+                input_ids=inputs.prompt, attention_mask=mask, generation_config=inputs.generation, **extra
+            )
+        embeds = prefix(inputs.pixel_values, model.get_input_embeddings()(inputs.prompt))  # base_image
+        full_mask = mask.new_ones(embeds.shape[:2])
+        return model.generate(inputs_embeds=embeds, attention_mask=full_mask, generation_config=inputs.generation)
+
+    return generate
+
+
+def build_variants(keys: Sequence[str], base: nn.Module, preset: Preset, inputs: Inputs) -> dict[str, Variant]:
+    """One `Variant` per model key, each on a weight-sharing copy of `base`."""
+    device = base.get_input_embeddings().weight.device
+    prefix = FrozenVisualPrefix(preset, base.config.hidden_size, device, base.dtype) if "plain_image" in keys else None
+    variants = {}
+    for key in keys:
+        model = build_model(key, base, preset)
+        train_name, gen_name = MODELS[key]
+        variant = Variant(key, model, {"train": train_name, "generate": gen_name})
+        own_prefix = prefix if key == "plain_image" else None
+        if train_name:
+            forward = (
+                _floor_forward(model, inputs, own_prefix)
+                if key.startswith("plain")
+                else _peft_forward(train_name, model, inputs)
+            )
+            variant.calls["train"] = train_step(model, forward)
+        if gen_name:
+            variant.calls["generate"] = generate_call(gen_name, model, inputs, own_prefix)
+        variants[key] = variant
+    return variants
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def reference_key(variant: Variant, kind: str) -> str:
+    """The model whose `kind` call is `variant`'s reference: the plain base, with the encoder for image variants."""
+    return "plain_image" if variant.names[kind] in IMAGE_VARIANTS else "plain"
+
+
+def run_rounds(variants: dict[str, Variant], rounds: int, device: torch.device, seed: int = 0) -> None:
+    """One untimed warm-up call of everything, then `rounds` rounds of A-B-A measurements.
+
+    Each round visits every (model, kind) once, grouped by reference and shuffled, and measures the reference
+    between every two of them: R X₁ R X₂ R … X's time is paired with the mean of the R just before and after it,
+    which cancels load that drifts slower than a step.
+    """
+    jobs = [(key, kind) for key, variant in variants.items() for kind in variant.calls]
+    for key, kind in jobs:
+        variants[key].calls[kind]()
+    rng = random.Random(seed)
+
+    def measure(key: str, kind: str) -> tuple[float, float]:
+        wall, cpu, _ = timed(variants[key].calls[kind], device)
+        variants[key].wall[kind].append(wall)
+        variants[key].cpu[kind].append(cpu)
+        return wall, cpu
+
+    for r in range(rounds):
+        groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        for key, kind in jobs:
+            ref = (reference_key(variants[key], kind), kind)
+            if (key, kind) != ref and ref[0] in variants:
+                groups.setdefault(ref, []).append((key, kind))
+        order = list(groups)
+        rng.shuffle(order)
+        for ref in order:
+            rng.shuffle(groups[ref])
+            before = measure(*ref)
+            for key, kind in groups[ref]:
+                measure(key, kind)
+                after = measure(*ref)
+                variants[key].ref_wall[kind].append((before[0] + after[0]) / 2)
+                variants[key].ref_cpu[kind].append((before[1] + after[1]) / 2)
+                before = after
+        print(f"round {r + 1}/{rounds} done, load {load_average()}", file=sys.stderr, flush=True)
+
+
+def measure_memory(variant: Variant, device: torch.device) -> dict[str, int | None]:
+    """Peak live tensor bytes over one steady-state train step, and the bytes autograd saved for backward."""
+    step = variant.calls["train"]
+    saved = SavedActivations(variant.model)
+    with saved():
+        step()
+    return {**peak_memory(step, device), "saved_activation_bytes": saved.bytes}
+
+
+def paired_ratios(values: list[float], reference: list[float], speed: bool = False) -> list[float]:
+    """time / reference time of each measurement (a cost: 1.05 is 5 % slower), or with `speed` the inverse (a
+    throughput: 0.95 is 5 % fewer tokens/s)."""
+    return [(r / v if speed else v / r) for v, r in zip(values, reference) if r > 0 and v > 0]
+
+
+def summarize(variants: dict[str, Variant], preset: Preset) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per kind and variant name: raw times, medians, and the median of the A-B-A paired ratios."""
+    out: dict[str, dict[str, dict[str, Any]]] = {"train": {}, "generate": {}}
+    for variant in variants.values():
+        for kind in variant.calls:
+            name, speed = variant.names[kind], kind == "generate"
+            reference = (IMAGE_REFERENCE if name in IMAGE_VARIANTS else REFERENCE)[kind]
+            is_reference = variant.key == reference_key(variant, kind)
+            ratios_wall = paired_ratios(variant.wall[kind], variant.ref_wall[kind], speed)
+            ratios_cpu = paired_ratios(variant.cpu[kind], variant.ref_cpu[kind], speed)
+            row: dict[str, Any] = {
+                "reference": reference,
+                "wall_s": variant.wall[kind],
+                "cpu_s": variant.cpu[kind],
+                "median_wall_s": median(variant.wall[kind]),
+                "median_cpu_s": median(variant.cpu[kind]),
+                "ratio_wall": 1.0 if is_reference else median(ratios_wall),
+                "ratio_cpu": 1.0 if is_reference else median(ratios_cpu),
+                "ratios_wall": ratios_wall,
+                "ratios_cpu": ratios_cpu,
+            }
+            if kind == "train":
+                row["trainable_params"] = 0 if variant.key.startswith("plain") else count_parameters(variant.model)
+            else:
+                row["tokens_per_s"] = preset.batch * preset.gen_new / row["median_wall_s"]
+                row["tokens_per_cpu_s"] = preset.batch * preset.gen_new / row["median_cpu_s"]
+            out[kind][name] = row
+    for kind, names in (("train", TRAIN_VARIANTS), ("generate", GEN_VARIANTS)):
+        out[kind] = {name: out[kind][name] for name in names if name in out[kind]}  # a fixed order
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def default_out(preset: str, device: torch.device) -> str:
+    return str(RESULTS_DIR / f"speed_{preset}_{device.type}.json")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    preset = PRESETS[args.preset]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if preset.name == "7b" and device.type not in ("cuda", "meta"):
+        raise SystemExit(
+            "--preset 7b builds a 7B-shaped model on the device and needs --device cuda (or --device meta for a dry "
+            "validation that allocates nothing); refusing to build it on the CPU."
+        )
+    command = "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv)
+    result: dict[str, Any] = {
+        "benchmark": "speed",
+        "command": command.strip(),
+        "preset": preset.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "rounds": args.rounds,
+        "machine": machine_info(device),
+        "settings": vars(preset) | {"threads": torch.get_num_threads()},
+        # a shared CPU's other processes inflate wall time; one thread's CPU time is what the variant itself costs
+        "decisive_metric": "ratio_cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "ratio_wall",
+    }
+    if device.type == "meta":
+        from .dry_run import dry_validate
+
+        result["dry_run"] = dry_validate(preset, dtype)
+        write_json(result, args.out or default_out(preset.name, device))
+        return result
+    started = time.time()
+    torch.manual_seed(0)
+    base = build_base(preset, device, dtype)
+    inputs = make_inputs(preset, base.config, device, dtype)
+    variants = build_variants(args.variants or list(MODELS), base, preset, inputs)
+    run_rounds(variants, args.rounds, device)
+    result |= summarize(variants, preset)
+    if not args.no_memory:
+        for variant in variants.values():
+            if "train" in variant.calls:
+                result["train"][variant.names["train"]].update(measure_memory(variant, device))
+    result["targets"] = check_targets(result)
+    if args.projection or (args.projection is None and preset.name == "7b"):
+        from .projection import measure_projection
+
+        del variants
+        result["projection"] = measure_projection(base, preset, device, dtype)
+    result["load_after"] = load_average()
+    result["elapsed_s"] = round(time.time() - started, 1)
+    path = write_json(result, args.out or default_out(preset.name, device))
+    print_summary(result)
+    print(f"wrote {path}")
+    return result
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    for kind in ("train", "generate"):
+        print(
+            f"\n{kind}: variant, median wall s, ratio (wall), ratio (cpu)"
+            + (", tokens/s" if kind == "generate" else "")
+        )
+        for name, row in result[kind].items():
+            extra = f"  {row['tokens_per_s']:8.1f}" if kind == "generate" else ""
+            ratio_wall, ratio_cpu = row["ratio_wall"] or float("nan"), row["ratio_cpu"] or float("nan")
+            print(f"  {name:20s} {row['median_wall_s']:8.3f}  {ratio_wall:6.3f}  {ratio_cpu:6.3f}{extra}")
+    for target in result.get("targets", []):
+        print(f"{'MET ' if target['met'] else 'MISS'} {target['name']}: {target['value']} (goal {target['goal']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The benchmarks run end to end on a tiny in-memory LLaMA and report every number (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks/` is not installed; it runs from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import projection, speed  # noqa: E402
+from benchmarks.models import GEN_VARIANTS, PRESETS, TRAIN_VARIANTS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed") / "speed.json"
+    speed.main(["--preset", "tiny", "--rounds", "1", "--no-memory", "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_speed_reports_every_variant_with_numbers(tiny_result):
+    assert set(tiny_result["train"]) == set(TRAIN_VARIANTS)
+    assert set(tiny_result["generate"]) == set(GEN_VARIANTS)
+    for kind in ("train", "generate"):
+        for name, row in tiny_result[kind].items():
+            assert len(row["wall_s"]) == len(row["cpu_s"]) >= 1, name  # references: once per A-B-A pair
+            assert row["median_wall_s"] > 0 and row["ratio_wall"] > 0 and row["ratio_cpu"] > 0, name
+            assert row["reference"] in tiny_result[kind], name
+    assert all(row["tokens_per_s"] > 0 for row in tiny_result["generate"].values())
+    assert (
+        tiny_result["train"]["floor"]["trainable_params"]
+        == 0
+        < tiny_result["train"]["lavin_image"]["trainable_params"]
+    )
+
+
+def test_speed_result_carries_machine_command_and_targets(tiny_result):
+    machine = tiny_result["machine"]
+    for key in ("cpu", "cpu_cores", "load_average", "torch", "transformers", "peft", "device_name"):
+        assert key in machine
+    assert tiny_result["command"].startswith("python -m benchmarks.speed --preset tiny")
+    assert tiny_result["decisive_metric"] in ("ratio_cpu", "ratio_wall")
+    names = {target["variant"] for target in tiny_result["targets"]}
+    assert {"v2", "lavin_text", "lavin_image", "v2_merged", "lavin_text_merged", "lavin_image_merged"} <= names
+    assert all(isinstance(target["met"], bool) for target in tiny_result["targets"])
+
+
+def test_memory_probe_reports_peak_and_saved_activations():
+    preset = PRESETS["tiny"]
+    base = speed.build_base(preset, torch.device("cpu"), torch.float32)
+    inputs = speed.make_inputs(preset, base.config, torch.device("cpu"), torch.float32)
+    variant = speed.build_variants(["lora_qv"], base, preset, inputs)["lora_qv"]
+    memory = speed.measure_memory(variant, torch.device("cpu"))
+    assert memory["saved_activation_bytes"] > 0
+    assert memory["peak_bytes"] is None or memory["peak_bytes"] >= memory["before_bytes"] > 0
+
+
+def test_projection_simulates_the_recipe_from_step_times():
+    text = {128: 1.0, 512: 4.0}  # seconds per micro-batch of 4
+    image = {128: 2.0, 512: 5.0}
+    out = projection.project_hours(text, image, {**projection.ASSUMPTIONS, "train_samples": 400, "epochs": 2})
+    assert out["padding_overhead"] > 0 and out["hours"] > 0
+    # 200 micro-batches of at least 64 tokens, each between the text-only and the all-image time
+    assert 200 * 0.5 / 3600 < out["hours"] < 200 * 5.0 / 3600
+    assert projection.interpolate(text, 320) == pytest.approx(2.5)
+    lengths = projection.sample_lengths(1000, random.Random(0))
+    assert all(64 <= length <= 512 for length, _ in lengths)
+
+
+def test_7b_refuses_to_build_on_the_cpu():
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        speed.main(["--preset", "7b", "--device", "cpu"])
