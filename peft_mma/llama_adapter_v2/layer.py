@@ -348,9 +348,9 @@ class OutputProjection(Linear):
 
 
 class Norm(nn.Module, LlamaAdapterV2Layer):
-    """Tuned RMSNorm: y = (w + Δ) ⊙ x / √(mean(x²) + ε). On a `LlamaRMSNorm` it is computed as the base computes it
-    with w + Δ in place of w; on any other norm as base(x) + Δ ⊙ n(x), with n(x) the normalised input. Either way
-    Δ = 0 (init) is exactly the base norm. Δ ∈ R^C is trainable; the official checkpoints store w + Δ."""
+    """Tuned RMSNorm: y = (w + Δ) ⊙ x / √(mean(x²) + ε), computed as base(x) + Δ ⊙ n(x) with n(x) the normalised
+    input (on a `LlamaRMSNorm` from one normalisation shared by both terms), so Δ = 0 (init) is exactly the base
+    norm. Δ ∈ R^C is trainable; the official checkpoints store w + Δ."""
 
     adapter_layer_names = (PREFIX + "norm",)
 
@@ -384,13 +384,12 @@ class Norm(nn.Module, LlamaAdapterV2Layer):
         if self.merged or not active:
             return base(x, *args, **kwargs)
         if type(base).forward is _LLAMA_RMS_NORM and not (base._forward_hooks or base._forward_pre_hooks or args):
-            # LlamaRMSNorm's own computation with w + Δ (rounded as `merge` rounds it): one normalisation, not two
-            weight = base.weight.float()
-            for a in active:
-                weight = weight + deltas[a].float()
+            # LlamaRMSNorm's own computation, w ⊙ n, plus Δ ⊙ n on the same n: one normalisation, not two. Δ is not
+            # rounded into a half-precision w, so a small Δ still counts in a bf16 forward.
             h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + base.variance_epsilon)
-            return weight.to(base.weight.dtype) * h.to(x.dtype)
+            n = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + base.variance_epsilon)).to(x.dtype)
+            delta = sum(deltas[a] for a in active)
+            return base.weight * n + delta.to(n.dtype) * n
         y, n = base(x, *args, **kwargs), self._normalized(x)
         for a in active:
             y = y + deltas[a].to(n.dtype) * n
