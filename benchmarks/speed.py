@@ -78,6 +78,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants", nargs="*", choices=list(MODELS), default=None, help="subset of models to build (default: all)"
     )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=("train", "generate"),
+        default=["train", "generate"],
+        help="what to measure (default: both)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory pass")
     parser.add_argument(
         "--projection",
@@ -351,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
     variants = build_variants(args.variants or list(MODELS), base, preset, inputs)
+    for variant in variants.values():
+        variant.calls = {kind: call for kind, call in variant.calls.items() if kind in args.kinds}
     run_rounds(variants, args.rounds, device)
     result |= summarize(variants, preset)
     if not args.no_memory:
