@@ -153,6 +153,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         self.mma_lavin_modality[adapter_name] = nn.Parameter(torch.randn(2, width, **kw))  # E_m ~ N(0, 1)
         if visual is None:
             return
+        if embed.is_floating_point() and embed.device.type != "meta":
+            visual.to(dtype=embed.dtype)  # the frozen encoder in the base's precision; its adapters stay fp32
         if config.vision_adapters:
             for block in visual.blocks:
                 attn_name = "attn" if hasattr(block, "attn") else "self_attn"
