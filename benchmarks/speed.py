@@ -326,8 +326,8 @@ def default_out(preset: str, device: torch.device) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     preset = PRESETS[args.preset]
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" or preset.name == "7b" else "fp32")]
     if args.threads:
         torch.set_num_threads(args.threads)
     if preset.name == "7b" and device.type not in ("cuda", "meta"):
