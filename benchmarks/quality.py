@@ -29,14 +29,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator
-from peft_mma.data.procedural import instruction_dataset, visual_qa_dataset
+from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, prompt_and_response
+from peft_mma.data.procedural import QUESTIONS, instruction_dataset, visual_qa_dataset
 from peft_mma.data.templates import OPTION_LETTERS, scienceqa_answer
 
 from .common import RESULTS_DIR, load_average, machine_info, write_json
 from .quality_methods import IMAGE_SIZE, TEXT_METHODS, VISION_KWARGS, VISION_MODEL, VQA_METHODS, Method, build_method
 
-DEFAULT_LR = {"lavin": 5e-3, "v2": 5e-3, "lora_projector": 2e-3, "v2_bias_scale": 5e-3, "lora_qv": 2e-3}
+DEFAULT_LR = {"lavin": 2e-3, "v2": 2e-3, "lora_projector": 2e-3, "v2_bias_scale": 5e-3, "lora_qv": 2e-3}
 TEXT_LOSS_GOAL = 0.02  # text-only held-out loss may rise by at most 2 % after multimodal tuning
 ACCURACY_GOAL, CPU_MINUTES_GOAL = 0.95, 10.0
 
@@ -84,11 +84,14 @@ def letter_ids(tokenizer) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def vqa_accuracy(method: Method, samples: list[dict], collator, letters: tuple[list[int], int], batch: int) -> float:
-    """Share of held-out samples whose answer letter scores highest among A-D at its position."""
+def vqa_accuracy(
+    method: Method, samples: list[dict], collator, letters: tuple[list[int], int], batch: int
+) -> dict[str, float]:
+    """Share of held-out samples whose answer letter scores highest among A-D at its position: overall, and per
+    question ("position", "colour")."""
     ids, offset = letters
     method.eval()
-    correct = 0
+    hits: list[bool] = []
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
         data = collator(chunk)
@@ -99,8 +102,13 @@ def vqa_accuracy(method: Method, samples: list[dict], collator, letters: tuple[l
         position = first + offset - 1 - (labels.shape[1] - keep)  # logits index that predicts the letter
         scores = logits[torch.arange(len(chunk)), position][:, ids]  # (B, 4)
         truth = torch.tensor([OPTION_LETTERS.index(s["answer"]) for s in chunk])
-        correct += int((scores.argmax(-1) == truth).sum())
-    return correct / len(samples)
+        hits += (scores.argmax(-1) == truth).tolist()
+    out = {"accuracy": sum(hits) / len(hits)}
+    for kind, question in QUESTIONS.items():
+        picked = [hit for hit, sample in zip(hits, samples) if sample["question"] == question]
+        if picked:
+            out[f"accuracy_{kind}"] = sum(picked) / len(picked)
+    return out
 
 
 @torch.no_grad()
@@ -174,11 +182,24 @@ def train(
 # ---------------------------------------------------------------- experiments
 
 
+def bos_first(bos: str):
+    """A collator `prompt_fn` that starts every prompt with the BOS token: LaVIN then puts its visual tokens right
+    after it, as its official [BOS, image, text] sequences have them (the soft tokens of `lora_projector` too)."""
+
+    def prompt_fn(sample: dict) -> tuple[str, str]:
+        prompt, response = prompt_and_response(sample)
+        return bos + prompt, response
+
+    return prompt_fn
+
+
 def run_vqa(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
     train_set = visual_qa_dataset(args.train_size, seed=args.seed, image_size=IMAGE_SIZE)
     held_out = visual_qa_dataset(args.eval_size, seed=args.seed + 1, image_size=IMAGE_SIZE, split="eval")
     text_set = instruction_dataset(48, seed=args.seed, split="eval")
     collator = CausalLMCollator(tokenizer, max_length=128, padding_side="left", image_size=IMAGE_SIZE)
+    if not collator.bos and tokenizer.bos_token:  # SmolLM2 adds no BOS: give the [BOS, image, text] layout
+        collator.prompt_fn = bos_first(tokenizer.bos_token)
     text_collator = CausalLMCollator(tokenizer, max_length=96, padding_side="left")
     letters = letter_ids(tokenizer)
     steps = args.steps or 240
@@ -189,7 +210,7 @@ def run_vqa(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
         lr = args.lr or DEFAULT_LR[name]
 
         def evaluate(method=method) -> dict[str, float]:
-            return {"accuracy": vqa_accuracy(method, held_out, collator, letters, 16)}
+            return vqa_accuracy(method, held_out, collator, letters, 16)
 
         curve = train(method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every)
         after = text_loss(method, text_set, text_collator, args.batch_size)

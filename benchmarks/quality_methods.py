@@ -77,10 +77,15 @@ class LoRAProjector(Method):
             cls = self.backbone.encoder.forward_features(batch["pixel_values"])[:, 0]  # (B, C_v), final norm
         soft = self.proj(cls).view(len(ids), SOFT_TOKENS, -1) * batch["has_image"].view(-1, 1, 1)  # (B, k, C)
         embeds = torch.cat([soft.to(embeds.dtype), embeds], dim=1)  # (B, k + S, C)
-        mask = torch.cat([mask.new_ones(len(ids), SOFT_TOKENS), mask], dim=1)
-        order = torch.argsort(mask, dim=1, stable=True)  # left padding stays on the left of the soft tokens
+        # order each row as [padding, BOS, soft tokens, text], LaVIN's layout for its visual tokens
+        rank = torch.where(mask.bool(), 3, 0)  # (B, S)
+        rows, first = torch.arange(len(ids)), mask.argmax(1)
+        is_bos = ids[rows, first] == self.model.config.bos_token_id
+        rank[rows[is_bos], first[is_bos]] = 1
+        rank = torch.cat([rank.new_full((len(ids), SOFT_TOKENS), 2), rank], dim=1)  # (B, k + S)
+        order = torch.argsort(rank, dim=1, stable=True)
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))
-        mask = mask.gather(1, order)
+        mask = torch.cat([mask.new_ones(len(ids), SOFT_TOKENS), mask], dim=1).gather(1, order)
         out = self.model(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -91,17 +96,18 @@ class LoRAProjector(Method):
         return out.logits
 
 
-def build_method(name: str, base: nn.Module, multimodal: bool, seed: int = 0) -> Method:
+def build_method(name: str, base: nn.Module, multimodal: bool, seed: int = 0, **overrides: Any) -> Method:
     """Method `name` (see the module docstring) on a weight-sharing copy of `base`, adapters seeded by `seed`;
-    `multimodal` gives V2 its visual path."""
+    `multimodal` gives V2 its visual path; `overrides` go into the config of a peft_mma method."""
     torch.manual_seed(seed)
     model = share_weights_copy(base)
     vision = dict(vision_model=VISION_MODEL, vision_pretrained=False, vision_model_kwargs=VISION_KWARGS)
     if name == "lavin":
-        config = LaVINConfig(**vision, vision_feature_every=2)  # 6 visual tokens, LaVIN's count
+        config = LaVINConfig(**{**vision, "vision_feature_every": 2, **overrides})  # 6 visual tokens, LaVIN's count
         return Method(name, get_peft_model(model, config), IMAGE_FLAG_KWARG["lavin"])
     if name == "v2" and multimodal:
-        config = LlamaAdapterV2Config(**vision, visual_width=192, visual_depth=2, visual_heads=3)
+        small_bridge = dict(visual_width=192, visual_depth=2, visual_heads=3)
+        config = LlamaAdapterV2Config(**{**vision, **small_bridge, **overrides})
         return Method(name, get_peft_model(model, config), IMAGE_FLAG_KWARG["adapter-v2"])
     if name == "lora_projector":
         return LoRAProjector(get_peft_model(model, _lora_qv()))

@@ -78,6 +78,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants", nargs="*", choices=list(MODELS), default=None, help="subset of models to build (default: all)"
     )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=("train", "generate"),
+        default=["train", "generate"],
+        help="what to measure (default: both)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory pass")
     parser.add_argument(
         "--projection",
@@ -319,8 +326,8 @@ def default_out(preset: str, device: torch.device) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     preset = PRESETS[args.preset]
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" or preset.name == "7b" else "fp32")]
     if args.threads:
         torch.set_num_threads(args.threads)
     if preset.name == "7b" and device.type not in ("cuda", "meta"):
@@ -351,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
     variants = build_variants(args.variants or list(MODELS), base, preset, inputs)
+    for variant in variants.values():
+        variant.calls = {kind: call for kind, call in variant.calls.items() if kind in args.kinds}
     run_rounds(variants, args.rounds, device)
     result |= summarize(variants, preset)
     if not args.no_memory:

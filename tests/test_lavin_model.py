@@ -360,3 +360,14 @@ def test_generate_encodes_images_and_routes_once_per_call(monkeypatch):
         out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 7 + 6)
     assert counts == {"side pass": 1, "images": 1}
+
+
+def test_frozen_encoder_follows_the_base_dtype_and_adapters_stay_fp32():
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), LaVINConfig(**VISION)).eval()
+    encoder = model.base_model.mma_lavin_visual["default"].encoder
+    frozen = {p.dtype for n, p in encoder.named_parameters() if "mma_lavin_" not in n}
+    adapters = {p.dtype for n, p in encoder.named_parameters() if "mma_lavin_" in n}
+    assert frozen == {torch.bfloat16} and adapters == {torch.float32}
+    with torch.no_grad():
+        logits = model(input_ids=ids_with_bos(), pixel_values=torch.randn(2, 3, 28, 28)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

@@ -111,3 +111,34 @@ def test_visual_path_matches_the_reference(fusion):
     fused = sum(m.visual_fused["default"] for m in model.modules() if isinstance(m, OutputProjection))
     assert fused == (1 if fusion == "early" else 3)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_output_scale_keeps_its_output_and_gives_autograd_gradients():
+    from peft_mma.llama_adapter_v2.layer import _OutputScale
+
+    z = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(_OutputScale.apply, (z, s))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: kept.append(t.untyped_storage().data_ptr()) or t, lambda t: t
+    ):
+        y = _OutputScale.apply(z * 1, s)
+    assert y.untyped_storage().data_ptr() in kept and len(kept) == 2  # y and s: the output, not the input
+
+
+def test_training_gradients_equal_plain_autograd(monkeypatch):
+    from peft_mma.llama_adapter_v2 import layer
+
+    model = get_peft_model(tiny_llama("gqa", "sdpa"), LlamaAdapterV2Config(init_weights=False))
+    x = ids(2, 6)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(input_ids=x).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ours = gradients()
+    monkeypatch.setattr(layer._OutputScale, "apply", staticmethod(lambda z, s: z * s))
+    for name, grad in gradients().items():
+        torch.testing.assert_close(ours[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -130,12 +130,15 @@ class LaVINLayer(MMATunerLayer):
 
         With one routing weight per sample (the decoder), the two paths are mixed in weight space first:
         U_b = s·(w0·B + w1·D)ᵀ (h × C) and c_b = s·(w0·b + w1·d) per sample, then one batched matmul
-        c_b + z U_b, instead of two grouped matmuls and three mixing passes over (B, T, C) activations.
+        c_b + z U_b, instead of two grouped matmuls and three mixing passes over (B, T, C) activations (which
+        autograd would also keep). Sequences no longer than h (the side pass) mix the outputs as written, which is
+        then the smaller graph; without gradients, the mixed weights are reused across decoding steps.
         """
         w = self._weights(name, x)
         z = self.mma_lavin_dropout[name](self.mma_lavin_down[name](x))  # (…, h)
         s = self.scale[name]
-        if self.routing == "token" or x.ndim != 3:
+        short = torch.is_grad_enabled() and x.shape[-2] <= z.shape[-1]
+        if self.routing == "token" or x.ndim != 3 or short:
             return s * (w[..., :1] * self.mma_lavin_up0[name](z) + w[..., 1:] * self.mma_lavin_up1[name](z))
         u, c = self._mixed_up(name, w.reshape(-1, 2), s)
         return torch.baddbmm(c[:, None], z, u)  # (B, T, C)

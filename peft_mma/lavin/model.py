@@ -128,6 +128,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         )
         if visual is None:
             return
+        if embed.is_floating_point() and embed.device.type != "meta":
+            visual.to(dtype=embed.dtype)  # the frozen encoder in the base's precision; its adapters stay fp32
         if config.vision_adapters:
             add_encoder_adapters(visual, adapter_name, config, training=self.training)
         if embed.device.type != "meta":

@@ -44,6 +44,27 @@ class LlamaAdapterV2Layer(MMATunerLayer):
                 getattr(base, name).data = tensor
 
 
+class _OutputScale(torch.autograd.Function):
+    """y = s ⊙ z that keeps y, not z, for backward: ∂L/∂s = Σ (∂L/∂y ⊙ y) / s, ∂L/∂z = ∂L/∂y ⊙ s.
+
+    The next op usually keeps y itself (SiLU keeps the gate output, the MLP product the up output, attention v), so
+    the scale then costs no activation memory of its own. Needs s without zero entries, as `Linear.unmerge` does.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        y = z * s
+        ctx.save_for_backward(y, s)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        y, s = ctx.saved_tensors
+        grad_z = grad * s if ctx.needs_input_grad[0] else None
+        grad_s = (grad * y).sum(dim=tuple(range(grad.ndim - 1))) / s if ctx.needs_input_grad[1] else None
+        return grad_z, grad_s
+
+
 class Linear(nn.Module, LlamaAdapterV2Layer):
     """Bias, scale and LoRA on a frozen linear layer W (with its own bias b₀, if any):
 
@@ -138,7 +159,7 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
             y = y + (lora_B(lora_A[a](x.to(lora_B.weight.dtype))) * self.lora_scaling[a]).to(y.dtype)
         for s, side in scales:
             if side == "output":
-                y = y * s.to(y.dtype)
+                y = _OutputScale.apply(y, s.to(y.dtype)) if torch.is_grad_enabled() else y * s.to(y.dtype)
         return y.to(dtype)
 
     def _base_plus_bias(self, x: torch.Tensor, biases: list[torch.Tensor], *args, **kwargs) -> torch.Tensor:

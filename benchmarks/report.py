@@ -1,0 +1,155 @@
+"""Markdown tables from the result JSON files, written into benchmarks/README.md between the results markers.
+
+python -m benchmarks.report
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import RESULTS_DIR
+
+README = Path(__file__).resolve().parent / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS_DIR / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _machine(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    load = f"load average {m['load_average']} at start, {result.get('load_after')} at the end"
+    device = m["device_name"] if m["device"] != "cpu" else f"{m['cpu']} ({m['cpu_cores']} cores, shared)"
+    return (
+        f"{device}, {m['torch_threads']} thread(s), {load}; torch {m['torch']}, transformers {m['transformers']}, "
+        f"peft {m['peft']}, commit `{m['git_commit']}`"
+    )
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.3f}–{max(values):.3f}" if values else "–"
+
+
+def speed_tables(result: dict[str, Any]) -> str:
+    metric = result.get("decisive_metric", "ratio_wall")
+    spread = metric.replace("ratio_", "ratios_")
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {_machine(result)}.  ",
+        f"Setting: {result['preset']}, {result['dtype']}, batch {result['settings']['batch']} × "
+        f"{result['settings']['seq_len']} tokens (train), {result['settings']['gen_prompt']} prompt + "
+        f"{result['settings']['gen_new']} new tokens (generate), {result['rounds']} rounds. Ratios are medians of "
+        f"A-B-A paired ratios; `{metric}` decides the targets.",
+        "",
+        "| train step | trainable params | ratio (CPU time) | range over rounds | ratio (wall) | median s | "
+        "peak memory MiB | saved activations MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in result["train"].items():
+        peak = row.get("peak_bytes")
+        saved = row.get("saved_activation_bytes")
+        lines.append(
+            f"| {name} (÷ {row['reference']}) | {row['trainable_params']:,} | {_fmt(row['ratio_cpu'])} | "
+            f"{_spread(row.get(spread, []))} | {_fmt(row['ratio_wall'])} | {_fmt(row['median_wall_s'], 2)} | "
+            f"{_fmt(peak / 2**20 if peak else None, 0)} | {_fmt(saved / 2**20 if saved is not None else None, 0)} |"
+        )
+    lines += [
+        "",
+        "| generate | tokens/s (wall) | ratio (CPU time) | range over rounds | ratio (wall) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in result["generate"].items():
+        lines.append(
+            f"| {name} (÷ {row['reference']}) | {_fmt(row['tokens_per_s'], 1)} | {_fmt(row['ratio_cpu'])} | "
+            f"{_spread(row.get(spread, []))} | {_fmt(row['ratio_wall'])} |"
+        )
+    lines += ["", "| target | value | goal | met |", "|---|---:|---|---|"]
+    for target in result.get("targets", []):
+        lines.append(
+            f"| {target['name']} | {target['value']} | {target['goal']} | {'yes' if target['met'] else '**no**'} |"
+        )
+    return "\n".join(lines)
+
+
+def quality_tables(vqa: dict[str, Any] | None, instruction: dict[str, Any] | None) -> str:
+    lines = []
+    if vqa:
+        settings = vqa["settings"]
+        lines += [
+            f"Command: `{vqa['command']}`  ",
+            f"Machine: {_machine(vqa)}.  ",
+            f"Visual QA: {settings['steps']} steps × batch {settings['batch_size']}, held-out {settings['eval_size']} "
+            f"questions, frozen random `{settings['vision_model']}` {settings['vision_kwargs']}.",
+            "",
+            "| method | lr | trainable | accuracy by step | best | ≥ 95 % at step (CPU min) "
+            "| text loss before → after |",
+            "|---|---:|---:|---|---:|---|---|",
+        ]
+        for name, run in vqa["runs"].items():
+            curve = " ".join(f"{p['step']}:{p['accuracy']:.2f}" for p in run["curve"])
+            reached = (
+                f"{run['reached_goal_at_step']} ({run['reached_goal_at_cpu_min']:.1f})"
+                if run["reached_goal_at_step"] is not None
+                else "not reached"
+            )
+            change = f"{run['text_loss_before']:.3f} → {run['text_loss_after']:.3f} ({run['text_loss_change']:+.1%})"
+            lines.append(
+                f"| {name} | {run['lr']:g} | {run['trainable_params']:,} | {curve} | {run['best_accuracy']:.2f} | "
+                f"{reached} | {change} |"
+            )
+    if instruction:
+        settings = instruction["settings"]
+        lines += [
+            "",
+            f"Command: `{instruction['command']}`  ",
+            f"Machine: {_machine(instruction)}.  ",
+            f"Instructions: {settings['steps']} steps × batch {settings['batch_size']}, "
+            f"held-out {settings['eval_size']}.",
+            "",
+            "| method | lr | trainable | held-out loss by step | exact match | train CPU min |",
+            "|---|---:|---:|---|---:|---:|",
+        ]
+        for name, run in instruction["runs"].items():
+            curve = " ".join(f"{p['step']}:{p['held_out_loss']:.3f}" for p in run["curve"])
+            minutes = run["curve"][-1]["train_cpu_s"] / 60
+            lines.append(
+                f"| {name} | {run['lr']:g} | {run['trainable_params']:,} | {curve} | {run['exact_match']:.2f} | "
+                f"{minutes:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> str:
+    parts = []
+    for name in ("speed_smollm2_cpu.json", "speed_7b_cuda.json"):
+        result = _load(name)
+        if result and "train" in result:
+            parts.append(
+                f"### Speed and memory: `{name}`\n\n![speed]({Path('results') / name.replace('.json', '.png')})\n\n"
+                + speed_tables(result)
+            )
+    vqa, instruction = _load("quality_vqa.json"), _load("quality_instruction.json")
+    if vqa or instruction:
+        plots = "".join(
+            f"![{n}](results/{n}.png)\n" for n, r in (("quality_vqa", vqa), ("quality_instruction", instruction)) if r
+        )
+        parts.append("### Learning quality\n\n" + plots + "\n" + quality_tables(vqa, instruction))
+    body = "\n\n".join(parts)
+    text = README.read_text()
+    if START in text and END in text:
+        text = text.split(START)[0] + START + "\n" + body + "\n" + END + text.split(END, 1)[1]
+        README.write_text(text)
+        print(f"updated {README}")
+    return body
+
+
+if __name__ == "__main__":
+    main()
