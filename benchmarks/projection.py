@@ -59,11 +59,14 @@ def sample_lengths(count: int, rng: random.Random, a: dict[str, Any] = ASSUMPTIO
 
 
 def interpolate(points: dict[int, float], length: float) -> float:
-    """Piecewise-linear T(L) through the measured points, extended linearly beyond them."""
+    """Piecewise-linear T(L) through the measured points; below them the shortest point's time, above them the
+    longest point's time scaled by L / L_max (never negative, whatever the noise between the points)."""
     xs = sorted(points)
-    if len(xs) == 1:
-        return points[xs[0]] * length / xs[0]
-    i = max(1, min(len(xs) - 1, next((j for j, x in enumerate(xs) if x >= length), len(xs) - 1)))
+    if length <= xs[0]:
+        return points[xs[0]]
+    if length >= xs[-1]:
+        return points[xs[-1]] * length / xs[-1]
+    i = next(j for j, x in enumerate(xs) if x >= length)
     x0, x1 = xs[i - 1], xs[i]
     return points[x0] + (points[x1] - points[x0]) * (length - x0) / (x1 - x0)
 

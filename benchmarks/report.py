@@ -79,9 +79,9 @@ def speed_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def quality_tables(vqa: dict[str, Any] | None, instruction: dict[str, Any] | None) -> str:
+def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | None) -> str:
     lines = []
-    if vqa:
+    for vqa in vqas:
         settings = vqa["settings"]
         lines += [
             f"Command: `{vqa['command']}`  ",
@@ -89,12 +89,15 @@ def quality_tables(vqa: dict[str, Any] | None, instruction: dict[str, Any] | Non
             f"Visual QA: {settings['steps']} steps × batch {settings['batch_size']}, held-out {settings['eval_size']} "
             f"questions, frozen random `{settings['vision_model']}` {settings['vision_kwargs']}.",
             "",
-            "| method | lr | trainable | accuracy by step | best | ≥ 95 % at step (CPU min) "
-            "| text loss before → after |",
+            "| method | lr | trainable | accuracy by step (colour / position at the end) | best | ≥ 95 % at step "
+            "(CPU min) | text loss before → after |",
             "|---|---:|---:|---|---:|---|---|",
         ]
         for name, run in vqa["runs"].items():
             curve = " ".join(f"{p['step']}:{p['accuracy']:.2f}" for p in run["curve"])
+            last = run["curve"][-1]
+            colour, position = last.get("accuracy_colour", float("nan")), last.get("accuracy_position", float("nan"))
+            curve += f" ({colour:.2f} / {position:.2f})"
             reached = (
                 f"{run['reached_goal_at_step']} ({run['reached_goal_at_cpu_min']:.1f})"
                 if run["reached_goal_at_step"] is not None
@@ -105,6 +108,7 @@ def quality_tables(vqa: dict[str, Any] | None, instruction: dict[str, Any] | Non
                 f"| {name} | {run['lr']:g} | {run['trainable_params']:,} | {curve} | {run['best_accuracy']:.2f} | "
                 f"{reached} | {change} |"
             )
+        lines.append("")
     if instruction:
         settings = instruction["settings"]
         lines += [
@@ -136,12 +140,22 @@ def main() -> str:
                 f"### Speed and memory: `{name}`\n\n![speed]({Path('results') / name.replace('.json', '.png')})\n\n"
                 + speed_tables(result)
             )
-    vqa, instruction = _load("quality_vqa.json"), _load("quality_instruction.json")
-    if vqa or instruction:
-        plots = "".join(
-            f"![{n}](results/{n}.png)\n" for n, r in (("quality_vqa", vqa), ("quality_instruction", instruction)) if r
+    vqas = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("quality_vqa*.json"))]
+    instruction = _load("quality_instruction.json")
+    if vqas or instruction:
+        names = [p.stem for p in sorted(RESULTS_DIR.glob("quality_*.json"))]
+        plots = "".join(f"![{n}](results/{n}.png)\n" for n in names)
+        parts.append("### Learning quality\n\n" + plots + "\n" + quality_tables(vqas, instruction))
+    ablation = _load("ablation_v2_merged_generate.json")
+    if ablation:
+        rows = "\n".join(
+            f"| {n} | {v:.3f} | {_spread(ablation['ratios_cpu'][n])} |" for n, v in ablation["ratio_cpu"].items()
         )
-        parts.append("### Learning quality\n\n" + plots + "\n" + quality_tables(vqa, instruction))
+        parts.append(
+            "### V2 merged generation, ablation\n\n"
+            f"Command: `{ablation['command'].strip()}`  \nMachine: {_machine(ablation)}.\n\n"
+            "| V2 merged, with | tokens/s ÷ plain base (CPU time) | range |\n|---|---:|---:|\n" + rows
+        )
     body = "\n\n".join(parts)
     text = README.read_text()
     if START in text and END in text:

@@ -70,6 +70,7 @@ def test_projection_simulates_the_recipe_from_step_times():
     # 200 micro-batches of at least 64 tokens, each between the text-only and the all-image time
     assert 200 * 0.5 / 3600 < out["hours"] < 200 * 5.0 / 3600
     assert projection.interpolate(text, 320) == pytest.approx(2.5)
+    assert projection.interpolate(text, 64) == 1.0 and projection.interpolate(text, 1024) == pytest.approx(8.0)
     lengths = projection.sample_lengths(1000, random.Random(0))
     assert all(64 <= length <= 512 for length, _ in lengths)
 
@@ -77,3 +78,12 @@ def test_projection_simulates_the_recipe_from_step_times():
 def test_7b_refuses_to_build_on_the_cpu():
     with pytest.raises(SystemExit, match="needs --device cuda"):
         speed.main(["--preset", "7b", "--device", "cpu"])
+
+
+def test_projection_measures_steps_checkpointing_and_4bit_on_a_tiny_model():
+    preset = PRESETS["tiny"]
+    base = speed.build_base(preset, torch.device("cpu"), torch.float32)
+    out = projection.measure_projection(base, preset, torch.device("cpu"), torch.float32, rounds=1)
+    assert set(out["step_time_s"]) == {"text", "image"} and out["projection"]["hours"] > 0
+    for key in ("no_checkpointing", "checkpointing", "4bit_checkpointing"):
+        assert "peak_gb" in out["memory"][key] or "error" in out["memory"][key], key
