@@ -60,7 +60,8 @@ class Method(nn.Module):
 
 
 class LoRAProjector(Method):
-    """LoRA r8 q,v + Linear(CLS of the frozen encoder → `SOFT_TOKENS` × C) soft tokens before the text."""
+    """LoRA r8 q,v + Linear(CLS of the frozen encoder → `SOFT_TOKENS` × C) soft tokens before the text; a
+    text-only sample's soft tokens are masked out."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__("lora_projector", model)
@@ -85,7 +86,8 @@ class LoRAProjector(Method):
         rank = torch.cat([rank.new_full((len(ids), SOFT_TOKENS), 2), rank], dim=1)  # (B, k + S)
         order = torch.argsort(rank, dim=1, stable=True)
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))
-        mask = torch.cat([mask.new_ones(len(ids), SOFT_TOKENS), mask], dim=1).gather(1, order)
+        soft_mask = batch["has_image"].to(mask.dtype).view(-1, 1).expand(-1, SOFT_TOKENS)  # text-only: no tokens
+        mask = torch.cat([soft_mask, mask], dim=1).gather(1, order)
         out = self.model(
             inputs_embeds=embeds,
             attention_mask=mask,

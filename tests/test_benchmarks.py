@@ -87,3 +87,41 @@ def test_projection_measures_steps_checkpointing_and_4bit_on_a_tiny_model():
     assert set(out["step_time_s"]) == {"text", "image"} and out["projection"]["hours"] > 0
     for key in ("no_checkpointing", "checkpointing", "4bit_checkpointing"):
         assert "peak_gb" in out["memory"][key] or "error" in out["memory"][key], key
+
+
+class _CharTokenizer:
+    """One id per character: enough for `quality.general_text`, which only tokenizes."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_general_text_is_fixed_prose_from_python_docs():
+    from benchmarks import quality
+
+    chunks = quality.general_text(_CharTokenizer(), count=6, length=50)
+    again = quality.general_text(_CharTokenizer(), count=6, length=50)
+    assert chunks.shape == (6, 50) and torch.equal(chunks, again)
+    text = "".join(map(chr, chunks.flatten().tolist()))
+    assert "::=" not in text and ">>>" not in text  # grammar rules and code are left out
+    assert sum(c.isalpha() or c.isspace() for c in text) / len(text) > 0.85
+    with pytest.raises(ValueError, match="fewer than"):
+        quality.general_text(_CharTokenizer(), count=10**6, length=64)
+
+
+def test_prose_loss_is_the_base_models_loss_at_init():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks import quality
+    from benchmarks.quality_methods import Method
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 200, (5, 12))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert quality.prose_loss(Method("base", model), ids, batch=2) == pytest.approx(float(expected), rel=1e-5)
