@@ -143,7 +143,8 @@ def general_text(tokenizer, count: int = 48, length: int = 64) -> torch.Tensor:
     for name in sorted(topics):
         for paragraph in topics[name].split("\n\n"):
             lines = paragraph.strip().splitlines()
-            if len(lines) < 3 or any(line.startswith((" ", "*", "=", "-", ">>>")) for line in lines) or "::" in paragraph:
+            markup = any(line.startswith((" ", "*", "=", "-", ">>>")) for line in lines) or "::" in paragraph
+            if len(lines) < 3 or markup:
                 continue
             ids += tokenizer(" ".join(lines) + "\n\n", add_special_tokens=False)["input_ids"]
             if len(ids) >= count * length:
