@@ -88,7 +88,7 @@ def plot_quality(result: dict[str, Any], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    vqa = result["benchmark"] == "quality_vqa"
+    vqa = "accuracy" in next(iter(result["runs"].values()))["curve"][0]
     key = "accuracy" if vqa else "held_out_loss"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, run in result["runs"].items():
@@ -105,7 +105,12 @@ def plot_quality(result: dict[str, Any], out: Path) -> Path:
             ax.axhline(0.95, linestyle="--", color="black", linewidth=0.8)
             ax.axhline(0.25, color="grey", linewidth=0.5)
         ax.legend()
-    title = "procedural visual QA (4-way)" if vqa else "procedural instructions"
+    title = "procedural instructions"
+    if vqa:
+        share = result["settings"].get("text_only_train_samples", 0) / (
+            result["settings"]["train_size"] + result["settings"].get("text_only_train_samples", 0)
+        )
+        title = f"procedural visual QA (4-way), {share:.0%} of the tuning samples text only"
     fig.suptitle(f"{title}, SmolLM2-135M-Instruct, on {_machine(result)}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -1,15 +1,16 @@
 """Learning quality on SmolLM2-135M-Instruct: what each method learns at equal steps, and at what CPU cost.
 
-    python -m benchmarks.quality                                  # both experiments, all methods
+    python -m benchmarks.quality                                  # every experiment, all methods
     python -m benchmarks.quality --experiment vqa --methods lavin --lr 5e-3 --steps 300
 
 * ``vqa``: the procedural visual QA (`peft_mma.data.procedural.visual_qa_dataset`, 4 options, chance 25 %) with a
   frozen, randomly initialised timm ViT (`quality_methods`). Held-out accuracy (the answer letter's logit among
   A-D, teacher-forced) every `--eval-every` steps, with the training wall and CPU time (`time.process_time`) spent
-  so far. As in LaVIN's ScienceQA recipe (about half of its questions have no image), a share `--text-share` of
-  the tuning samples is text only (procedural instructions). Before and after tuning, the language-modelling
-  loss on held-out English prose (`general_text`, from Python's own documentation, text only): the MMA claim is
-  that routing keeps language ability (goal: within +2 %).
+  so far; tuned on image questions alone. Before and after tuning, the language-modelling loss on held-out
+  English prose (`general_text`, from Python's own documentation, text only).
+* ``retention``: the same, tuned as LaVIN's ScienceQA recipe is, where about half the questions have no image: a
+  share `--text-share` (default 0.5) of the tuning samples is text only (procedural instructions). The MMA claim
+  is that routing keeps language ability: the prose loss after tuning within +2 % of before.
 * ``instruction``: the procedural instruction set; V2 bias/scale (no prompts) and V2 default against PEFT LoRA
   r8 q,v at equal steps: held-out loss curve and greedy exact match at the end.
 
@@ -40,21 +41,22 @@ from .quality_methods import IMAGE_SIZE, TEXT_METHODS, VISION_KWARGS, VISION_MOD
 
 DEFAULT_LR = {"lavin": 2e-3, "v2": 2e-3, "lora_projector": 2e-3, "v2_bias_scale": 5e-3, "lora_qv": 2e-3}
 TEXT_LOSS_GOAL = 0.02  # the prose loss may rise by at most 2 % after multimodal tuning
+RETENTION_TEXT_SHARE = 0.5  # ScienceQA: about half of the questions have no image
 ACCURACY_GOAL, CPU_MINUTES_GOAL = 0.95, 10.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", choices=("vqa", "instruction", "all"), default="all")
+    parser.add_argument("--experiment", choices=("vqa", "retention", "instruction", "all"), default="all")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every method of the experiment")
-    parser.add_argument("--steps", type=int, default=None, help="default: 240 (vqa), 150 (instruction)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 240 (vqa, retention), 150 (instruction)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="default: per method, `DEFAULT_LR`")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-size", type=int, default=96)
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument(
-        "--text-share", type=float, default=0.5, help="vqa: share of text-only tuning samples (default 0.5)"
+        "--text-share", type=float, default=None, help="share of text-only tuning samples (vqa 0, retention 0.5)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -233,11 +235,14 @@ def bos_first(bos: str):
     return prompt_fn
 
 
-def run_vqa(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
-    if not 0 <= args.text_share < 1:
-        raise ValueError(f"`--text-share` must be in [0, 1), got {args.text_share}.")
+def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) -> dict[str, Any]:
+    """Visual QA accuracy by step and the prose loss before/after, tuned with a share `text_share` of text-only
+    samples (`--text-share` overrides it)."""
+    text_share = text_share if args.text_share is None else args.text_share
+    if not 0 <= text_share < 1:
+        raise ValueError(f"`--text-share` must be in [0, 1), got {text_share}.")
     train_set = visual_qa_dataset(args.train_size, seed=args.seed, image_size=IMAGE_SIZE)
-    text_count = round(args.train_size * args.text_share / (1 - args.text_share))
+    text_count = round(args.train_size * text_share / (1 - text_share))
     train_set += instruction_dataset(text_count, seed=args.seed, split="train") if text_count else []
     held_out = visual_qa_dataset(args.eval_size, seed=args.seed + 1, image_size=IMAGE_SIZE, split="eval")
     prose = general_text(tokenizer)
@@ -362,7 +367,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base.requires_grad_(False)
     command = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {}
-    for experiment, run in (("vqa", run_vqa), ("instruction", run_instruction)):
+    experiments = {
+        "vqa": run_vqa,
+        "retention": lambda *a: run_vqa(*a, text_share=RETENTION_TEXT_SHARE),
+        "instruction": run_instruction,
+    }
+    for experiment, run in experiments.items():
         if args.experiment not in (experiment, "all"):
             continue
         started = time.time()

@@ -143,7 +143,8 @@ def main() -> str:
                 f"### Speed and memory: `{name}`\n\n![speed]({Path('results') / name.replace('.json', '.png')})\n\n"
                 + speed_tables(result)
             )
-    vqas = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("quality_vqa*.json"))]
+    files = [*sorted(RESULTS_DIR.glob("quality_vqa*.json")), RESULTS_DIR / "quality_retention.json"]
+    vqas = [json.loads(p.read_text()) for p in files if p.exists()]
     instruction = _load("quality_instruction.json")
     if vqas or instruction:
         names = [p.stem for p in sorted(RESULTS_DIR.glob("quality_*.json"))]
