@@ -91,13 +91,15 @@ def plot_quality(result: dict[str, Any], out: Path) -> Path:
     vqa = "accuracy" in next(iter(result["runs"].values()))["curve"][0]
     key = "accuracy" if vqa else "held_out_loss"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"v2": "-", "lavin": "--", "v2_bias_scale": "-."}  # ours share a colour; the line tells them apart
     for name, run in result["runs"].items():
         steps = [p["step"] for p in run["curve"]]
         minutes = [p["train_cpu_s"] / 60 for p in run["curve"]]
         values = [p[key] for p in run["curve"]]
         label = f"{name} (lr {run['lr']:g})"
-        axes[0].plot(steps, values, marker="o", markersize=3, label=label, color=_colour(name.split("_")[0]))
-        axes[1].plot(minutes, values, marker="o", markersize=3, label=label, color=_colour(name.split("_")[0]))
+        style = dict(marker="o", markersize=3, label=label, color=_colour(name), linestyle=styles.get(name, "-"))
+        axes[0].plot(steps, values, **style)
+        axes[1].plot(minutes, values, **style)
     for ax, xlabel in zip(axes, ("training steps", "training CPU minutes")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out accuracy" if vqa else "held-out loss")
