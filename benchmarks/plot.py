@@ -109,9 +109,8 @@ def plot_quality(result: dict[str, Any], out: Path) -> Path:
         ax.legend()
     title = "procedural instructions"
     if vqa:
-        share = result["settings"].get("text_only_train_samples", 0) / (
-            result["settings"]["train_size"] + result["settings"].get("text_only_train_samples", 0)
-        )
+        text_only = result["settings"].get("text_only_train_samples", 0)
+        share = text_only / (result["settings"]["train_size"] + text_only)
         title = f"procedural visual QA (4-way), {share:.0%} of the tuning samples text only"
     fig.suptitle(f"{title}, SmolLM2-135M-Instruct, on {_machine(result)}")
     fig.tight_layout()

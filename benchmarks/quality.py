@@ -163,7 +163,7 @@ def prose_loss(method: Method, chunks: torch.Tensor, batch: int) -> float:
         ids = chunks[start : start + batch]
         data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         logits = method.text_logits(data, ids.shape[1])
-        losses.append(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        losses.append(response_loss(logits, ids, reduction="sum"))  # every token is a label
     return float(sum(losses)) / (chunks.shape[0] * (chunks.shape[1] - 1))
 
 

@@ -1,6 +1,6 @@
 """The one command: speed and memory, learning quality, plots and the README tables.
 
-    python -m benchmarks.run                        # CPU: SmolLM2-135M speed (7 rounds) + quality, ≈ 1.5 h
+    python -m benchmarks.run                        # CPU: SmolLM2-135M speed (7 rounds) + quality, ≈ 2 h
     python -m benchmarks.run --device cuda          # adds the 7B-shaped bf16 speed run and the LaVIN-7B projection
     python -m benchmarks.run --only speed           # or: quality, report
 
