@@ -1,4 +1,5 @@
-"""Both methods on bitsandbytes 4-bit (NF4) and 8-bit LLaMA bases, on the CPU (bitsandbytes >= 0.46.1 runs there).
+"""Both methods on bitsandbytes 4-bit (NF4) and 8-bit LLaMA bases, on the CPU (bitsandbytes >= 0.46.1 runs there)
+and, where torch sees one, on a CUDA device.
 
 The frozen base weights stay quantized; the adapter parameters are fp32. What is checked: identity at init, that
 training changes the adapters and never the quantized weights, bitwise reload onto a fresh quantized base, and
@@ -32,11 +33,12 @@ def base_dir(tmp_path_factory) -> str:
 
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [1, 30, 40, 50, 60, 70, 80, 90]])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def load_quantized(base_dir: str, kind: str):
+def load_quantized(base_dir: str, kind: str, device: str = "cpu"):
     config = BitsAndBytesConfig(**QUANT[kind])
-    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config, device_map="cpu").eval()
+    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config, device_map=device).eval()
 
 
 def quantized_state(model) -> dict[str, torch.Tensor]:
@@ -46,13 +48,13 @@ def quantized_state(model) -> dict[str, torch.Tensor]:
 
 def logits(model, **kwargs) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=IDS, **kwargs).logits
+        return model(input_ids=IDS.to(model.device), **kwargs).logits.cpu()
 
 
-def fp32_quantization_error(base_dir: str, kind: str) -> float:
+def fp32_quantization_error(base_dir: str, kind: str, device: str = "cpu") -> float:
     """max |logits(quantized base) − logits(fp32 base)|: the scale against which re-quantization noise is judged."""
     fp32 = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    return (logits(load_quantized(base_dir, kind)) - logits(fp32)).abs().max().item()
+    return (logits(load_quantized(base_dir, kind, device)) - logits(fp32)).abs().max().item()
 
 
 CONFIGS = {
@@ -61,10 +63,11 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", list(QUANT))
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_identity_train_and_reload(base_dir, tmp_path, kind, method):
-    base = prepare_model_for_kbit_training(load_quantized(base_dir, kind), use_gradient_checkpointing=False)
+def test_identity_train_and_reload(base_dir, tmp_path, kind, method, device):
+    base = prepare_model_for_kbit_training(load_quantized(base_dir, kind, device), use_gradient_checkpointing=False)
     model = get_peft_model(base, CONFIGS[method]()).eval()
     with model.disable_adapter():
         expected = logits(model)
@@ -76,8 +79,9 @@ def test_identity_train_and_reload(base_dir, tmp_path, kind, method):
     frozen = quantized_state(model)
     model.train()
     losses = []
+    ids = IDS.to(device)
     for _ in range(4):
-        loss = model(input_ids=IDS, labels=IDS).loss
+        loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -91,20 +95,21 @@ def test_identity_train_and_reload(base_dir, tmp_path, kind, method):
 
     trained = logits(model)
     model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(load_quantized(base_dir, kind), tmp_path).eval()
+    reloaded = PeftModel.from_pretrained(load_quantized(base_dir, kind, device), tmp_path).eval()
     assert torch.equal(logits(reloaded), trained)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", list(QUANT))
-def test_v2_merge_into_quantized_weights(base_dir, kind):
+def test_v2_merge_into_quantized_weights(base_dir, kind, device):
     """Merging re-quantizes W′ = diag(s) W (+ bias in fp32): off by much less than quantizing the base itself."""
-    model = get_peft_model(load_quantized(base_dir, kind), LlamaAdapterV2Config(init_weights=False)).eval()
+    model = get_peft_model(load_quantized(base_dir, kind, device), LlamaAdapterV2Config(init_weights=False)).eval()
     unmerged = logits(model)  # an eval forward first, where bitsandbytes would repack 4-bit weights on the CPU
     model.merge_adapter()
     merged = logits(model)
     model.unmerge_adapter()
     restored = logits(model)
-    scale = fp32_quantization_error(base_dir, kind)
+    scale = fp32_quantization_error(base_dir, kind, device)
     assert (merged - unmerged).abs().max().item() < 0.25 * scale
     assert (restored - unmerged).abs().max().item() < 0.25 * scale
 
