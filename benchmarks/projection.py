@@ -150,12 +150,13 @@ def memory_at(model: nn.Module, preset: Preset, total_len: int, device, checkpoi
     finally:
         if checkpointing:
             model.gradient_checkpointing_disable()
-    peak = memory["peak_bytes"]
+    peak, before = memory["peak_bytes"], memory["before_bytes"]
     return {
         "batch": preset.batch,
         "total_len": total_len,
         "checkpointing": checkpointing,
         "peak_gb": None if peak is None else peak / 1e9,
+        "before_step_gb": None if before is None else before / 1e9,  # weights, adapters, optimizer state
     }
 
 
