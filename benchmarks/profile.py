@@ -1,19 +1,24 @@
 """torch.profiler tables of one variant's train step or generate call, next to its reference, for finding costs.
 
     python -m benchmarks.profile --models plain v2 --kind train        # → results/profile_train_<model>.txt
+    python -m benchmarks.profile --preset 7b --device cuda --models plain v2 lavin_text --tag 7b_cuda
 
-Each table is sorted by self CPU time (`--sort`) and written with the machine and load it was taken under.
+Each table is sorted by self CPU time (`--sort`) and written with the machine and load it was taken under. A summary
+per model goes to results/profile_<kind>[_<tag>].json: the median wall time of 5 calls, and from one profiled call
+the number of aten ops dispatched and, on CUDA, of kernels and their summed device time. Where the kernel time is
+far below the wall time, the step is bound by dispatching and launching ops, and its cost is their number.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .common import RESULTS_DIR, load_average, machine_info
+from .common import RESULTS_DIR, load_average, machine_info, median, timed, write_json
 from .models import MODELS, PRESETS, build_base
 from .speed import DTYPES, build_variants, make_inputs
 
@@ -42,19 +47,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     inputs = make_inputs(preset, base.config, device, dtype)
     variants = build_variants(args.models, base, preset, inputs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    suffix = "_" + args.tag if args.tag else ""
+    summary: dict[str, dict[str, float | int]] = {}
     for key, variant in variants.items():
         call = variant.calls.get(args.kind)
         if call is None:
             continue
         call()  # warm-up (optimizer state, caches)
+        wall = median([timed(call, device)[0] for _ in range(5)])
         with profile(activities=activities, record_shapes=False) as prof:
             call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=60)
-        path = RESULTS_DIR / f"profile_{args.kind}_{key}{'_' + args.tag if args.tag else ''}.txt"
+        path = RESULTS_DIR / f"profile_{args.kind}_{key}{suffix}.txt"
         header = f"# {args.kind} {key} preset={preset.name} {machine_info(device)} load_after={load_average()}\n"
         path.write_text(header + table + "\n")
-        total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
-        print(f"{key}: self CPU total {total:.2f} s -> {path}")
+        summary[key] = {"wall_s": wall, **dispatch_counts(prof)}
+        print(f"{key}: {summary[key]} -> {path}")
+    out = {"command": "python -m benchmarks.profile " + " ".join(argv or sys.argv[1:]), "preset": preset.name}
+    out |= {"dtype": str(dtype).removeprefix("torch."), "machine": machine_info(device), "models": summary}
+    print(f"wrote {write_json(out, RESULTS_DIR / f'profile_{args.kind}{suffix}.json')}")
+
+
+def dispatch_counts(prof) -> dict[str, float | int]:
+    """Top-level aten ops (not those called inside another aten op), kernels and their summed device seconds."""
+    events = prof.events()
+    ops = sum(
+        1
+        for e in events
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"aten_ops": ops, "kernels": len(kernels), "kernel_s": sum(e.device_time for e in kernels) / 1e6}
 
 
 if __name__ == "__main__":
