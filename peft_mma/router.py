@@ -26,6 +26,33 @@ def route(router: nn.Linear, t: torch.Tensor, temperature: float) -> torch.Tenso
     return torch.softmax(router(t) / temperature, dim=-1)
 
 
+def lone_token_attention(attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A LLaMA self-attention over sequences of one token each, with no cache: (M, 1, C) → (M, 1, C).
+
+    The token attends only to itself, and a softmax over one key is exactly 1, so
+
+        Attn(x) = W_o · repeat_kv(W_v x)      (each key/value head repeated for its group of query heads)
+
+    whatever q, k and RoPE are; they get no gradient from it either. The side pass uses this in place of the full
+    attention, which would compute q, k, RoPE and the attention kernel only to multiply v by 1. Calling the
+    module's own `v_proj` and `o_proj` keeps whatever they are (quantized, biased, adapted).
+    """
+    v = attention.v_proj(x)  # (M, 1, kv_heads · d)
+    groups = attention.num_key_value_groups
+    if groups > 1:
+        v = v.unflatten(-1, (-1, attention.head_dim)).repeat_interleave(groups, dim=-2).flatten(-2)
+    return attention.o_proj(v)
+
+
+def is_lone_token_attention(attention: nn.Module, x: torch.Tensor, kwargs: dict) -> bool:
+    """Whether `lone_token_attention` computes exactly what `attention(x, **kwargs)` would: a LLaMA attention with
+    no attention dropout in play, sequences of length one, and no mask or cache that could add other keys."""
+    llama_like = all(hasattr(attention, a) for a in ("v_proj", "o_proj", "num_key_value_groups", "head_dim"))
+    dropout = attention.training and getattr(attention, "attention_dropout", 0.0) > 0
+    extra = any(kwargs.get(k) is not None for k in ("attention_mask", "past_key_values", "past_key_value"))
+    return llama_like and not dropout and not extra and x.shape[-2] == 1
+
+
 def modality_side_pass(
     model: nn.Module, tokens: torch.Tensor, recorders: Iterable[nn.Module]
 ) -> dict[nn.Module, dict[str, torch.Tensor]]:

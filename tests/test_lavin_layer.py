@@ -11,6 +11,7 @@ from reference.lavin_ref import adapter_tensors, dense_up, official_logits, visi
 from peft_mma import LaVINConfig
 from peft_mma.lavin import GroupedLinear
 from peft_mma.lavin.call import Call
+from peft_mma.router import is_lone_token_attention, lone_token_attention
 
 
 def lavin(kind="mha", attn="eager", **kwargs):
@@ -57,6 +58,74 @@ def test_side_pass_equals_official_masked_modality_token(kind, attn):
     torch.testing.assert_close(got_text[0], expected[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(got_mixed, expected, atol=1e-5, rtol=0)
     assert (got_mixed[1] - got_text[1]).abs().max() > 1e-3  # the image route differs from the text route
+
+
+@pytest.mark.parametrize("kind, attn", [("mha", "eager"), ("gqa", "sdpa"), ("odd_head_dim", "eager")])
+def test_lone_token_attention_is_the_attention_of_one_token(kind, attn):
+    """The side pass's shortcut o_proj(repeat_kv(v_proj(x))) equals LLaMA's attention over one token at position 0,
+    in value and in the gradients of x and of every projection (q and k get none from either)."""
+    attention = tiny_llama(kind, attn, seed=3).model.layers[1].self_attn.train()
+    llama = tiny_llama(kind, attn, seed=3).model
+    x = torch.randn(2, 1, 32)
+    position_embeddings = llama.rotary_emb(x, torch.zeros(2, 1, dtype=torch.long))
+
+    def grads(output: torch.Tensor, inputs: torch.Tensor) -> list[torch.Tensor]:
+        params = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight, attention.o_proj.weight]
+        weights = torch.randn_like(output)
+        return torch.autograd.grad((output * weights.detach()).sum(), [inputs, *params], allow_unused=True)
+
+    torch.manual_seed(0)
+    x_full, x_lone = x.clone().requires_grad_(), x.clone().requires_grad_()
+    full = attention(x_full, position_embeddings=position_embeddings, attention_mask=None)[0]
+    torch.manual_seed(0)
+    full_grads = grads(full, x_full)
+    assert is_lone_token_attention(attention, x_lone, {"attention_mask": None})
+    lone = lone_token_attention(attention, x_lone)
+    torch.manual_seed(0)
+    lone_grads = grads(lone, x_lone)
+    torch.testing.assert_close(lone, full, atol=1e-6, rtol=1e-6)
+    for got, expected in zip(lone_grads, full_grads):
+        if got is None:  # q and k: not used by the shortcut, and a zero gradient in the full attention
+            assert expected is None or expected.abs().max() < 1e-6
+        else:
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["attn", "block"])
+def test_side_pass_shortcut_keeps_every_gradient(placement, monkeypatch):
+    """A training step's loss and the gradient of every trainable parameter (the modality embedding and routers,
+    which only the side pass reaches, included) are those of the side pass through the full attention."""
+    import peft_mma.lavin.layer as lavin_layer
+
+    ids = torch.randint(3, 97, (2, 7))
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = lavin("gqa", "sdpa", adapter_placement=placement).train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = step()
+    monkeypatch.setattr(lavin_layer, "is_lone_token_attention", lambda *args: False)
+    full_loss, full_grads = step()
+    torch.testing.assert_close(loss, full_loss, atol=1e-6, rtol=0)
+    assert grads.keys() == full_grads.keys() and any("modality" in n for n in grads)
+    for name, grad in grads.items():
+        assert grad is not None and full_grads[name] is not None, name
+        torch.testing.assert_close(grad, full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_lone_token_attention_only_where_exact():
+    attention = tiny_llama("gqa", "sdpa").model.layers[0].self_attn
+    one, two = torch.randn(2, 1, 32), torch.randn(2, 2, 32)
+    assert is_lone_token_attention(attention.eval(), one, {})
+    assert not is_lone_token_attention(attention, two, {})  # other keys
+    assert not is_lone_token_attention(attention, one, {"attention_mask": torch.ones(2, 1, 1, 1)})
+    assert not is_lone_token_attention(attention, one, {"past_key_values": object()})  # cached keys
+    attention.attention_dropout = 0.1
+    assert is_lone_token_attention(attention.eval(), one, {})  # no dropout in eval
+    assert not is_lone_token_attention(attention.train(), one, {})  # dropout would zero the one weight at times
+    assert not is_lone_token_attention(torch.nn.Linear(32, 32), one, {})  # not a LLaMA attention
 
 
 def test_block_placement_routes_ffn_adapter_from_its_own_input():

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ..router import SELF_ROUTED, route
+from ..router import SELF_ROUTED, is_lone_token_attention, lone_token_attention, route
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
 
 
@@ -204,6 +204,8 @@ class MMAdapter(nn.Module, LaVINLayer):
             if name in self.mma_lavin_down:
                 xa = hidden_states.to(self.mma_lavin_down[name].weight.dtype)
                 x = x + self.adapter_term(name, xa).to(hidden_states.dtype)
+        if routing == SELF_ROUTED and not args and is_lone_token_attention(self.base_layer, x, kwargs):
+            return lone_token_attention(self.base_layer, x), None  # the side pass: (output, attention weights)
         return self.base_layer(x, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
