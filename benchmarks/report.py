@@ -79,6 +79,64 @@ def speed_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def projection_table(result: dict[str, Any]) -> str:
+    """The LaVIN-7B ScienceQA projection and the 4 × 512 memory checks of a `--preset 7b` run."""
+    p = result["projection"]
+    times, projection = p["step_time_s"], p["projection"]
+    lengths = [str(length) for length in p["lengths"]]
+    lines = [
+        f"LaVIN-7B ScienceQA recipe on one {result['machine']['device_name']}, projected from measured LaVIN step "
+        f"times (batch {result['settings']['batch']}, AdamW, median of {p['rounds']} rounds):",
+        "",
+        "| text tokens | " + " | ".join(lengths) + " |",
+        "|---|" + "---:|" * len(lengths),
+        "| step s, text only | " + " | ".join(_fmt(times["text"][n]) for n in lengths) + " |",
+        "| step s, with images | " + " | ".join(_fmt(times["image"][n]) for n in lengths) + " |",
+        "",
+        f"Projected: **{projection['hours']:.2f} h** for {p['assumptions']['train_samples']:,} samples × "
+        f"{p['assumptions']['epochs']} epochs (goal ≤ {projection['goal_hours']} h: "
+        f"{'met' if projection['met'] else '**missed**'}); dynamic padding adds "
+        f"{projection['padding_overhead']:.0%} tokens; mean text length {projection['mean_text_tokens']:.0f} tokens "
+        "(assumed distribution, in the JSON).",
+        "",
+        "| training step at 4 × 512, images | peak GB | allocated before the step GB | goal GB | met |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for key, entry in p["memory"].items():
+        met = "–" if "goal_gb" not in entry else ("yes" if entry["met"] else "**no**")
+        lines.append(
+            f"| {key} | {_fmt(entry.get('peak_gb'), 1)} | {_fmt(entry.get('before_step_gb'), 1)} | "
+            f"{entry.get('goal_gb', '–')} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def dispatch_table(result: dict[str, Any]) -> str:
+    """Wall time against kernel time and op counts per train step, from `benchmarks.profile`."""
+    models = result["models"]
+    floor = models.get("plain")
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {_machine(result)}.  ",
+        "One train step each, run alone (not interleaved, so wall ratios are noisier than the speed tables'); "
+        "ratios ÷ the floor (`plain`).",
+        "",
+        "| model | wall ms | kernel ms | kernels | aten ops | wall ÷ floor | kernel time ÷ floor | kernels ÷ floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in models.items():
+        ratios = (
+            [row["wall_s"] / floor["wall_s"], row["kernel_s"] / floor["kernel_s"], row["kernels"] / floor["kernels"]]
+            if floor and floor["kernel_s"]
+            else [None] * 3
+        )
+        lines.append(
+            f"| {name} | {row['wall_s'] * 1e3:.1f} | {row['kernel_s'] * 1e3:.1f} | {row['kernels']:,} | "
+            f"{row['aten_ops']:,} | " + " | ".join(_fmt(r, 2) for r in ratios) + " |"
+        )
+    return "\n".join(lines)
+
+
 def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | None) -> str:
     lines = []
     for vqa in vqas:
@@ -143,6 +201,11 @@ def main() -> str:
                 f"### Speed and memory: `{name}`\n\n![speed]({Path('results') / name.replace('.json', '.png')})\n\n"
                 + speed_tables(result)
             )
+            if "projection" in result:
+                parts.append(f"### LaVIN-7B ScienceQA projection: `{name}`\n\n" + projection_table(result))
+    dispatch = _load("profile_train_7b_cuda.json")
+    if dispatch:
+        parts.append("### What a 7B train step launches on the GPU\n\n" + dispatch_table(dispatch))
     files = [*sorted(RESULTS_DIR.glob("quality_vqa*.json")), RESULTS_DIR / "quality_retention.json"]
     vqas = [json.loads(p.read_text()) for p in files if p.exists()]
     instruction = _load("quality_instruction.json")
