@@ -262,7 +262,12 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         elif call.per_sample is not None and call.per_sample[0] == batch:
             return call.per_sample[1]  # every decoding step of a `generate` call routes alike
         modality = expand(has_image.long(), batch)  # generate expands each sample (beams, num_return_sequences)
-        routing = {key: {name: weights[modality.to(weights.device)]} for key, weights in table.items()}
+        on_device: dict[torch.device, torch.Tensor] = {}  # one host-to-device copy per device, not one per layer
+        routing = {}
+        for key, weights in table.items():
+            if weights.device not in on_device:
+                on_device[weights.device] = modality.to(weights.device)
+            routing[key] = {name: weights[on_device[weights.device]]}
         if not torch.is_grad_enabled():
             call.per_sample = (batch, routing)
         return routing
