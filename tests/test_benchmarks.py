@@ -125,3 +125,29 @@ def test_prose_loss_is_the_base_models_loss_at_init():
         logits = model(input_ids=ids).logits
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert quality.prose_loss(Method("base", model), ids, batch=2) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_profile_counts_dispatched_ops(tmp_path, monkeypatch):
+    """The op counts behind the GPU diagnosis: every model's step dispatches ops, an adapter adds some, and forcing
+    AdamW's foreach path (what CUDA runs) needs fewer ops than the CPU's per-tensor loop for many tensors."""
+    from benchmarks import profile
+
+    monkeypatch.setattr(profile, "RESULTS_DIR", tmp_path)
+    counts = {}
+    for adamw in ("default", "foreach"):
+        profile.main(["--preset", "tiny", "--models", "plain", "v2", "--adamw", adamw, "--no-tables", "--tag", adamw])
+        result = json.loads((tmp_path / f"profile_train_{adamw}.json").read_text())
+        assert result["adamw"] == adamw and result["command"].startswith("python -m benchmarks.profile")
+        counts[adamw] = {name: row["aten_ops"] for name, row in result["models"].items()}
+        assert all(row["wall_s"] > 0 and row["kernels"] == 0 for row in result["models"].values())  # CPU
+    assert not list(tmp_path.glob("*.txt"))
+    assert 0 < counts["default"]["plain"] < counts["default"]["v2"]
+    assert counts["foreach"]["v2"] < counts["default"]["v2"]  # V2 steps ~90 tensors here
+
+
+def test_7b_layout_has_the_7b_layers_heads_and_vocabulary():
+    layout, full = PRESETS["7b_layout"].llama, PRESETS["7b"].llama
+    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        assert layout[key] == full[key]
+    assert layout["hidden_size"] < full["hidden_size"]
+    assert layout["intermediate_size"] / layout["hidden_size"] == full["intermediate_size"] / full["hidden_size"]
