@@ -68,10 +68,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             call()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=60)
         summary[key] = {"wall_s": wall, **dispatch_counts(prof)}
         print(f"{key}: {summary[key]}")
         if not args.no_tables:
+            table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=60)
             path = RESULTS_DIR / f"profile_{args.kind}_{key}{suffix}.txt"
             header = f"# {args.kind} {key} preset={preset.name} {machine_info(device)} load_after={load_average()}\n"
             path.write_text(header + table + "\n")
