@@ -70,7 +70,7 @@ def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def _with_prompts(base_name: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         state = kwargs.pop(STATE_KWARG, None)
-        base = ALL_ATTENTION_FUNCTIONS.get_interface(base_name, eager_attention_forward)
+        base = ALL_ATTENTION_FUNCTIONS.get(base_name, eager_attention_forward)  # a Mapping in every 5.x
         output, weights = base(module, query, key, value, attention_mask, **kwargs)
         prompt_term = getattr(module.o_proj, "gated_prompt_term", None)
         if prompt_term is not None:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from transformers import Cache
 
 SELF_ROUTED = "self"  # `lavin_routing` value: each adapter routes from its own input at position 0
 
@@ -49,7 +50,7 @@ def is_lone_token_attention(attention: nn.Module, x: torch.Tensor, kwargs: dict)
     no attention dropout in play, sequences of length one, and no mask or cache that could add other keys."""
     llama_like = all(hasattr(attention, a) for a in ("v_proj", "o_proj", "num_key_value_groups", "head_dim"))
     dropout = attention.training and getattr(attention, "attention_dropout", 0.0) > 0
-    extra = any(kwargs.get(k) is not None for k in ("attention_mask", "past_key_values", "past_key_value"))
+    extra = kwargs.get("attention_mask") is not None or any(isinstance(v, Cache) for v in kwargs.values())
     return llama_like and not dropout and not extra and x.shape[-2] == 1
 
 

@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_VIT, tiny_llama
 from peft import get_peft_model
 from reference.lavin_ref import adapter_tensors, dense_up, official_logits, vision_tokens
+from transformers import DynamicCache
 
 from peft_mma import LaVINConfig
 from peft_mma.lavin import GroupedLinear
@@ -121,7 +122,7 @@ def test_lone_token_attention_only_where_exact():
     assert is_lone_token_attention(attention.eval(), one, {})
     assert not is_lone_token_attention(attention, two, {})  # other keys
     assert not is_lone_token_attention(attention, one, {"attention_mask": torch.ones(2, 1, 1, 1)})
-    assert not is_lone_token_attention(attention, one, {"past_key_values": object()})  # cached keys
+    assert not is_lone_token_attention(attention, one, {"any name": DynamicCache()})  # cached keys, by type
     attention.attention_dropout = 0.1
     assert is_lone_token_attention(attention.eval(), one, {})  # no dropout in eval
     assert not is_lone_token_attention(attention.train(), one, {})  # dropout would zero the one weight at times

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PretrainedConfig
+from transformers import Cache, PretrainedConfig
 
 from ..vision.backbone import VisionBackbone
 from .config import LaVINConfig
@@ -45,6 +45,12 @@ class Call:
     per_sample: tuple[int, dict] | None = None  # (batch, the weights per sample handed down), without grad
     prefix_mask: torch.Tensor | None = None  # (B, T) attention mask of the spliced prompt
     prefix_len: int = 0  # prompt length S before splicing
+
+
+def find_cache(kwargs: dict) -> Cache | None:
+    """The KV cache among a call's keyword arguments, found by type: its keyword is `cache` from transformers 5.24,
+    `past_key_values` before."""
+    return next((value for value in kwargs.values() if isinstance(value, Cache)), None)
 
 
 def batch_of(args: tuple, kwargs: dict) -> int | None:
@@ -101,7 +107,7 @@ def splice(
 ) -> dict:
     """The LLaMA keyword arguments of one forward of `call`, with its visual tokens (prefill) or extended to them
     (decoding). `embed` maps token ids to embeddings; `encode` maps images to visual tokens (B, n, C)."""
-    past = kwargs.get("past_key_values")
+    past = find_cache(kwargs)
     past_len = past.get_seq_length() if past is not None else 0
     if past_len > 0:
         return _decoding_step(call, kwargs, past_len)
@@ -146,7 +152,7 @@ def splice(
 def _decoding_step(call: Call, kwargs: dict, past_len: int) -> dict:
     """A cached step: mask = [spliced prompt mask, mask of the tokens since the prompt]; positions continue."""
     if call.prefix_mask is None:
-        raise ValueError("`pixel_values` cannot be combined with a pre-filled `past_key_values`.")
+        raise ValueError("`pixel_values` cannot be combined with a pre-filled KV cache.")
     step = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
     batch = step.shape[0]
     prefix = expand(call.prefix_mask, batch)
