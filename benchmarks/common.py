@@ -24,8 +24,6 @@ import torch
 from torch import nn
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# The kwarg that flags which samples of a batch have an image, per method.
-IMAGE_FLAG_KWARG = {"lavin": "has_image", "adapter-v2": "has_image"}
 
 
 # ---------------------------------------------------------------- machine
@@ -115,11 +113,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (torch.dtype, torch.device, Path)):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def image_flag(batch: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """LaVIN's per-sample image flag for a batch where every sample has an image, under its current kwarg name."""
-    return {IMAGE_FLAG_KWARG["lavin"]: torch.ones(batch, dtype=torch.bool, device=device)}
 
 
 def median(values: list[float]) -> float | None:

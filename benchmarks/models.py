@@ -25,9 +25,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_mma import LaVINConfig, LlamaAdapterV2Config
+from peft_mma.data import ImageTokens
 from peft_mma.vision.backbone import VisionBackbone
 
-from .common import image_flag, share_weights_copy
+from .common import share_weights_copy
 
 
 @dataclass
@@ -212,6 +213,9 @@ def build_model(name: str, base: nn.Module, preset: Preset) -> nn.Module:
     return peft_model
 
 
-def image_kwargs(pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The image inputs of a LaVIN image variant: `pixel_values` and the per-sample image flag."""
-    return {"pixel_values": pixel_values, **image_flag(len(pixel_values), pixel_values.device)}
+def image_inputs(model: nn.Module, ids: torch.Tensor, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A LaVIN image variant's inputs: `ids` (B, S) with each sample's n image placeholders after its BOS (in front
+    without one), so (B, S + n) as the reference's visual prefix and text, the images and the per-sample flag."""
+    tokens = ImageTokens.from_config(model.peft_config[model.active_adapter])
+    batch = tokens.expand(ids, bos_token_id=model.config.bos_token_id)
+    return {"input_ids": batch["input_ids"], "pixel_values": pixel_values, "has_image": batch["has_image"]}

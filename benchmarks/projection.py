@@ -22,8 +22,8 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from .common import image_flag, median, peak_memory, share_weights_copy, synchronize, timed
-from .models import Preset, lavin_config
+from .common import median, peak_memory, share_weights_copy, synchronize, timed
+from .models import Preset, image_inputs, lavin_config
 
 # ScienceQA, LaVIN's prompt ("Question/Context/Options/Response:" + "The answer is X. BECAUSE: lecture solution").
 # Word counts from the ScienceQA paper (Lu et al. 2022: question 12.1, lecture 125, solution 47 words on average;
@@ -109,9 +109,10 @@ def _lavin(base: nn.Module, preset: Preset, share: bool = True) -> nn.Module:
 
 
 def _step(model: nn.Module, ids: torch.Tensor, pixels: torch.Tensor | None, optimizer) -> None:
-    extra = {} if pixels is None else {"pixel_values": pixels, **image_flag(len(pixels), pixels.device)}
+    """One training step on `ids` (B, S); with `pixels`, each sample's n image placeholders go in front: (B, n + S)."""
+    batch = {"input_ids": ids} if pixels is None else image_inputs(model, ids, pixels)
     model.train()
-    model(input_ids=ids, labels=ids, use_cache=False, **extra).loss.backward()
+    model(**batch, labels=batch["input_ids"], use_cache=False).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -137,8 +138,7 @@ def step_times(model: nn.Module, preset: Preset, lengths: list[int], rounds: int
 
 def memory_at(model: nn.Module, preset: Preset, total_len: int, device, checkpointing: bool) -> dict[str, Any]:
     """Peak allocated bytes of one image+text LaVIN step at batch × `total_len` (visual tokens included)."""
-    tuner = model.base_model
-    n = tuner.mma_lavin_visual["default"].depth // tuner.peft_config["default"].vision_feature_every
+    n = model.peft_config["default"].num_image_tokens
     ids = torch.randint(3, model.config.vocab_size, (preset.batch, total_len - n), device=device)
     pixels = torch.rand(preset.batch, 3, preset.image_size, preset.image_size, device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -17,9 +17,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from peft_mma import LaVINConfig, LlamaAdapterV2Config
+from peft_mma.data import ImageTokens
 from peft_mma.vision.backbone import VisionBackbone
 
-from .common import IMAGE_FLAG_KWARG, share_weights_copy
+from .common import share_weights_copy
 
 # A ViT-Ti/16 layout (12 blocks, width 192) at 28 px with 7 px patches: 16 patches + CLS; random weights, frozen.
 # `weight_init="jax"` (xavier linears, the original ViT's scheme) instead of timm's default (std 0.02): with std 0.02
@@ -45,16 +46,20 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 class Method(nn.Module):
     """A trainable model on a weight-sharing copy of the base; `logits` returns the last `keep` positions."""
 
-    def __init__(self, name: str, model: nn.Module, flag: str | None = None) -> None:
+    def __init__(self, name: str, model: nn.Module, multimodal: bool = False) -> None:
         super().__init__()
         self.name = name
         self.model = model
-        self.flag = flag  # the image-flag kwarg of a multimodal PEFT method
+        self.multimodal = multimodal  # a peft_mma method that takes `pixel_values` and `has_image`
 
     def logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
         kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if "pixel_values" in batch and self.flag is not None:
-            kwargs |= {"pixel_values": batch["pixel_values"], self.flag: batch["has_image"]}
+        if "pixel_values" in batch and self.multimodal:
+            kwargs |= {"pixel_values": batch["pixel_values"], "has_image": batch["has_image"]}
+            config = self.model.peft_config["default"]
+            if isinstance(config, LaVINConfig):  # LaVIN's images sit in the ids, as placeholders after BOS
+                tokens, bos = ImageTokens.from_config(config), self.model.config.bos_token_id
+                kwargs |= tokens.expand(kwargs["input_ids"], kwargs["attention_mask"], None, kwargs["has_image"], bos)
         return self.model(**kwargs, logits_to_keep=keep, use_cache=False).logits
 
     def text_logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
@@ -110,11 +115,11 @@ def build_method(name: str, base: nn.Module, multimodal: bool, seed: int = 0, **
     vision = dict(vision_model=VISION_MODEL, vision_pretrained=False, vision_model_kwargs=VISION_KWARGS)
     if name == "lavin":
         config = LaVINConfig(**{**vision, "vision_feature_every": 2, **overrides})  # 6 visual tokens, LaVIN's count
-        return Method(name, get_peft_model(model, config), IMAGE_FLAG_KWARG["lavin"])
+        return Method(name, get_peft_model(model, config), multimodal=True)
     if name == "v2" and multimodal:
         small_bridge = dict(visual_width=192, visual_depth=2, visual_heads=3)
         config = LlamaAdapterV2Config(**{**vision, **small_bridge, **overrides})
-        return Method(name, get_peft_model(model, config), IMAGE_FLAG_KWARG["adapter-v2"])
+        return Method(name, get_peft_model(model, config), multimodal=True)
     if name == "lora_projector":
         return LoRAProjector(get_peft_model(model, _lora_qv()))
     configs = {

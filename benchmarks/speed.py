@@ -56,7 +56,7 @@ from .models import (
     Preset,
     build_base,
     build_model,
-    image_kwargs,
+    image_inputs,
 )
 from .targets import check_targets
 
@@ -161,8 +161,10 @@ def _floor_forward(model: nn.Module, inputs: Inputs, prefix: FrozenVisualPrefix 
 
 
 def _peft_forward(name: str, model: nn.Module, inputs: Inputs) -> Callable[[], torch.Tensor]:
-    extra = image_kwargs(inputs.pixel_values) if name in IMAGE_VARIANTS else {}
-    return lambda: model(input_ids=inputs.ids, labels=inputs.ids, use_cache=False, **extra).loss
+    batch = (
+        image_inputs(model, inputs.ids, inputs.pixel_values) if name in IMAGE_VARIANTS else {"input_ids": inputs.ids}
+    )
+    return lambda: model(**batch, labels=batch["input_ids"], use_cache=False).loss
 
 
 def train_step(
@@ -188,16 +190,15 @@ def train_step(
 
 def generate_call(name: str, model: nn.Module, inputs: Inputs, prefix: FrozenVisualPrefix | None):
     """Cached greedy `generate` of exactly `gen_new` tokens (in eval mode, without grad)."""
-    mask = torch.ones_like(inputs.prompt)
-    extra = image_kwargs(inputs.pixel_values) if name in IMAGE_VARIANTS and prefix is None else {}
+    image = name in IMAGE_VARIANTS and prefix is None
+    batch = image_inputs(model, inputs.prompt, inputs.pixel_values) if image else {"input_ids": inputs.prompt}
+    mask = torch.ones_like(batch["input_ids"])
 
     @torch.no_grad()
     def generate() -> torch.Tensor:
         model.eval()
         if prefix is None:
-            return model.generate(
-                input_ids=inputs.prompt, attention_mask=mask, generation_config=inputs.generation, **extra
-            )
+            return model.generate(**batch, attention_mask=mask, generation_config=inputs.generation)
         embeds = prefix(inputs.pixel_values, model.get_input_embeddings()(inputs.prompt))  # base_image
         full_mask = mask.new_ones(embeds.shape[:2])
         return model.generate(inputs_embeds=embeds, attention_mask=full_mask, generation_config=inputs.generation)

@@ -1,17 +1,20 @@
-"""Gated prompt attention added to the model's own attention (spec `llama_adapter_v2.md` §2c, DESIGN decision 2).
+"""The attention function both methods run in: the model's own implementation plus what each method adds to it.
 
-For a prompted layer, per head h and with the query q the attention already computed (after bias, LoRA and RoPE):
+It is registered with transformers' `AttentionInterface` under `<implementation>+mma` and wraps the configured one
+(eager, sdpa, flash, …), so the base kernel is untouched and nothing is recomputed. Per-call state arrives as the
+forward keyword `STATE_KWARG`, which transformers passes from `LlamaForCausalLM.forward` down to every attention
+call, also when activation checkpointing recomputes a layer.
 
-    o_h ← o_h + a(g_h) · ν · softmax(q_h k_pᵀ / √d) v_p            k_p = W_k P,  v_p = W_v P   (P: K × C)
+* LLaMA-Adapter V2 (spec `llama_adapter_v2.md` §2c, DESIGN decision 2): for a prompted layer, per head h and with
+  the query q the attention already computed (after bias, LoRA and RoPE),
 
-a separate softmax over the K prompt keys (no mask, no RoPE), added *before* `o_proj`. The term is computed in an
-attention function registered with transformers' `AttentionInterface` that wraps the configured implementation
-(eager, sdpa, flash, …), so the query is never recomputed and the base attention kernel is untouched.
+      o_h ← o_h + a(g_h) · ν · softmax(q_h k_pᵀ / √d) v_p            k_p = W_k P,  v_p = W_v P   (P: K × C)
 
-Which prompts a layer has is asked of its `o_proj`: a module there with a `gated_prompt_term(attention, query,
-state)` method returns the term (the prompts are an input-side term of `o_proj`). Per-call state (visual tokens,
-the prompt K/V cache of a `generate` call) arrives as the forward keyword `STATE_KWARG`, which transformers passes
-from `LlamaForCausalLM.forward` down to every attention call, also when activation checkpointing recomputes a layer.
+  a separate softmax over the K prompt keys (no mask, no RoPE), added *before* `o_proj`. Which prompts a layer has
+  is asked of its `o_proj`: a module there with a `gated_prompt_term(attention, query, state)` method returns the
+  term (the prompts are an input-side term of `o_proj`).
+* LaVIN (spec `lavin_mma.md` §3, DESIGN decision 3): when the call's input starts with the modality token, its row
+  attends to itself alone (`peft_mma.router.modality_token_attention`).
 """
 
 from __future__ import annotations
@@ -23,24 +26,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-STATE_KWARG = "mma_prompt_state"
-SUFFIX = "+mma_prompt"
+from .router import modality_token_attention
 
-
-def gated_prompt_attention(
-    query: torch.Tensor, prompt_key: torch.Tensor, prompt_value: torch.Tensor, gate: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """gate_h · softmax(q_h k_pᵀ · scaling) v_p for every head h.
-
-    Args:
-        query: (B, H, T, d), after RoPE.
-        prompt_key, prompt_value: (B or 1, H_kv, K, d); grouped-query heads are shared as in the base attention.
-        gate: (H,), the activated gate a(g) (times ν where present).
-    Returns:
-        (B, T, H, d), the layout attention functions return.
-    """
-    key, value = gated_prompt_key_value(prompt_key, prompt_value, gate, query.shape[1], query.dtype)
-    return prompt_attention(query, key, value, scaling)
+STATE_KWARG = "mma_call"
+SUFFIX = "+mma"
 
 
 def gated_prompt_key_value(
@@ -67,38 +56,58 @@ def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return F.scaled_dot_product_attention(query, key, value, scale=scaling).transpose(1, 2)
 
 
-def _with_prompts(base_name: str):
+def _wrapped(base_name: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         state = kwargs.pop(STATE_KWARG, None)
         base = ALL_ATTENTION_FUNCTIONS.get(base_name, eager_attention_forward)  # a Mapping in every 5.x
         output, weights = base(module, query, key, value, attention_mask, **kwargs)
-        prompt_term = getattr(module.o_proj, "gated_prompt_term", None)
+        if getattr(state, "modality_token", False):  # LaVIN: position 0 is the modality token
+            output = modality_token_attention(output, value)
+        prompt_term = getattr(module.o_proj, "gated_prompt_term", None)  # LLaMA-Adapter V2: the gated prompts
         if prompt_term is not None:
             term = prompt_term(module, query, state)
             if term is not None:
                 output = output + term.to(output.dtype)
         return output, weights
 
-    attention.__name__ = f"prompt_attention_{base_name}"
+    attention.__name__ = f"mma_attention_{base_name}"
     return attention
 
 
-def install_prompt_attention(config) -> None:
-    """Point `config._attn_implementation` at the prompted wrapper of its current implementation (idempotent)."""
+def generate_with_state(model: torch.nn.Module, state, *args, **kwargs):
+    """`model.generate(*args, **kwargs)` with `state` handed to every forward of the call as `STATE_KWARG`.
+
+    `generate` only passes on keywords that the model's forward names, so a forward pre-hook adds this one for the
+    duration of the call; it changes no other argument and is removed when the call returns.
+    """
+
+    def add_state(module, hook_args, hook_kwargs):
+        hook_kwargs[STATE_KWARG] = state
+        return hook_args, hook_kwargs
+
+    handle = model.register_forward_pre_hook(add_state, with_kwargs=True)
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        handle.remove()
+
+
+def install_mma_attention(config) -> None:
+    """Point `config._attn_implementation` at the wrapped version of its current implementation (idempotent)."""
     base_name = config._attn_implementation or "eager"
     if base_name.endswith(SUFFIX):
         return
     name = base_name + SUFFIX
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _with_prompts(base_name))
-        mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base_name)
+        AttentionInterface.register(name, _wrapped(base_name))
+        mask = ALL_MASK_ATTENTION_FUNCTIONS.get(base_name)
         if mask is not None:
             AttentionMaskInterface.register(name, mask)
     config._attn_implementation = name
 
 
-def uninstall_prompt_attention(config) -> None:
-    """Restore the implementation `install_prompt_attention` wrapped."""
+def uninstall_mma_attention(config) -> None:
+    """Restore the implementation `install_mma_attention` wrapped."""
     name = config._attn_implementation
     if name is not None and name.endswith(SUFFIX):
         config._attn_implementation = name.removesuffix(SUFFIX)

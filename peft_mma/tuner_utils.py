@@ -65,6 +65,21 @@ class MMATunerLayer(BaseTunerLayer):
         return device, dtype
 
 
+def check_base_size(config: PeftConfig, model: nn.Module) -> None:
+    """Raise `ValueError` if `config` was made for a base of another depth or width.
+
+    Both configs carry `base_num_layers` and `base_hidden_size`, filled when an adapter is first attached (once every
+    check passed) and saved with it, so that loading onto the wrong base fails before any module is replaced.
+    """
+    num_layers, width = model.config.num_hidden_layers, model.config.hidden_size
+    if config.base_num_layers not in (None, num_layers) or config.base_hidden_size not in (None, width):
+        raise ValueError(
+            f"This adapter was made for a base with {config.base_num_layers} layers of width "
+            f"{config.base_hidden_size}; the model has {num_layers} layers of width {width}. Load it onto the base "
+            "model it was trained on."
+        )
+
+
 def _under(key: str, prefixes: set[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 

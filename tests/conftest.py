@@ -23,6 +23,15 @@ TINY_LLAMAS: dict[str, dict] = {
 TINY_VIT: dict = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
 
 
+# LaVIN with the tiny ViT: the class token after blocks 2 and 4 gives 2 visual tokens per image.
+LAVIN_VISION: dict = dict(
+    vision_model="vit_large_patch14_clip_224.openai",
+    vision_pretrained=False,
+    vision_model_kwargs=TINY_VIT,
+    vision_feature_every=2,
+)
+
+
 def tiny_llama_config(kind: str = "mha", attn_implementation: str = "eager", **overrides) -> LlamaConfig:
     kwargs = dict(
         vocab_size=97,
@@ -52,6 +61,56 @@ def tiny_llama(kind: str = "mha", attn_implementation: str = "eager", seed: int 
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def tiny_lavin(kind: str = "mha", attn: str = "eager", seed: int = 1, **kwargs):
+    """A LaVIN `PeftModel` in eval mode on `tiny_llama(kind, attn)`, with vision, random (non-identity) adapters, no
+    dropout, and a modality embedding large enough that the two modalities route differently."""
+    from peft import get_peft_model
+
+    from peft_mma import LaVINConfig
+
+    torch.manual_seed(seed)
+    config = LaVINConfig(**{"init_weights": False, "adapter_dropout": 0.0, **LAVIN_VISION, **kwargs})
+    model = get_peft_model(tiny_llama(kind, attn), config)
+    with torch.no_grad():
+        model.base_model.mma_lavin_modality["default"].normal_(0, 3)
+    return model.eval()
+
+
+def lavin_batch(model, has_image=(True, False), length: int = 7, seed: int = 0, left: bool = False) -> dict:
+    """A batch for a LaVIN `model`: BOS + random text per sample, the image placeholders after BOS in the samples
+    with an image, padded right (or `left`), and `pixel_values` (one 28-px image per sample)."""
+    from peft_mma.data import ImageTokens
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (len(has_image), length), generator=generator)
+    ids[:, 0] = 1
+    tokens = ImageTokens.from_config(model.peft_config[model.active_adapter])
+    batch = tokens.expand(ids, labels=ids, has_image=torch.tensor(has_image), bos_token_id=1)
+    if left:
+        keep = batch["attention_mask"].bool()
+        width = batch["input_ids"].shape[1]
+        for key, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+            rows = [row[k] for row, k in zip(batch[key], keep)]
+            batch[key] = torch.stack([torch.cat([row.new_full((width - len(row),), pad), row]) for row in rows])
+    batch["pixel_values"] = torch.randn(len(has_image), 3, 28, 28, generator=generator)
+    return batch
+
+
+def greedy_without_cache(model, batch: dict, steps: int, eos: int = 2, pad: int = 0) -> torch.Tensor:
+    """Greedy decoding by hand: a full forward per step (no KV cache) with every input of `batch`, the argmax
+    appended (`pad` once a row has produced `eos`), as `generate(do_sample=False)` decodes."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    extra = {k: v for k, v in batch.items() if k in ("pixel_values", "has_image")}
+    done = torch.zeros(len(ids), 1, dtype=torch.bool, device=ids.device)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=mask, **extra).logits
+            new = logits[:, -1].argmax(-1, keepdim=True).masked_fill(done, pad)
+            ids, mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+            done |= new == eos
+    return ids
 
 
 @pytest.fixture(params=[("mha", "eager"), ("gqa", "sdpa"), ("odd_head_dim", "eager")], ids=lambda p: "-".join(p))

@@ -12,6 +12,7 @@ from reference.meta_layout_ref import hf_to_meta, lavin_logits, lavin_visual_tok
 from safetensors.torch import load_file
 
 from peft_mma.convert import convert_lavin
+from peft_mma.data import ImageTokens
 from peft_mma.vision.backbone import VisionBackbone
 
 PLACEHOLDER = 96
@@ -50,10 +51,12 @@ def converted(tmp_path):
 def test_image_sample_gives_the_official_logits(converted):
     model, meta, official = converted
     ids, pixels = prompt(image=True), torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    expanded = ImageTokens.from_config(model.peft_config["default"]).expand(ids)["input_ids"]  # the slot → 2 tokens
+    assert expanded.shape == (1, 11) and (expanded[0, 3:5] == PLACEHOLDER).all()
     with torch.no_grad():
-        got = model(input_ids=ids, pixel_values=pixels).logits  # (1, 10 − 1 + 2, V)
+        got = model(input_ids=expanded, pixel_values=pixels).logits  # (1, 10 − 1 + 2, V)
         with model.disable_adapter():
-            plain = model(input_ids=ids).logits
+            plain = model(input_ids=ids.masked_fill(ids == PLACEHOLDER, 5)).logits
     encoder = VisionBackbone(VISION_MODEL, False, TINY_VIT).encoder  # the frozen encoder the adapter rebuilds
     visual = lavin_visual_tokens(official, encoder, pixels, every=2, tau=5.0)  # (1, 2, C), official routing
     embeds = meta["tok_embeddings.weight"][ids]

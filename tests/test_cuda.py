@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VIT, tiny_llama
+from conftest import TINY_VIT, greedy_without_cache, tiny_llama
 from peft import PeftModel, get_peft_model
 
 from peft_mma import LaVINConfig, LlamaAdapterV2Config
+from peft_mma.data import ImageTokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -38,11 +39,19 @@ def build(method: str, device: str, dtype: torch.dtype | None = None):
     return model.to(device).eval()
 
 
-def logits(model, **kwargs) -> torch.Tensor:
+def inputs(model) -> dict[str, torch.Tensor]:
+    """IDS and PIXELS on the model's device and in its dtype; for LaVIN, each image's placeholders after BOS."""
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
+    ids, config = IDS, model.peft_config["default"]
+    if isinstance(config, LaVINConfig):
+        ids = ImageTokens.from_config(config).expand(IDS, bos_token_id=1)["input_ids"]
+    return {"input_ids": ids.to(device), "pixel_values": PIXELS.to(device, dtype)}
+
+
+def logits(model, **kwargs) -> torch.Tensor:
     with torch.no_grad():
-        out = model(input_ids=IDS.to(device), pixel_values=PIXELS.to(device, dtype), **kwargs)
+        out = model(**inputs(model), **kwargs)
     return out.logits.float().cpu()
 
 
@@ -70,11 +79,11 @@ def test_bf16_training_changes_adapters_only_and_reloads(method, tmp_path):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert trainable and all("mma_" in n for n in trainable)
     optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-2)
-    ids, pixels = IDS.cuda(), PIXELS.to("cuda", torch.bfloat16)
+    batch = inputs(model)
     model.train()
     losses = []
     for _ in range(6):
-        loss = model(input_ids=ids, labels=ids, pixel_values=pixels).loss
+        loss = model(**batch, labels=batch["input_ids"]).loss
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         loss.backward()
         optimizer.step()
@@ -96,7 +105,8 @@ def test_bf16_training_changes_adapters_only_and_reloads(method, tmp_path):
 
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_bf16_merge_and_cached_generation(method):
-    """Merged logits equal unmerged ones to bf16 rounding, and cached greedy generation is the uncached one."""
+    """Merged logits equal unmerged ones to bf16 rounding, and cached greedy generation is greedy decoding by full
+    forwards without a cache."""
     model = build(method, "cuda", torch.bfloat16)
     unmerged = logits(model)
     if method == "lavin":  # LaVIN folds one modality: the image path for these image samples
@@ -110,12 +120,11 @@ def test_bf16_merge_and_cached_generation(method):
     assert (merged - unmerged).abs().max() <= 0.05 * scale
     assert (restored - unmerged).abs().max() <= 0.05 * scale
 
-    ids, pixels = IDS.cuda(), PIXELS.to("cuda", torch.bfloat16)
-    kwargs = dict(input_ids=ids, pixel_values=pixels, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    batch = inputs(model)
     with torch.no_grad():
-        cached = model.generate(**kwargs, use_cache=True)
-        uncached = model.generate(**kwargs, use_cache=False)
-    assert cached.shape == (2, IDS.shape[1] + 5)
+        cached = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=True)
+    assert cached.shape == (2, batch["input_ids"].shape[1] + 5)
+    uncached = greedy_without_cache(model, {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}, 5)
     assert torch.equal(cached, uncached)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from stand_in_tokenizer import word_tokenizer
 
+from peft_mma.data import ImageTokens
 from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, prompt_and_response
 from peft_mma.data.procedural import (
     POSITIONS,
@@ -301,6 +302,72 @@ def test_collator_applies_the_timm_transform_to_pil_images():
     red = batch["pixel_values"][0, :, 100, 100]
     assert red[0] > 0 > red[1] and red[2] < 0  # normalised pure red: above the mean in R only
     assert CausalLMCollator(letters_tokenizer(), image_model="vit_tiny_patch16_224").image_size == 224
+
+
+# ---------------------------------------------------------------- LaVIN's image placeholders
+
+IMG = 50  # a placeholder id outside the letters tokenizer's vocabulary
+
+
+def test_image_tokens_go_after_bos_or_in_place_of_the_one_placeholder():
+    after_bos = ImageTokens(IMG, 3)
+    assert after_bos.insert([BOS, 4, 5], bos_token_id=BOS) == [BOS, IMG, IMG, IMG, 4, 5]
+    assert after_bos.insert([4, 5], bos_token_id=BOS) == [IMG, IMG, IMG, 4, 5]  # no BOS: in front
+    marked = ImageTokens(IMG, 3, "placeholder")
+    assert marked.insert([BOS, 4, IMG, 5]) == [BOS, 4, IMG, IMG, IMG, 5]
+    with pytest.raises(ValueError, match="holds the placeholder 50 once, where the image goes; this one holds it 0"):
+        marked.insert([BOS, 4, 5])
+    with pytest.raises(ValueError, match="`position`='middle' is not one of"):
+        ImageTokens(IMG, 3, "middle")
+
+
+def test_image_tokens_expand_a_padded_batch_on_its_padding_side():
+    tokens = ImageTokens(IMG, 2)
+    m = IGNORE_INDEX
+    ids = torch.tensor([[PAD, BOS, 4, 5], [BOS, 6, 7, 8]])
+    labels = torch.tensor([[m, m, 4, 5], [m, 6, 7, 8]])
+    out = tokens.expand(ids, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), labels, torch.tensor([True, False]), BOS)
+    assert out["input_ids"].tolist() == [[BOS, IMG, IMG, 4, 5], [PAD, BOS, 6, 7, 8]]  # padded left, as it was
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert out["labels"].tolist() == [[m, m, m, 4, 5], [m, m, 6, 7, 8]]
+    assert out["has_image"].tolist() == [True, False]
+    right = tokens.expand(torch.tensor([[BOS, 4], [BOS, 5]]), has_image=torch.tensor([False, True]), bos_token_id=BOS)
+    assert right["input_ids"].tolist() == [[BOS, 4, PAD, PAD], [BOS, IMG, IMG, 5]]
+
+
+def test_image_tokens_come_from_an_attached_config():
+    from conftest import tiny_lavin
+
+    config = tiny_lavin().peft_config["default"]
+    assert ImageTokens.from_config(config) == ImageTokens(97, 2, "after_bos")
+    from peft_mma import LaVINConfig
+
+    with pytest.raises(ValueError, match="filled in when a LaVIN config with a `vision_model` is attached"):
+        ImageTokens.from_config(LaVINConfig())
+
+
+def test_collator_puts_an_images_placeholders_after_bos_or_at_the_marker():
+    tokenizer = letters_tokenizer(add_bos=True)
+    collator = CausalLMCollator(tokenizer, image_size=28, image_tokens=ImageTokens(IMG, 2))
+    samples = [
+        {"prompt": "a b", "response": "c", "image": torch.rand(3, 28, 28)},
+        {"prompt": "a <image> b", "response": "c", "image": torch.rand(3, 28, 28)},
+        {"prompt": "a b", "response": "c"},
+    ]
+    batch = collator(samples)
+    m = IGNORE_INDEX
+    assert batch["input_ids"].tolist() == [
+        [BOS, IMG, IMG, 4, 5, 6, EOS],
+        [BOS, 4, IMG, IMG, 5, 6, EOS],
+        [BOS, 4, 5, 6, EOS, PAD, PAD],
+    ]
+    assert batch["labels"].tolist() == [[m] * 5 + [6, EOS], [m] * 5 + [6, EOS], [m, m, m, 6, EOS, m, m]]
+    assert batch["has_image"].tolist() == [True, True, False]
+    marked_only = CausalLMCollator(tokenizer, image_tokens=ImageTokens(IMG, 2, "placeholder"))
+    with pytest.raises(ValueError, match="place an image where the prompt says '<image>', but this prompt has none"):
+        marked_only(samples[:1])
+    with pytest.raises(ValueError, match="`max_length`=2 cuts into an image's 2 placeholders"):
+        CausalLMCollator(tokenizer, max_length=2, image_tokens=ImageTokens(IMG, 2))(samples[:1])
 
 
 # ---------------------------------------------------------------- SmolLM2 tokenizer

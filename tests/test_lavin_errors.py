@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VIT, tiny_llama
+from conftest import LAVIN_VISION as VISION
+from conftest import lavin_batch, tiny_llama
 from peft import PeftModel, get_peft_model
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from peft_mma import LaVINConfig
-
-VISION = dict(
-    vision_model="vit_large_patch14_clip_224.openai",
-    vision_pretrained=False,
-    vision_model_kwargs=TINY_VIT,
-    vision_feature_every=2,
-)
 
 
 def ids(batch=2, length=6):
@@ -32,8 +26,8 @@ def ids(batch=2, length=6):
         (dict(temperature=0.0), r"`temperature` must be > 0 \(10 for LaVIN-7B"),
         (dict(adapter_dropout=1.0), r"`adapter_dropout` must be in \[0, 1\); got 1.0"),
         (dict(adapter_placement="ffn"), "`adapter_placement`='ffn' is not one of"),
-        (dict(image_token_id=5), "`image_token_id`=5 goes with `image_token_position`='placeholder'"),
-        (dict(image_token_position="placeholder"), "Set both or neither"),
+        (dict(image_token_id=-1), r"`image_token_id` must be a token id >= 0 \(or None\); got -1"),
+        (dict(image_token_position="middle"), "`image_token_position`='middle' is not one of"),
         (dict(merge_modality="audio"), "`merge_modality`='audio' is not one of"),
         (dict(task_type="SEQ_CLS"), "`task_type`='SEQ_CLS'; LaVIN adapts causal LMs"),
         (dict(task_type=None), "`task_type`=None; LaVIN adapts causal LMs"),
@@ -96,7 +90,6 @@ def assert_unchanged(model, before: tuple[dict[str, torch.Tensor], torch.Tensor]
     state, logits = snapshot(model)
     assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
     torch.testing.assert_close(logits, before[1], atol=0, rtol=0)
-    assert model.base_model._lavin_call is None  # no per-call state left behind
 
 
 def test_images_for_a_text_only_adapter_are_refused_and_change_nothing():
@@ -106,7 +99,7 @@ def test_images_for_a_text_only_adapter_are_refused_and_change_nothing():
         model(input_ids=ids(), pixel_values=torch.randn(2, 3, 28, 28))
     with pytest.raises(ValueError, match="adapter 'default' has no vision model"):
         model.generate(input_ids=ids(), pixel_values=torch.randn(2, 3, 28, 28), max_new_tokens=2)
-    with pytest.raises(ValueError, match="`has_image` marks samples with images but no `pixel_values`"):
+    with pytest.raises(ValueError, match="Samples have images .* but no `pixel_values` were passed"):
         model(input_ids=ids(), has_image=torch.tensor([True, False]))
     assert_unchanged(model, before)
 
@@ -122,14 +115,15 @@ def vision_model():
         (torch.randn(2, 3, 32, 32), r"shape \(batch, 3, 28, 28\)"),
         (torch.randn(3, 28, 28), r"shape \(batch, 3, 28, 28\)"),
         (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), "floating-point"),
-        (torch.randn(3, 3, 28, 28), "3 images for a batch of 2 sequences"),
+        (torch.randn(3, 3, 28, 28), "`pixel_values` holds 3 images for a batch of 2 sequences"),
     ],
 )
 def test_bad_pixel_values(vision_model, pixels, match):
+    batch = lavin_batch(vision_model)
     with pytest.raises(ValueError, match=match):
-        vision_model(input_ids=ids(), pixel_values=pixels)
+        vision_model(input_ids=batch["input_ids"], pixel_values=pixels)
     with pytest.raises(ValueError, match=match):
-        vision_model.generate(input_ids=ids(), pixel_values=pixels, max_new_tokens=2)
+        vision_model.generate(input_ids=batch["input_ids"], pixel_values=pixels, max_new_tokens=2)
 
 
 @pytest.mark.parametrize(
@@ -137,39 +131,66 @@ def test_bad_pixel_values(vision_model, pixels, match):
     [
         (torch.tensor([1, 0]), torch.randn(2, 3, 28, 28), "`has_image` must be a 1-D bool tensor"),
         (torch.tensor([True]), torch.randn(2, 3, 28, 28), "`has_image` has 1 flags for a batch of 2"),
+        (torch.tensor([True, True]), torch.randn(2, 3, 28, 28), "Sample 1 holds 0 image placeholders"),
+        (torch.tensor([False, False]), torch.randn(2, 3, 28, 28), "Sample 0 holds 2 image placeholders"),
         (torch.tensor([True, False]), None, "no `pixel_values` were passed"),
     ],
 )
 def test_bad_has_image(vision_model, mask, pixels, match):
+    batch = lavin_batch(vision_model, has_image=(True, False))
     with pytest.raises(ValueError, match=match):
-        vision_model(input_ids=ids(), pixel_values=pixels, has_image=mask)
+        vision_model(input_ids=batch["input_ids"], pixel_values=pixels, has_image=mask)
 
 
-def test_visual_tokens_past_max_position_embeddings_are_refused_and_change_nothing(vision_model):
+def test_placeholder_count_must_be_that_of_one_image_and_nothing_runs(vision_model, monkeypatch):
     before = snapshot(vision_model)
-    image = torch.randn(1, 3, 28, 28)
-    message = r"With 2 visual tokens the sequence has 129 positions, more than `max_position_embeddings`=128"
+    batch = lavin_batch(vision_model, has_image=(True, False))
+    ids = batch["input_ids"].clone()
+    ids[0, 1] = 5  # one of the image's two placeholders lost
+    monkeypatch.setattr(vision_model.base_model, "encode_images", lambda *a: pytest.fail("the encoder ran"))
+    message = r"Sample 0 holds 1 image placeholders \(`image_token_id`=97\); a sample with an image needs exactly 2"
     with pytest.raises(ValueError, match=message):
-        vision_model(input_ids=ids(1, 127), pixel_values=image)
+        vision_model(input_ids=ids, pixel_values=batch["pixel_values"])
     with pytest.raises(ValueError, match=message):
-        vision_model.generate(input_ids=ids(1, 127), pixel_values=image, max_new_tokens=2)
+        vision_model.generate(input_ids=ids, pixel_values=batch["pixel_values"], max_new_tokens=2)
+    monkeypatch.undo()
     assert_unchanged(vision_model, before)
+
+
+def test_a_filled_cache_is_refused(vision_model):
+    cache = DynamicCache()
     with torch.no_grad():
-        assert vision_model(input_ids=ids(1, 126), pixel_values=image).logits.shape == (1, 128, 97)  # exactly fits
+        vision_model(input_ids=ids(), cache=cache, use_cache=True)
+    assert cache.get_seq_length() == 7  # the modality token and the text
+    with pytest.raises(ValueError, match="cannot continue from a filled KV cache; decode with `generate`"):
+        vision_model(input_ids=ids(), cache=cache)
 
 
-def test_missing_placeholder():
-    config = LaVINConfig(**VISION, image_token_position="placeholder", image_token_id=96)
-    model = get_peft_model(tiny_llama(), config)
-    with pytest.raises(ValueError, match="contains the placeholder `image_token_id`=96 0 times"):
-        model(input_ids=ids(1), pixel_values=torch.randn(1, 3, 28, 28))
+def test_calling_the_wrapped_llama_directly_is_refused(vision_model):
+    with pytest.raises(ValueError, match="call the model through its `PeftModel`"):
+        vision_model.base_model.model(input_ids=ids())
+
+
+def test_images_need_input_ids():
+    model = get_peft_model(tiny_llama(), LaVINConfig(**VISION)).eval()
+    with pytest.raises(ValueError, match="Images need `input_ids` holding the image placeholders"):
+        model(inputs_embeds=torch.randn(2, 6, 32), pixel_values=torch.randn(2, 3, 28, 28))
 
 
 @pytest.mark.parametrize(
-    "overrides, match", [(dict(hidden_size=48), "another width"), (dict(num_hidden_layers=2), "another depth")]
+    "overrides",
+    [dict(hidden_size=48), dict(num_hidden_layers=2), dict(num_hidden_layers=6)],
+    ids=["wider", "shallower", "deeper"],
 )
-def test_adapter_onto_a_base_of_another_shape(tmp_path, overrides, match):
-    get_peft_model(tiny_llama(), LaVINConfig()).save_pretrained(tmp_path)
+def test_adapter_onto_a_base_of_another_shape_is_refused_before_anything_changes(tmp_path, overrides):
+    get_peft_model(tiny_llama(), LaVINConfig(**VISION)).save_pretrained(tmp_path)
     other = tiny_llama(**overrides)
-    with pytest.raises(ValueError, match=match):
+    names = [n for n, _ in other.named_modules()]
+    with pytest.raises(ValueError, match="This adapter was made for a base with 4 layers of width 32; the model has"):
         PeftModel.from_pretrained(other, tmp_path)
+    assert [n for n, _ in other.named_modules()] == names
+
+
+def test_a_saved_image_token_count_that_the_encoder_does_not_give_is_refused():
+    with pytest.raises(ValueError, match="`num_image_tokens`=6, but `vision_model`=.* gives 2 visual tokens"):
+        get_peft_model(tiny_llama(), LaVINConfig(**VISION, num_image_tokens=6))

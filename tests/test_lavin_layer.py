@@ -1,27 +1,17 @@
-"""The MM-adapter and the router side pass against the independent reference in `reference/lavin_ref.py`."""
+"""The MM-adapter, the modality token and its routing against the independent reference in `reference/lavin_ref.py`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VIT, tiny_llama
+from conftest import lavin_batch, tiny_lavin, tiny_llama
 from peft import get_peft_model
 from reference.lavin_ref import adapter_tensors, dense_up, official_logits, vision_tokens
-from transformers import DynamicCache
 
 from peft_mma import LaVINConfig
 from peft_mma.lavin import GroupedLinear
-from peft_mma.lavin.call import Call
-from peft_mma.router import is_lone_token_attention, lone_token_attention
 
-
-def lavin(kind="mha", attn="eager", **kwargs):
-    torch.manual_seed(1)
-    config = LaVINConfig(init_weights=False, adapter_dropout=0.0, **kwargs)
-    model = get_peft_model(tiny_llama(kind, attn), config)
-    with torch.no_grad():  # a non-trivial modality embedding and routers, so each modality routes differently
-        model.base_model.mma_lavin_modality["default"].normal_(0, 3)
-    return model.eval()
+KINDS = [("mha", "eager"), ("gqa", "sdpa"), ("odd_head_dim", "eager")]
 
 
 def test_grouped_linear_is_block_diagonal():
@@ -40,115 +30,112 @@ def test_identity_init():
             assert module.weight.abs().sum() == 0 and module.bias.abs().sum() == 0
 
 
-@pytest.mark.parametrize("kind, attn", [("mha", "eager"), ("gqa", "sdpa"), ("odd_head_dim", "eager")])
-def test_side_pass_equals_official_masked_modality_token(kind, attn):
-    model = lavin(kind, attn, temperature=5.0)
+def reference_inputs(model, batch, detach=True):
+    """What the official formulation gets for `batch`: the embeddings with the model's own visual tokens at the
+    placeholders, the adapters' tensors, the modality embedding and the per-sample modality."""
+    tuner = model.base_model
+    ids, placeholders = batch["input_ids"], batch["input_ids"] == model.peft_config["default"].image_token_id
+    embeds = tuner.model.get_input_embeddings()(ids.masked_fill(placeholders, 0))
+    visual = tuner.encode_images(batch["pixel_values"])  # (B, n, C)
+    rows = []
+    for i in range(len(ids)):  # write each image's tokens at its placeholders, one by one
+        row, k = list(embeds[i]), 0
+        for j in range(len(row)):
+            if placeholders[i, j]:
+                row[j], k = visual[i, k], k + 1
+        rows.append(torch.stack(row))
+    embeds = torch.stack(rows)
+    adapters = [adapter_tensors(layer.self_attn, detach=detach) for layer in tuner.model.model.layers]
+    modality = placeholders.any(-1).long()
+    embedding = tuner.mma_lavin_modality["default"]
+    if detach:
+        embeds, embedding = embeds.detach(), embedding.detach()
+    return embeds, adapters, embedding, modality
+
+
+@pytest.mark.parametrize("kind, attn", KINDS)
+def test_modality_token_in_the_call_gives_the_official_logits(kind, attn):
+    """Text and image samples in one batch: the official formulation (the token at position 0 of a custom 4D mask
+    that hides it from every other token) with the same visual tokens; at the official RoPE positions (text at 1..S)
+    up to rounding, and at ours (text at 0..S−1) to 1e-6."""
+    model = tiny_lavin(kind, attn, temperature=5.0)
+    batch = lavin_batch(model, has_image=(False, True))
     reference = tiny_llama(kind, "eager")  # same seed → same base weights
+    with torch.no_grad():
+        got = model(**batch).logits
+        embeds, adapters, embedding, modality = reference_inputs(model, batch)
+        official = official_logits(reference, adapters, embedding, embeds, modality, 1.0, 5.0)
+        ours = official_logits(reference, adapters, embedding, embeds, modality, 1.0, 5.0, torch.arange(9))
+    real = batch["attention_mask"][..., None].bool()  # the reference has no padding mask: compare real tokens
+    torch.testing.assert_close(got * real, official * real, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got * real, ours * real, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind, attn", KINDS)
+def test_routing_weights_are_the_official_tokens_alone(kind, attn):
+    """Every layer's weights for each modality (`modality_routing`) equal the official formulation's on the
+    modality token alone to 1e-6, and the two modalities route differently."""
+    model = tiny_lavin(kind, attn)
+    reference = tiny_llama(kind, "eager")
     adapters = [adapter_tensors(layer.self_attn) for layer in model.base_model.model.model.layers]
     embedding = model.base_model.mma_lavin_modality["default"].detach()
-    ids = torch.randint(3, 97, (2, 9))
-    modality = torch.tensor([0, 1])
+    record: list[torch.Tensor] = []
     with torch.no_grad():
-        embeds = reference.model.embed_tokens(ids)
-        expected = official_logits(reference, adapters, embedding, embeds, modality, 1.0, 5.0)
-        # a text-only call routes both rows as text; compare row 0, then route row 1 as an image through the
-        # image path with the same text (the reference has no visual tokens, so pass the routing directly)
-        got_text = model(input_ids=ids).logits
-        routing = model.base_model._routing("default", Call(), modality.bool(), 2)
-        got_mixed = model.base_model.model(input_ids=ids, lavin_routing=routing).logits
-    torch.testing.assert_close(got_text[0], expected[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(got_mixed, expected, atol=1e-5, rtol=0)
-    assert (got_mixed[1] - got_text[1]).abs().max() > 1e-3  # the image route differs from the text route
-
-
-@pytest.mark.parametrize("kind, attn", [("mha", "eager"), ("gqa", "sdpa"), ("odd_head_dim", "eager")])
-def test_lone_token_attention_is_the_attention_of_one_token(kind, attn):
-    """The side pass's shortcut o_proj(repeat_kv(v_proj(x))) equals LLaMA's attention over one token at position 0,
-    in value and in the gradients of x and of every projection (q and k get none from either)."""
-    attention = tiny_llama(kind, attn, seed=3).model.layers[1].self_attn.train()
-    llama = tiny_llama(kind, attn, seed=3).model
-    x = torch.randn(2, 1, 32)
-    position_embeddings = llama.rotary_emb(x, torch.zeros(2, 1, dtype=torch.long))
-
-    def grads(output: torch.Tensor, inputs: torch.Tensor) -> list[torch.Tensor]:
-        params = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight, attention.o_proj.weight]
-        weights = torch.randn_like(output)
-        return torch.autograd.grad((output * weights.detach()).sum(), [inputs, *params], allow_unused=True)
-
-    torch.manual_seed(0)
-    x_full, x_lone = x.clone().requires_grad_(), x.clone().requires_grad_()
-    full = attention(x_full, position_embeddings=position_embeddings, attention_mask=None)[0]
-    torch.manual_seed(0)
-    full_grads = grads(full, x_full)
-    assert is_lone_token_attention(attention, x_lone, {"attention_mask": None})
-    lone = lone_token_attention(attention, x_lone)
-    torch.manual_seed(0)
-    lone_grads = grads(lone, x_lone)
-    torch.testing.assert_close(lone, full, atol=1e-6, rtol=1e-6)
-    for got, expected in zip(lone_grads, full_grads):
-        if got is None:  # q and k: not used by the shortcut, and a zero gradient in the full attention
-            assert expected is None or expected.abs().max() < 1e-6
-        else:
-            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        routing = model.base_model.modality_routing()
+        official_logits(reference, adapters, embedding, torch.zeros(2, 0, 32), torch.tensor([0, 1]), record=record)
+    assert list(routing) == [f"model.layers.{i}.self_attn" for i in range(4)]
+    for got, expected in zip(routing.values(), record):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert all((w[0] - w[1]).abs().max() > 1e-3 for w in routing.values())
 
 
 @pytest.mark.parametrize("placement", ["attn", "block"])
-def test_side_pass_shortcut_keeps_every_gradient(placement, monkeypatch):
-    """A training step's loss and the gradient of every trainable parameter (the modality embedding and routers,
-    which only the side pass reaches, included) are those of the side pass through the full attention."""
-    import peft_mma.lavin.layer as lavin_layer
-
-    ids = torch.randint(3, 97, (2, 7))
-
-    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model = lavin("gqa", "sdpa", adapter_placement=placement).train()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    loss, grads = step()
-    monkeypatch.setattr(lavin_layer, "is_lone_token_attention", lambda *args: False)
-    full_loss, full_grads = step()
-    torch.testing.assert_close(loss, full_loss, atol=1e-6, rtol=0)
-    assert grads.keys() == full_grads.keys() and any("modality" in n for n in grads)
-    for name, grad in grads.items():
-        assert grad is not None and full_grads[name] is not None, name
-        torch.testing.assert_close(grad, full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
-
-
-def test_lone_token_attention_only_where_exact():
-    attention = tiny_llama("gqa", "sdpa").model.layers[0].self_attn
-    one, two = torch.randn(2, 1, 32), torch.randn(2, 2, 32)
-    assert is_lone_token_attention(attention.eval(), one, {})
-    assert not is_lone_token_attention(attention, two, {})  # other keys
-    assert not is_lone_token_attention(attention, one, {"attention_mask": torch.ones(2, 1, 1, 1)})
-    assert not is_lone_token_attention(attention, one, {"any name": DynamicCache()})  # cached keys, by type
-    attention.attention_dropout = 0.1
-    assert is_lone_token_attention(attention.eval(), one, {})  # no dropout in eval
-    assert not is_lone_token_attention(attention.train(), one, {})  # dropout would zero the one weight at times
-    assert not is_lone_token_attention(torch.nn.Linear(32, 32), one, {})  # not a LLaMA attention
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_loss_and_every_gradient_are_the_official_formulation(placement, checkpointing):
+    """A mixed batch's loss and the gradient of every trainable parameter (the modality embedding, the routers, the
+    projector and the encoder's adapters included) equal those of the official formulation to 1e-6, with and
+    without gradient checkpointing."""
+    model = tiny_lavin("gqa", "sdpa", adapter_placement=placement).train()
+    if checkpointing:
+        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = lavin_batch(model, has_image=(True, False))
+    loss = model(**batch).loss
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    if placement == "block":  # the reference has no FFN adapter: compare the loss's dependence on it only
+        assert all(g.abs().sum() > 0 for n, g in grads.items() if ".mlp." in n)
+        return
+    reference = tiny_llama("gqa", "eager")
+    embeds, adapters, embedding, modality = reference_inputs(model, batch, detach=False)
+    logits = official_logits(reference, adapters, embedding, embeds, modality, text_positions=torch.arange(9))
+    labels = batch["labels"]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
+    expected_grads = torch.autograd.grad(expected, list(params.values()))
+    for (name, got), want in zip(grads.items(), expected_grads):
+        assert got.abs().sum() > 0, name
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_block_placement_routes_ffn_adapter_from_its_own_input():
-    model = lavin(adapter_placement="block")
+    model = tiny_lavin(adapter_placement="block", vision_model=None)
     layer = model.base_model.model.model.layers[0]
     assert type(layer.mlp).__name__ == "MMAdapter" and layer.mlp.lavin_key.endswith("mlp")
     ids = torch.randint(3, 97, (1, 6))
     with torch.no_grad():
         out = model(input_ids=ids).logits
-        model.base_model.model.model.layers[0].mlp.mma_lavin_up0["default"].weight.zero_()
-        model.base_model.model.model.layers[0].mlp.mma_lavin_up1["default"].weight.zero_()
+        routing = model.base_model.modality_routing()
+        layer.mlp.mma_lavin_up0["default"].weight.zero_()
+        layer.mlp.mma_lavin_up1["default"].weight.zero_()
         changed = model(input_ids=ids).logits
     assert (out - changed).abs().max() > 1e-4  # the FFN adapter is live
+    assert "model.layers.0.mlp" in routing and not torch.equal(
+        routing["model.layers.0.mlp"], routing[layer.self_attn.lavin_key]
+    )
 
 
 def test_vision_tokens_match_reference_and_do_not_couple_images():
-    model = lavin(
-        vision_model="vit_large_patch14_clip_224.openai",
-        vision_pretrained=False,
-        vision_model_kwargs=TINY_VIT,
-        vision_feature_every=2,
-    )
+    model = tiny_lavin()
     tuner = model.base_model
     encoder = tuner.mma_lavin_visual["default"].encoder
     adapters = [adapter_tensors(block.attn) for block in encoder.blocks]

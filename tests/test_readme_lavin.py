@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import torch
+from conftest import greedy_without_cache
 from transformers import LlamaForCausalLM
 
 from peft_mma import LaVINConfig
@@ -28,19 +29,25 @@ def test_readme_lavin_snippet_runs_and_does_what_it_says(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(snippet, str(README), "exec"), namespace)  # its own asserts: bitwise reload, merge to 1e-5
 
-    config = namespace["model"].peft_config["default"]
+    model = namespace["model"]
+    config = model.peft_config["default"]
     assert isinstance(config, LaVINConfig) and config.temperature == 10.0  # the lavin-7b preset
     assert config.vision_model == "vit_large_patch14_clip_224.openai"
-    assert namespace["new_ids"].shape == (2, 8 + 4)
-    assert torch.equal(namespace["new_ids"][:, :8], namespace["ids"])
-    assert namespace["logits"].shape == (2, 8 + 2, 100)  # sample 0 got 2 visual tokens, sample 1 is padded
-    image_row, text_row = namespace["logits"][0, 3:], namespace["text_logits"][0, 1:]  # after BOS and V
+    ids, text = namespace["ids"], namespace["text"]
+    assert ids.shape == (2, 8 + 2) and (ids[0, 1:3] == 100).all() and not (ids[1] == 100).any()
+    new_ids = namespace["new_ids"]
+    assert new_ids.shape == (1, 10 + 4) and torch.equal(new_ids[:, :10], ids[:1])
+    prompt = {"input_ids": ids[:1], "attention_mask": torch.ones(1, 10), "pixel_values": namespace["pixel_values"][:1]}
+    assert torch.equal(new_ids, greedy_without_cache(model, prompt, 4))  # the cached tokens are the uncached ones
+    assert namespace["logits"].shape == (2, 10, 100)  # they line up with `input_ids`
+    image_row, text_row = namespace["logits"][0, 3:], namespace["text_logits"][0, 1:]  # after BOS and the image
     assert (image_row - text_row).abs().max() > 1e-3  # the image changes sample 0 after one training step
 
     saved = json.loads((tmp_path / "lavin-adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "MMA_LAVIN" and saved["task_type"] == "CAUSAL_LM"
+    assert (saved["image_token_id"], saved["num_image_tokens"]) == (100, 2)
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "lavin-merged").eval()
     assert merged.config.attention_bias
     with torch.no_grad():
-        reloaded = merged(input_ids=namespace["ids"]).logits
+        reloaded = merged(input_ids=text).logits
     torch.testing.assert_close(reloaded, namespace["text_logits"], atol=1e-5, rtol=0)

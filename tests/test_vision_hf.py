@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from peft_mma import LaVINConfig, LlamaAdapterV2Config
+from peft_mma.data import ImageTokens
 from peft_mma.vision.backbone import VisionBackbone
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32)
@@ -147,7 +148,9 @@ def test_lavin_on_a_clip_tower(towers, tmp_path):
         torch.testing.assert_close(both[:1], alone, atol=1e-6, rtol=0)
         ids = torch.randint(3, 97, (2, 6))
         ids[:, 0] = 1
+        ids = ImageTokens.from_config(model.peft_config["default"]).expand(ids, bos_token_id=1)["input_ids"]
         trained = model(input_ids=ids, pixel_values=pixels).logits
+        assert ids.shape == (2, 8) and (trained - model(input_ids=ids, pixel_values=-pixels).logits).abs().max() > 0
     model.save_pretrained(tmp_path)
     keys = saved_keys(tmp_path)
     assert any(".encoder.layers.0.self_attn.mma_lavin_down" in k for k in keys)

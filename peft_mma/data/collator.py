@@ -9,7 +9,9 @@ ignore index, spec/llama_adapter_v2.md §4 and spec/lavin_mma.md §4; PyTorch's 
 Images: a batch whose samples carry an `"image"` gets `pixel_values` (B, 3, S, S) and `has_image` (B,), and
 text-only samples get a zero image there, as both official code bases feed them (spec/llama_adapter_v2.md §3.7,
 spec/lavin_mma.md §4). Tensors are used as they are; PIL images go through the timm eval transform of
-`image_model` (`timm.data.resolve_data_config` + `create_transform`) or through `image_transform`.
+`image_model` (`timm.data.resolve_data_config` + `create_transform`) or through `image_transform`. For LaVIN, pass
+`image_tokens` (`ImageTokens.from_config(model.peft_config[name])`): each sample with an image then gets its n
+placeholder ids, where its prompt says `<image>` or else right after BOS (`data.image_tokens`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .image_tokens import IMAGE_MARKER, ImageTokens
 from .templates import format_prompt, scienceqa_answer, scienceqa_prompt
 
 IGNORE_INDEX = -100
@@ -73,6 +76,7 @@ class CausalLMCollator:
         image_transform: callable applied to PIL images instead (overrides `image_model`'s transform).
         image_size: S of the zero image of text-only samples; when set (or with `image_model`) every batch
             carries `pixel_values` and `has_image`, else only batches with at least one image do.
+        image_tokens: LaVIN's image placeholders, put into the ids of every sample with an image.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class CausalLMCollator:
         image_model: str | None = None,
         image_transform: Callable | None = None,
         image_size: int | None = None,
+        image_tokens: ImageTokens | None = None,
     ):
         if padding_side not in ("left", "right"):
             raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
@@ -103,6 +108,7 @@ class CausalLMCollator:
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.image_transform = image_transform
         self.image_size = image_size
+        self.image_tokens = image_tokens
         if image_model is not None:
             model_transform, model_size = timm_image_transform(image_model)
             self.image_transform = image_transform or model_transform
@@ -123,14 +129,41 @@ class CausalLMCollator:
     def encode(self, sample: dict[str, Any]) -> tuple[list[int], list[int]]:
         """(input ids, labels) of one sample, truncated to `max_length` and not padded."""
         prompt, response = self.prompt_fn(sample)
-        prompt_ids = self.bos + self._tokens(prompt)
+        prompt_ids = self._prompt_ids(prompt, with_image=sample.get("image") is not None)
         if not self.with_response:
             ids = prompt_ids[: self.max_length]
-            return ids, [IGNORE_INDEX] * len(ids)
+            return self._check_kept(ids, prompt_ids), [IGNORE_INDEX] * len(ids)
         response_ids = self._tokens(response) + self.eos
         ids = (prompt_ids + response_ids)[: self.max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: self.max_length]
-        return ids, labels
+        return self._check_kept(ids, prompt_ids), labels
+
+    def _prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
+        """BOS + the prompt's tokens; with LaVIN's `image_tokens`, an image's placeholders where the prompt has
+        `<image>`, else after BOS."""
+        tokens = self.image_tokens
+        if not with_image or tokens is None:
+            return self.bos + self._tokens(prompt)
+        if IMAGE_MARKER in prompt:
+            before, after = prompt.split(IMAGE_MARKER, 1)
+            ids = self.bos + self._tokens(before) + [tokens.token_id] + self._tokens(after)
+            return ImageTokens(tokens.token_id, tokens.count, "placeholder").insert(ids)
+        if tokens.position == "placeholder":
+            raise ValueError(
+                f"`image_tokens` place an image where the prompt says {IMAGE_MARKER!r}, but this prompt has none: "
+                f"{prompt!r}."
+            )
+        return tokens.insert(self.bos + self._tokens(prompt), self.bos[0] if self.bos else None)
+
+    def _check_kept(self, ids: list[int], prompt_ids: list[int]) -> list[int]:
+        if self.image_tokens is not None and ids.count(self.image_tokens.token_id) != prompt_ids.count(
+            self.image_tokens.token_id
+        ):
+            raise ValueError(
+                f"`max_length`={self.max_length} cuts into an image's {self.image_tokens.count} placeholders; raise "
+                "it or shorten the prompt before the image."
+            )
+        return ids
 
     def _pad(self, rows: Sequence[list[int]], value: int) -> torch.Tensor:
         width = max(len(row) for row in rows)

@@ -70,11 +70,18 @@ class LaVINConfig(PeftConfig):
             official code keys them on batch element 0, §4; ours does not couple images).
         projector_hidden (`int`):
             Hidden width of the projector Linear→SiLU→Linear from the encoder width to the LLM width (128, §4).
-        image_token_position (`str`):
-            Where the visual tokens go: `"after_bos"` (after the first real token when it is the model's BOS,
-            otherwise before it) or `"placeholder"` (they replace the single token `image_token_id`).
         image_token_id (`int`, *optional*):
-            The placeholder token id, required by and only used with `image_token_position="placeholder"`.
+            The placeholder id that marks an image's visual-token positions in `input_ids` (n copies per image; the
+            model writes the visual tokens there). `None`: the base's `vocab_size`, outside the vocabulary so that no
+            text token can collide with it; filled in when the adapter is attached, and saved.
+        num_image_tokens (`int`, *optional*):
+            n, the visual tokens per image: the encoder depth / `vision_feature_every`. Filled in when attached.
+        image_token_position (`str`):
+            Where `peft_mma.data.ImageTokens` (and the collator) put an image's placeholders: `"after_bos"` (right
+            after the leading BOS, the official `[BOS, V, text…]`) or `"placeholder"` (in place of one
+            `image_token_id` the sample holds; the collator's prompts mark it with `"<image>"`).
+        base_num_layers (`int`, *optional*): Filled when attached; checked when the adapter is loaded again.
+        base_hidden_size (`int`, *optional*): Filled when attached; checked when the adapter is loaded again.
         merge_modality (`str`):
             Which modality's routing `merge_and_unload` folds into q/k/v by default: `"text"` or `"image"`.
         init_weights (`bool`):
@@ -110,10 +117,15 @@ class LaVINConfig(PeftConfig):
     vision_feature_every: int = field(default=4, metadata={"help": "Take the class token after every k-th block."})
     vision_adapters: bool = field(default=True, metadata={"help": "MM-adapters inside the encoder blocks."})
     projector_hidden: int = field(default=128, metadata={"help": "Hidden width of the visual projector."})
+    image_token_id: int | None = field(default=None, metadata={"help": "Image placeholder id; None: vocab_size."})
+    num_image_tokens: int | None = field(
+        default=None, metadata={"help": "Visual tokens per image; set when attached."}
+    )
     image_token_position: str = field(default="after_bos", metadata={"help": "'after_bos' or 'placeholder'."})
-    image_token_id: int | None = field(default=None, metadata={"help": "Placeholder token id for the image."})
     merge_modality: str = field(default="text", metadata={"help": "Modality folded by `merge_and_unload`."})
     init_weights: bool = field(default=True, metadata={"help": "Identity init (True) or random (False)."})
+    base_num_layers: int | None = field(default=None, metadata={"help": "Set when attached."})
+    base_hidden_size: int | None = field(default=None, metadata={"help": "Set when attached."})
     task_type: str | None = field(default="CAUSAL_LM", metadata={"help": "Always CAUSAL_LM."})
 
     def __post_init__(self) -> None:
@@ -145,11 +157,9 @@ class LaVINConfig(PeftConfig):
             raise ValueError(
                 f"`image_token_position`={self.image_token_position!r} is not one of {IMAGE_TOKEN_POSITIONS}."
             )
-        if (self.image_token_position == "placeholder") != (self.image_token_id is not None):
-            raise ValueError(
-                f"`image_token_id`={self.image_token_id} goes with `image_token_position`='placeholder' and only "
-                f"with it; got `image_token_position`={self.image_token_position!r}. Set both or neither."
-            )
+        token_id = self.image_token_id
+        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0):
+            raise ValueError(f"`image_token_id` must be a token id >= 0 (or None); got {token_id!r}.")
         if self.merge_modality not in MODALITIES:
             raise ValueError(f"`merge_modality`={self.merge_modality!r} is not one of {MODALITIES}.")
 

@@ -10,8 +10,10 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ..router import SELF_ROUTED, is_lone_token_attention, lone_token_attention, route
+from ..attention import STATE_KWARG
+from ..router import route
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
+from .inputs import LaVINCall, call_in_progress
 
 
 class GroupedLinear(nn.Module):
@@ -49,8 +51,8 @@ class LaVINLayer(MMATunerLayer):
     is linear, and folds into the consumers of its output (see `merge`). All four are trainable.
 
     Routing input t (`routing`):
-      * ``"sample"`` (decoder): one (B, 2) weight per sample, given per call by `LaVINModel` from the modality side
-        pass (`peft_mma.router`); in the side pass itself (`SELF_ROUTED`), from its own input at position 0.
+      * ``"sample"`` (decoder): the adapter's own input at position 0, the modality token (`lavin.inputs`), giving
+        one (B, 2) weight per sample; recorded in the call's `LaVINCall`, whose decoding steps (no token) reuse it.
       * ``"token"`` (vision encoder): t = x per token, so each image routes from its own tokens.
     """
 
@@ -68,10 +70,6 @@ class LaVINLayer(MMATunerLayer):
         self.mma_lavin_dropout = nn.ModuleDict()
         self.scale: dict[str, float] = {}
         self.temperature: dict[str, float] = {}
-        # Per-call state, never saved: weights given by the tuner (or SELF_ROUTED), and a dict to record into.
-        self.lavin_routing: dict[str, torch.Tensor] | str | None = None
-        self.lavin_record: dict[str, torch.Tensor] | None = None
-        self._mixed: dict[str, tuple] = {}  # adapter → (routing weights given, U, c), see `_mixed_up`
         # Merge state: the Linears that read the input (q/k/v or gate/up), the (2,) weights to fold, created biases.
         self.consumers: list[nn.Linear] = []
         self.merge_routing: dict[str, torch.Tensor] = {}
@@ -108,57 +106,44 @@ class LaVINLayer(MMATunerLayer):
         if not init_weights:
             nn.init.normal_(self.mma_lavin_router[adapter_name].weight, std=1.0)
 
-    def _weights(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The routing weights, shaped to broadcast against the adapter terms (…, 2)."""
+    def _weights(self, name: str, x: torch.Tensor, call: LaVINCall | None) -> torch.Tensor:
+        """The routing weights w, shaped to broadcast against the adapter terms: (B, T, 2) per token, (B, 1, 2) per
+        sample, from the modality token at position 0 of `x` (B, T, C) or, on a decoding step, from `call`."""
         router, tau = self.mma_lavin_router[name], self.temperature[name]
         if self.routing == "token":
-            return route(router, x, tau)  # (B, N, 2)
-        if self.lavin_routing == SELF_ROUTED:  # official formulation: route from own input at position 0
-            w = route(router, x[:, 0], tau)  # (B, 2)
-            if self.lavin_record is not None:
-                self.lavin_record[name] = w
-            return w[:, None]
-        if self.lavin_routing is None or name not in self.lavin_routing:
-            raise ValueError(
-                "LaVIN router weights are missing: call the model through the `PeftModel` (or its `base_model`), "
-                "which computes them from the modality embedding before the decoder runs."
-            )
-        return self.lavin_routing[name].to(x.dtype)[:, None]  # (B, 1, 2)
+            return route(router, x, tau)  # (B, T, 2)
+        key = f"{self.lavin_key}.{name}"
+        if call is None or call.modality_token:
+            w = route(router, x[:, 0], tau)  # (B, 2), from the modality token
+            if call is not None:
+                call.routing[key] = w
+        else:
+            w = call.routing.get(key)
+            if w is None:
+                raise ValueError(
+                    f"No routing weights for `{key}`: the call's first forward held no modality token. Call the model "
+                    "through its `PeftModel` (or `base_model`), which puts the token in front of every sequence."
+                )
+        return w[:, None]  # (B, 1, 2)
 
-    def adapter_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_term(self, name: str, x: torch.Tensor, call: LaVINCall | None = None) -> torch.Tensor:
         """s·w0·(B z + b) + s·w1·(D z + d) for adapter `name`; x in the adapter dtype.
 
         With one routing weight per sample (the decoder), the two paths are mixed in weight space first:
-        U_b = s·(w0·B + w1·D)ᵀ (h × C) and c_b = s·(w0·b + w1·d) per sample, then one batched matmul
-        c_b + z U_b, instead of two grouped matmuls and three mixing passes over (B, T, C) activations (which
-        autograd would also keep). Sequences no longer than h (the side pass) mix the outputs as written, which is
-        then the smaller graph; without gradients, the mixed weights are reused across decoding steps.
+        U_b = s·(w0·B + w1·D)ᵀ (h × C) and c_b = s·(w0·b + w1·d) per sample, then one batched matmul c_b + z U_b,
+        instead of two grouped matmuls and three mixing passes over (B, T, C) activations (which autograd would also
+        keep).
         """
-        w = self._weights(name, x)
+        w = self._weights(name, x, call)
         z = self.mma_lavin_dropout[name](self.mma_lavin_down[name](x))  # (…, h)
         s = self.scale[name]
-        short = torch.is_grad_enabled() and x.shape[-2] <= z.shape[-1]
-        if self.routing == "token" or x.ndim != 3 or short:
+        if self.routing == "token" or x.ndim != 3:
             return s * (w[..., :1] * self.mma_lavin_up0[name](z) + w[..., 1:] * self.mma_lavin_up1[name](z))
-        u, c = self._mixed_up(name, w.reshape(-1, 2), s)
-        return torch.baddbmm(c[:, None], z, u)  # (B, T, C)
-
-    def _mixed_up(self, name: str, w: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """U = s·(w0·B + w1·D)ᵀ (B, h, C) and c = s·(w0·b + w1·d) (B, C) for per-sample weights w (B, 2).
-
-        Without gradients they are kept while the tuner hands down the same weights (every decoding step of one
-        `generate` call), so that a step costs one batched matmul."""
-        given = self.lavin_routing.get(name) if isinstance(self.lavin_routing, dict) else None
-        cached = self._mixed.get(name)
-        if cached is not None and given is not None and cached[0] is given and not torch.is_grad_enabled():
-            return cached[1], cached[2]
         up0, up1 = self.mma_lavin_up0[name], self.mma_lavin_up1[name]
-        ups = torch.stack([up0.dense().T, up1.dense().T])  # (2, h, C)
-        u = torch.einsum("bp,phc->bhc", w * s, ups)  # (B, h, C)
-        c = (w * s) @ torch.stack([up0.bias, up1.bias])  # (B, C)
-        if given is not None and not torch.is_grad_enabled():
-            self._mixed[name] = (given, u, c)
-        return u, c
+        ws = w[:, 0] * s  # (B, 2)
+        u = torch.einsum("bp,phc->bhc", ws, torch.stack([up0.dense().T, up1.dense().T]))  # (B, h, C)
+        c = ws @ torch.stack([up0.bias, up1.bias])  # (B, C)
+        return torch.baddbmm(c[:, None], z, u)  # (B, T, C)
 
     def fold(self, name: str, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, V, c) in float64 with out(x) = (I + U V) x + c for fixed routing weights (2,), dropout off.
@@ -178,34 +163,36 @@ class MMAdapter(nn.Module, LaVINLayer):
 
     Placement (§2): `h = x + Attn(MMA(Norm(x)))`, so q, k and v all read the adapted input and the residual does
     not; `mlp` gives the `"block"` variant `FFN(MMA(Norm(h)))`. The equation is in `LaVINLayer`. Wrapping the reader
-    rather than the norm gives the same numbers and lets the decoder pass the router weights as a forward kwarg
-    (`lavin_routing`), which gradient checkpointing replays on recompute (module pre-hooks are not replayed).
+    rather than the norm gives the same numbers and lets the attention adapters take the call's `LaVINCall` as a
+    forward keyword, which gradient checkpointing replays on recompute; transformers calls `mlp` without keywords,
+    so an `mlp` adapter reads the call in progress (`lavin.inputs.current_call`).
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, width: int, routing: str) -> None:
         super().__init__()
         LaVINLayer.__init__(self, base_layer, adapter_name, width, routing)
-        self.lavin_key = ""
-        self.siblings: list[MMAdapter] = []  # adapters of the same decoder layer that this one hands routing to
+        self.lavin_key = ""  # the module's path, naming its routing weights in a `LaVINCall`
+        self.keyword_call = routing == "sample" and hasattr(base_layer, "o_proj")  # an attention: gets the keyword
         self.update_layer(adapter_name, config)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        routing = kwargs.pop("lavin_routing", None)
-        for layer in self.siblings:  # set afresh on every call, so no stale weights survive a call without them
-            layer.lavin_routing = routing if routing in (None, SELF_ROUTED) else routing.get(layer.lavin_key)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(hidden_states, *args, **kwargs)
         if self.merged:
             return self.base_layer(hidden_states, *args, **kwargs)
+        call = kwargs.get(STATE_KWARG) if self.keyword_call else call_in_progress()
+        if self.keyword_call and call is None:
+            raise ValueError(
+                "LaVIN's adapters need the call's modality token: call the model through its `PeftModel` (or "
+                "`base_model`), which puts the token in front of every sequence, not the wrapped LLaMA directly."
+            )
         x = hidden_states
         for name in self.active_adapters:
             if name in self.mma_lavin_down:
                 xa = hidden_states.to(self.mma_lavin_down[name].weight.dtype)
-                x = x + self.adapter_term(name, xa).to(hidden_states.dtype)
-        if routing == SELF_ROUTED and not args and is_lone_token_attention(self.base_layer, x, kwargs):
-            return lone_token_attention(self.base_layer, x), None  # the side pass: (output, attention weights)
+                x = x + self.adapter_term(name, xa, call).to(hidden_states.dtype)
         return self.base_layer(x, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""LaVIN's Mixture-of-Modality Adaptation as a PEFT tuner (DESIGN.md decisions 3, 4; `lavin_mma.md`).
+"""LaVIN's Mixture-of-Modality Adaptation as a PEFT tuner (DESIGN.md decisions 3, 4, 8; `lavin_mma.md`).
 
 Paper: "Cheap and Quick: Efficient Vision-Language Instruction Tuning for Large Language Models",
 https://arxiv.org/abs/2305.15023.
@@ -6,42 +6,49 @@ https://arxiv.org/abs/2305.15023.
 The tuner puts an `MMAdapter` on the normalised input of every decoder layer's `self_attn` (and `mlp` for placement
 "block") and keeps the model-level parts of each adapter: the modality embedding E_m, and the visual path
 (`lavin.visual`). `get_peft_model` returns a `PeftModelForCausalLM` (the config's `task_type` is always
-"CAUSAL_LM"), whose `forward` and `generate` call this tuner's with every keyword. These take `pixel_values` and
-`has_image` out (`lavin.call`) and call the LLaMA model, whose forward pre-hook, for every forward of the call,
-  1. encodes the images once and splices the visual tokens into the input (`lavin.call`, `lavin.sequence`);
-  2. computes the router weights per sample from its modality (0 text, 1 image) with the side pass of
-     `peft_mma.router`, once per call when gradients are off, on every forward when they are on;
-  3. passes them down as the `lavin_routing` kwarg, which reaches every `self_attn` (and is replayed by gradient
-     checkpointing when it recomputes a layer).
+"CAUSAL_LM"), whose `forward` and `generate` call this tuner's with every keyword. Each call (`lavin.inputs`):
+
+  1. checks its inputs, embeds the text and writes the visual tokens of `pixel_values` at the image placeholders of
+     `input_ids` (n per image; `peft_mma.data.ImageTokens` puts them there);
+  2. puts the modality token E_m[m] in front of every sequence (m = 1 with an image), which each adapter routes
+     from, inside the same model call;
+  3. hands one `LaVINCall` down as the keyword `attention.STATE_KWARG`, and returns logits that line up with
+     `input_ids` (`generate`: the prompt ids followed by the new tokens).
 
 Usage::
 
     model = get_peft_model(llama, LaVINConfig.from_preset("lavin-7b"))
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=images, has_image=has_image)
-    model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, has_image=has_image, max_new_tokens=64)
+    batch = CausalLMCollator(tokenizer, image_tokens=ImageTokens.from_config(model.peft_config["default"]))(samples)
+    out = model(**batch)                        # input_ids with placeholders, pixel_values, has_image, labels
+    model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=64)
     llama_merged = model.merge_and_unload(modality="text")   # or "image"; default: `config.merge_modality`
 
-The inputs (`pixel_values`, `has_image`, mixed batches, padding) are described in `lavin.call`. One LaVIN adapter
-may be active at a time (the side pass routes with one modality embedding); `set_adapter` refuses several.
-
-Known deviations from the official code: images do not couple across the batch (§4 layout bug not reproduced);
-the routing weights are not rounded to fp16 (§9).
+One LaVIN adapter may be active at a time (the modality token comes from one embedding, the visual tokens from one
+encoder); `set_adapter` refuses several. Known deviations from the official code: images do not couple across the
+batch (§4 layout bug not reproduced); the routing weights are not rounded to fp16 (§9).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+from transformers import LogitsProcessorList
 
-from ..router import modality_side_pass
-from ..tuner_utils import MMATunerMixin
+from ..attention import STATE_KWARG, generate_with_state, install_mma_attention, uninstall_mma_attention
+from ..tuner_utils import MMATunerMixin, check_base_size
 from ..utils import check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
-from .call import Call, batch_of, expand, new_call, splice
 from .config import LaVINConfig
+from .inputs import (
+    LaVINCall,
+    ModalityTokenConsumed,
+    assemble,
+    check_call,
+    current_call,
+    restore_prompt,
+    strip_modality_token,
+)
 from .layer import LaVINLayer, MMAdapter
 from .visual import add_encoder_adapters, build_encoder, build_projector, visual_tokens
 
@@ -59,9 +66,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
     prefix = "mma_lavin_"
     tuner_layer_cls = LaVINLayer
     target_module_mapping = {"llama": ["self_attn"]}
-    _lavin_call: Call | None = None  # the call in progress (`forward` / `generate`)
-    _lavin_disabled = False  # `disable_adapter_layers()`: images are ignored, the base model runs unchanged
-    _lavin_hook = None  # the forward pre-hook on the LLaMA model
+    _lavin_disabled = False  # `disable_adapter_layers()`: the base model runs unchanged
 
     # ---------------------------------------------------------------- injection
     def inject_adapter(
@@ -69,6 +74,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
     ) -> None:
         config = self.peft_config[adapter_name]
         check_supported_model(model)
+        check_base_size(config, model)
         targets = config.target_modules if isinstance(config.target_modules, list) else []
         unknown = sorted(set(targets) - set(CONSUMERS))
         if unknown or ("mlp" in targets and "self_attn" not in targets):
@@ -83,13 +89,28 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             )
         on_meta = model.get_input_embeddings().weight.device.type == "meta"
         visual = build_encoder(config, on_meta) if config.has_vision else None
+        image_tokens = self._image_tokens(config, model, visual)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         self._add_model_level(model, adapter_name, config, visual)
-        self._link_siblings(model)
-        if self._lavin_hook is None:
-            self._lavin_hook = model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)
+        config.image_token_id, config.num_image_tokens = image_tokens
+        config.base_num_layers, config.base_hidden_size = model.config.num_hidden_layers, width
+        install_mma_attention(model.config)
         active = [a for a in self.active_adapters if a in self.peft_config]
         self.set_adapter(self.active_adapters, inference_mode=any(self.peft_config[a].inference_mode for a in active))
+
+    @staticmethod
+    def _image_tokens(config: LaVINConfig, model: nn.Module, visual: VisionBackbone | None) -> tuple[int, int | None]:
+        """(`image_token_id`, `num_image_tokens`) for this base and encoder; the id defaults to the base's vocabulary
+        size, which no text token can have. Raises if a saved count disagrees with the encoder."""
+        token_id = model.config.vocab_size if config.image_token_id is None else config.image_token_id
+        count = visual.depth // config.vision_feature_every if visual is not None else None
+        if config.num_image_tokens not in (None, count):
+            raise ValueError(
+                f"`num_image_tokens`={config.num_image_tokens}, but `vision_model`={config.vision_model!r} gives "
+                f"{count} visual tokens per image (its depth {visual.depth if visual else 0} / `vision_feature_every`"
+                f"={config.vision_feature_every}); leave `num_image_tokens` unset."
+            )
+        return token_id, count
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, LaVINLayer):
@@ -138,13 +159,6 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         proj_in, proj_out = build_projector(visual.width, config.projector_hidden, width, embed.device)
         self.mma_lavin_proj_in[adapter_name], self.mma_lavin_proj_out[adapter_name] = proj_in, proj_out
 
-    def _link_siblings(self, model: nn.Module) -> None:
-        """Each decoder layer's `self_attn` adapter hands the per-call routing to the adapters of its layer."""
-        for layer in model.model.layers:
-            adapters = [m for m in layer.children() if isinstance(m, MMAdapter)]
-            for adapter in adapters:
-                adapter.siblings = adapters if isinstance(adapter, MMAdapter) and adapter is layer.self_attn else []
-
     def _llm_adapters(self) -> list[MMAdapter]:
         return [m for m in self.model.modules() if isinstance(m, MMAdapter) and m.routing == "sample"]
 
@@ -152,8 +166,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter (`name` or `[name]`); its parts, and only its parts, become trainable.
 
-        LaVIN runs one adapter at a time: the side pass routes every layer from one modality embedding, and the
-        visual tokens come from one encoder. Several names raise a `ValueError` and change nothing.
+        LaVIN runs one adapter at a time: the modality token comes from one embedding, and the visual tokens from
+        one encoder. Several names raise a `ValueError` and change nothing.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if len(names) > 1:
@@ -190,40 +204,145 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         super().disable_adapter_layers()
         self._lavin_disabled = True
 
+    def _active_name(self) -> str | None:
+        """The active LaVIN adapter, or None when adapters are disabled."""
+        if self._lavin_disabled:
+            return None
+        active = [a for a in self.active_adapters if a in getattr(self, "mma_lavin_modality", {})]
+        return active[0] if active else None
+
     # ---------------------------------------------------------------- per call
     def forward(
-        self, *args, pixel_values: torch.Tensor | None = None, has_image: torch.Tensor | None = None, **kwargs
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
     ):
-        """The LLaMA model's forward, with `pixel_values` (B, 3, H, W) and `has_image` (B,) bool taken out here."""
-        with self._call(args, kwargs, pixel_values, has_image):
-            return self.model(*args, **kwargs)
+        """The LLaMA model's forward on `lavin.inputs`' assembled inputs; logits line up with `input_ids`.
+
+        `pixel_values` (B, 3, H, W): one image per sequence (any image for a text-only one); `has_image` (B,) bool,
+        by default the samples whose `input_ids` hold image placeholders.
+        """
+        name = self._active_name()
+        plain = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels)
+        if name is None:
+            self._check_no_placeholders(input_ids)
+            return self.model(**plain, position_ids=position_ids, **kwargs)
+        call, batch = self._prepare(name, plain, position_ids, pixel_values, has_image, kwargs)
+        with current_call(call):
+            output = self.model(
+                inputs_embeds=batch.inputs_embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                labels=batch.labels,
+                **kwargs,
+                **{STATE_KWARG: call},
+            )
+        return strip_modality_token(output, batch.inputs_embeds.shape[1] - 1)
 
     def generate(
-        self, *args, pixel_values: torch.Tensor | None = None, has_image: torch.Tensor | None = None, **kwargs
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+        **kwargs,
     ):
-        """The LLaMA model's `generate`; the visual tokens and router weights are computed once for all its steps."""
-        with self._call(args, kwargs, pixel_values, has_image):
-            return self.model.generate(*args, **kwargs)
+        """The LLaMA model's `generate`, prefilled with the assembled inputs; returns the prompt ids and the new
+        tokens. The images are encoded once, and the decoding steps reuse the prefill's routing weights.
 
-    @contextmanager
-    def _call(self, args: tuple, kwargs: dict, pixel_values, has_image):
-        """Check and keep the call's images for the pre-hook; everything computed from them is cached per call."""
-        name = None if self._lavin_disabled else self._active_name()
-        call = Call()
-        if name is not None:
-            visual = self.mma_lavin_visual[name] if name in self.mma_lavin_visual else None
-            call = new_call(name, self.peft_config[name], visual, pixel_values, has_image, batch_of(args, kwargs))
-        previous, self._lavin_call = self._lavin_call, call
-        try:
-            yield
-        finally:
-            self._lavin_call = previous
+        transformers decodes a prompt given as embeddings with its KV cache, so `use_cache=False` has no effect.
+        """
+        name = self._active_name()
+        if name is None:
+            self._check_no_placeholders(input_ids)
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        embeds = kwargs.pop("inputs_embeds", None)
+        plain = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=embeds)
+        call, batch = self._prepare(name, plain, None, pixel_values, has_image, kwargs)
+        prompt = input_ids if input_ids is not None else batch.inputs_embeds.new_zeros(len(batch.has_image), 0).long()
+        # stand-in ids for the logits processors: 0 at the modality token and at the placeholders (maybe out of vocab)
+        shown = torch.cat([prompt.new_zeros(len(prompt), 1), prompt], dim=1)
+        shown = shown.masked_fill(shown == self.peft_config[name].image_token_id, 0)
+        processors = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []), ModalityTokenConsumed(call)])
+        with current_call(call):
+            output = generate_with_state(
+                self.model,
+                call,
+                input_ids=shown,
+                inputs_embeds=batch.inputs_embeds,
+                attention_mask=batch.attention_mask,
+                logits_processor=processors,
+                **kwargs,
+            )
+        return restore_prompt(output, prompt, prompt.shape[1])
 
-    def _active_name(self) -> str | None:
-        active = [a for a in self.active_adapters if a in getattr(self, "mma_lavin_modality", {})]
-        if len(active) > 1:
-            raise ValueError(f"LaVIN routes with one active adapter at a time; got active adapters {active}.")
-        return active[0] if active else None
+    def _prepare(self, name: str, plain: dict, position_ids, pixel_values, has_image, kwargs: dict):
+        """Check the call's inputs (eagerly; not under `torch.compile`) and assemble them for adapter `name`."""
+        config = self.peft_config[name]
+        visual = self.mma_lavin_visual[name] if name in getattr(self, "mma_lavin_visual", {}) else None
+        if pixel_values is not None and visual is None:
+            raise ValueError(
+                f"`pixel_values` were passed but adapter {name!r} has no vision model (`vision_model`=None); "
+                "build the config with `vision_model=...` (e.g. LaVINConfig.from_preset('lavin-7b')) to use images."
+            )
+        input_ids, inputs_embeds = plain["input_ids"], plain["inputs_embeds"]
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if torch.compiler.is_compiling():  # the checks read tensor values, which would break the graph
+            if has_image is None:
+                has_image = (
+                    (input_ids == config.image_token_id).any(-1)
+                    if input_ids is not None
+                    else torch.zeros(len(inputs_embeds), dtype=torch.bool, device=inputs_embeds.device)
+                )
+        else:
+            if pixel_values is not None:
+                visual.check_pixel_values(pixel_values)
+            has_image = check_call(config, input_ids, inputs_embeds, pixel_values, has_image, kwargs)
+        modality = self.mma_lavin_modality[name]
+        zero = self._image_side_zero(name) if pixel_values is None else None
+        batch = assemble(
+            config,
+            self.model.get_input_embeddings(),
+            modality if zero is None else modality + zero,
+            lambda images: self.encode_images(images, name),
+            input_ids,
+            inputs_embeds,
+            plain["attention_mask"],
+            position_ids,
+            plain.get("labels"),
+            pixel_values,
+            has_image,
+        )
+        return LaVINCall(), batch
+
+    def _check_no_placeholders(self, input_ids: torch.Tensor | None) -> None:
+        ids = {c.image_token_id for c in self.peft_config.values() if c.image_token_id is not None}
+        if input_ids is not None and any(bool((input_ids == i).any()) for i in ids):
+            raise ValueError(
+                "The input holds image placeholders, but the LaVIN adapters are disabled: the base model cannot read "
+                "images. Pass `input_ids` without the placeholders."
+            )
+
+    def _image_side_zero(self, name: str) -> torch.Tensor | None:
+        """0 · Σ(trainable image-side parameters) for a step without images under `torch.distributed`.
+
+        DDP expects every rank to use the same parameters every step; a rank whose batch has no images would leave
+        the projector and the encoder's adapters unused. Adding this exact zero to E_m uses them (zero gradients).
+        """
+        if name not in getattr(self, "mma_lavin_visual", {}):
+            return None
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        parts = (self.mma_lavin_proj_in[name], self.mma_lavin_proj_out[name], self.mma_lavin_visual[name])
+        params = [p for part in parts for p in part.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in params]).sum() * 0.0 if params else None
 
     def encode_images(self, pixel_values: torch.Tensor, adapter_name: str | None = None) -> torch.Tensor:
         """(B, 3, H, W) → visual tokens (B, n, C) of the active adapter (or `adapter_name`), `lavin.visual`."""
@@ -231,97 +350,49 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         visual, every = self.mma_lavin_visual[name], self.peft_config[name].vision_feature_every
         return visual_tokens(visual, self.mma_lavin_proj_in[name], self.mma_lavin_proj_out[name], pixel_values, every)
 
-    def _model_pre_hook(self, module, args, kwargs):
-        if "lavin_routing" in kwargs or self._lavin_disabled:
-            return None
-        name = self._active_name()
-        if name is None:
-            return None
-        if args:  # LlamaForCausalLM(input_ids, attention_mask, ...) called positionally
-            kwargs = {**dict(zip(("input_ids", "attention_mask"), args)), **kwargs}
-        call = self._lavin_call or Call()
-        if call.pixel_values is not None:
-            embed, config = self.model.get_input_embeddings(), self.peft_config[name]
-            kwargs = splice(call, kwargs, config, self.model.config, embed, lambda x: self.encode_images(x, name))
-        batch = batch_of((), kwargs)
-        has_image = call.has_image if call.has_image is not None else torch.zeros(batch, dtype=torch.bool)
-        kwargs["lavin_routing"] = self._routing(name, call, has_image, batch)
-        return (), kwargs
-
-    def _routing(self, name: str, call: Call, has_image: torch.Tensor, batch: int) -> dict:
-        """{lavin_key: {name: (B, 2)}}: the side-pass weights of each sample's modality (cached per call)."""
-        table = call.routing
-        if table is None or torch.is_grad_enabled():
-            # a merged layer needs no weights: the side pass runs only up to the last unmerged one, if any
-            adapters = [a for a in self._llm_adapters() if not a.merged]
-            records = modality_side_pass(self.model, self.mma_lavin_modality[name], adapters) if adapters else {}
-            # (2 modalities, 2) per adapter layer
-            table = {a.lavin_key: records[a][name] for a in adapters if name in records[a]}
-            if not torch.is_grad_enabled():
-                call.routing = table
-        elif call.per_sample is not None and call.per_sample[0] == batch:
-            return call.per_sample[1]  # every decoding step of a `generate` call routes alike
-        modality = expand(has_image.long(), batch)  # generate expands each sample (beams, num_return_sequences)
-        on_device: dict[torch.device, torch.Tensor] = {}  # one host-to-device copy per device, not one per layer
-        routing = {}
-        for key, weights in table.items():
-            if weights.device not in on_device:
-                on_device[weights.device] = modality.to(weights.device)
-            routing[key] = {name: weights[on_device[weights.device]]}
-        if not torch.is_grad_enabled():
-            call.per_sample = (batch, routing)
-        return routing
+    def modality_routing(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """{adapter key: (2, 2)}: each decoder adapter's routing weights for the text (row 0) and image (row 1)
+        modality token, from one call on the two tokens alone (no text), without dropout or gradients."""
+        name = adapter_name or self._active_name()
+        modality = self.mma_lavin_modality[name]
+        embeds = modality.to(self.model.get_input_embeddings().weight.dtype)[:, None]  # (2, 1, C)
+        call, training = LaVINCall(), self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), current_call(call):
+                self.model(
+                    inputs_embeds=embeds,
+                    attention_mask=torch.zeros(2, 1, dtype=torch.long, device=embeds.device),
+                    position_ids=torch.zeros(1, 1, dtype=torch.long, device=embeds.device),
+                    use_cache=False,
+                    **{STATE_KWARG: call},
+                )
+        finally:
+            self.model.train(training)
+        return {key.removesuffix(f".{name}"): w for key, w in call.routing.items() if key.endswith(f".{name}")}
 
     # ---------------------------------------------------------------- loading
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Check the checkpoint against this base (width, depth), and fill in the frozen vision weights.
-
-        The frozen encoder is rebuilt from the config and never saved; its current tensors are passed back in so
-        that PEFT does not report them as missing.
-        """
+        """Fill in the frozen vision weights: the encoder is rebuilt from the config and never saved; its current
+        tensors are passed back in so that PEFT does not report them as missing."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        own = model.state_dict()
-        for key, tensor in remapped.items():
-            if cls.prefix not in key:
-                continue
-            if key not in own:
-                raise ValueError(
-                    f"The adapter has `{key}`, which this base model lacks: it was trained on a base with another "
-                    "depth (number of decoder layers). Load it onto the base model it was trained with."
-                )
-            if own[key].shape != tensor.shape:
-                raise ValueError(
-                    f"The adapter's `{key}` has shape {tuple(tensor.shape)} but this base model needs "
-                    f"{tuple(own[key].shape)}: it was trained on a base with another width. Load it onto the base "
-                    "model it was trained with."
-                )
         frozen = f"{cls.prefix}visual.{adapter_name}."
-        for key, tensor in own.items():
+        for key, tensor in model.state_dict().items():
             if frozen in key and cls.prefix not in key.split(frozen, 1)[1] and key not in remapped:
                 remapped[key] = tensor
         return remapped
 
     # ---------------------------------------------------------------- merge / unload
     def _set_merge_routing(self, adapter_names: list[str] | None, modality: str | None) -> None:
-        names = adapter_names or self.active_adapters
-        adapters = self._llm_adapters()
-        training = self.model.training
-        self.model.eval()  # no dropout in the side pass that fixes the weights
-        try:
-            for name in names:
-                chosen = modality or self.peft_config[name].merge_modality
-                if chosen not in ("text", "image"):
-                    raise ValueError(f"`modality`={chosen!r} must be 'text' or 'image'.")
-                previous = self.active_adapter
-                self.set_adapter(name)
-                with torch.no_grad():
-                    records = modality_side_pass(self.model, self.mma_lavin_modality[name], adapters)
-                self.set_adapter(previous)
-                for adapter in adapters:
-                    adapter.merge_routing[name] = records[adapter][name][int(chosen == "image")]
-        finally:
-            self.model.train(training)
+        for name in adapter_names or self.active_adapters:
+            chosen = modality or self.peft_config[name].merge_modality
+            if chosen not in ("text", "image"):
+                raise ValueError(f"`modality`={chosen!r} must be 'text' or 'image'.")
+            routing = self.modality_routing(name)
+            for adapter in self._llm_adapters():
+                if adapter.lavin_key in routing:
+                    adapter.merge_routing[name] = routing[adapter.lavin_key][int(chosen == "image")]
 
     def merge_adapter(
         self, adapter_names: list[str] | None = None, safe_merge: bool = False, modality: str | None = None
@@ -350,7 +421,5 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
-        if self._lavin_hook is not None:
-            self._lavin_hook.remove()
-            self._lavin_hook = None
+        uninstall_mma_attention(model.config)
         return model

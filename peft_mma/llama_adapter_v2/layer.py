@@ -251,7 +251,7 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
 class OutputProjection(Linear):
     """`Linear` on `o_proj` that also holds the layer's adaption prompt P (K × C, N(0, 1) init), per-head gate g
     (H, zero init) and optional `new_gate` ν (1, one init). `gated_prompt_term` returns, summed over active
-    adapters, the term that `peft_mma.attention.gated_prompt_attention` defines, with the prompt (plus the visual
+    adapters, the term that `peft_mma.attention` defines, with the prompt (plus the visual
     tokens V, where this layer is fused) projected by the layer's k_proj/v_proj:  k_p = W_k (P + V), v_p = W_v (P + V).
     """
 

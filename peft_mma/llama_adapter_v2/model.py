@@ -18,8 +18,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..attention import STATE_KWARG, install_prompt_attention, uninstall_prompt_attention
-from ..tuner_utils import BACKBONE_ATTR, MMATunerMixin
+from ..attention import STATE_KWARG, generate_with_state, install_mma_attention, uninstall_mma_attention
+from ..tuner_utils import BACKBONE_ATTR, MMATunerMixin, check_base_size
 from ..utils import check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
 from ..vision.bridge import AdapterV2VisualBridge
@@ -67,12 +67,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
     def _check_against_model(self, config: LlamaAdapterV2Config, model: nn.Module) -> None:
         check_supported_model(model)
         num_layers, width = model.config.num_hidden_layers, model.config.hidden_size
-        if config.base_num_layers not in (None, num_layers) or config.base_hidden_size not in (None, width):
-            raise ValueError(
-                f"This adapter was made for a base with {config.base_num_layers} layers of width "
-                f"{config.base_hidden_size}; the model has {num_layers} layers of width {width}. Load it onto the "
-                "base model it was trained on."
-            )
+        check_base_size(config, model)
         if config.prompt_layers is not None and config.prompt_layers > num_layers:
             raise ValueError(
                 f"`prompt_layers`={config.prompt_layers} exceeds the model's {num_layers} decoder layers; pass at "
@@ -114,7 +109,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
             self._delete_model_level_adapter(adapter_name)
             raise
         if self.prompt_layer_ids(config, config.base_num_layers):
-            install_prompt_attention(model.config)
+            install_mma_attention(model.config)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["peft_mma"])  # the model card then names the plugin that loads this adapter
 
@@ -197,16 +192,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
     def generate(self, *args, pixel_values=None, has_image=None, **kwargs):
         """The base model's `generate`; V and the prompt K/V are computed once for all its decoding steps."""
         state = PromptState(self._visual_tokens(pixel_values, has_image, self._batch_size(args, kwargs)))
-
-        def add_state(module, hook_args, hook_kwargs):
-            hook_kwargs[STATE_KWARG] = state
-            return hook_args, hook_kwargs
-
-        handle = self.model.register_forward_pre_hook(add_state, with_kwargs=True)
-        try:
-            return self.model.generate(*args, **kwargs)
-        finally:
-            handle.remove()
+        return generate_with_state(self.model, state, *args, **kwargs)
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -281,5 +267,5 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
     @staticmethod
     def _finish_unload(model: nn.Module) -> None:
         """Restore the attention implementation and declare the biases a merge created."""
-        uninstall_prompt_attention(model.config)
+        uninstall_mma_attention(model.config)
         declare_merged_biases(model)

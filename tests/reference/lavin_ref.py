@@ -13,25 +13,31 @@ import torch
 def dense_up(weight: torch.Tensor) -> torch.Tensor:
     """(g, C/g, h/g) grouped weight → (C, h) dense block-diagonal matrix (conv_B with groups=g)."""
     g, cg, hg = weight.shape
-    dense = torch.zeros(g * cg, g * hg, dtype=weight.dtype)
+    rows = []
     for group in range(g):
         for j in range(cg):
+            row = [torch.zeros((), dtype=weight.dtype)] * (g * hg)
             for k in range(hg):
-                dense[group * cg + j, group * hg + k] = weight[group, j, k]
-    return dense
+                row[group * hg + k] = weight[group, j, k]
+            rows.append(torch.stack(row))
+    return torch.stack(rows)
 
 
-def adapter_tensors(layer, name: str = "default") -> dict[str, torch.Tensor]:
-    """Read one adapter's raw tensors out of a peft_mma MM-adapter layer."""
+def adapter_tensors(layer, name: str = "default", detach: bool = True) -> dict[str, torch.Tensor]:
+    """Read one adapter's raw tensors out of a peft_mma MM-adapter layer (attached to autograd if not `detach`)."""
+
+    def read(t: torch.Tensor) -> torch.Tensor:
+        return t.detach() if detach else t
+
     return dict(
-        A=layer.mma_lavin_down[name].weight.detach(),
-        a=layer.mma_lavin_down[name].bias.detach(),
-        B=dense_up(layer.mma_lavin_up0[name].weight.detach()),
-        b=layer.mma_lavin_up0[name].bias.detach(),
-        D=dense_up(layer.mma_lavin_up1[name].weight.detach()),
-        d=layer.mma_lavin_up1[name].bias.detach(),
-        Wm=layer.mma_lavin_router[name].weight.detach(),
-        bm=layer.mma_lavin_router[name].bias.detach(),
+        A=read(layer.mma_lavin_down[name].weight),
+        a=read(layer.mma_lavin_down[name].bias),
+        B=dense_up(read(layer.mma_lavin_up0[name].weight)),
+        b=read(layer.mma_lavin_up0[name].bias),
+        D=dense_up(read(layer.mma_lavin_up1[name].weight)),
+        d=read(layer.mma_lavin_up1[name].bias),
+        Wm=read(layer.mma_lavin_router[name].weight),
+        bm=read(layer.mma_lavin_router[name].bias),
     )
 
 
@@ -46,11 +52,23 @@ def mma(x: torch.Tensor, p: dict, w: torch.Tensor, s: float) -> torch.Tensor:
     return (z @ p["B"].T + p["b"]) * s * w[..., :1] + (z @ p["D"].T + p["d"]) * s * w[..., 1:] + x
 
 
-def official_logits(base, adapters: list[dict | None], modality_embedding, embeds, modality, s=1.0, tau=10.0):
+def official_logits(
+    base,
+    adapters: list[dict | None],
+    modality_embedding,
+    embeds,
+    modality,
+    s=1.0,
+    tau=10.0,
+    text_positions=None,
+    record: list | None = None,
+):
     """Logits of `base` (a plain LlamaForCausalLM) over `embeds` (B, S, C) with the official LaVIN layout.
 
     `adapters[i]` holds the tensors of layer i's attention-input adapter (None: no adapter). Returns (B, S, V):
-    the logits at the text positions, the modality token's own row dropped.
+    the logits at the text positions, the modality token's own row dropped. The text sits at RoPE positions 1..S
+    after the token at 0, as officially, or at `text_positions` (S,) (RoPE is relative, so only rounding differs).
+    `record`, if given, receives each adapter's routing weights (B, 2) in layer order.
     """
     batch, length, _ = embeds.shape
     tokens = modality_embedding[modality][:, None]  # (B, 1, C)
@@ -63,6 +81,8 @@ def official_logits(base, adapters: list[dict | None], modality_embedding, embed
         def pre(module, args, kwargs):
             h = kwargs["hidden_states"]
             w = route(h[:, 0], p, tau)[:, None]  # (B, 1, 2) from position 0 of the adapter's own input
+            if record is not None:
+                record.append(w[:, 0])
             kwargs["hidden_states"] = mma(h, p, w, s)
             return args, kwargs
 
@@ -74,7 +94,8 @@ def official_logits(base, adapters: list[dict | None], modality_embedding, embed
         if p is not None
     ]
     try:
-        positions = torch.arange(1 + length)[None].expand(batch, -1)
+        text = torch.arange(1, 1 + length) if text_positions is None else text_positions
+        positions = torch.cat([torch.zeros(1, dtype=torch.long), text])[None].expand(batch, -1)
         logits = base(inputs_embeds=x, attention_mask=mask, position_ids=positions).logits
     finally:
         for handle in handles:

@@ -1,0 +1,215 @@
+"""One LaVIN `forward` or `generate` call: its inputs, checked and assembled, and the state it hands down
+(DESIGN.md decisions 3 and 8; `lavin_mma.md` §3, §4).
+
+Images live in `input_ids` as in Hugging Face's multimodal models: a sample with an image holds n copies of the
+placeholder `config.image_token_id` (n = `config.num_image_tokens`), put there by `peft_mma.data.ImageTokens` (the
+collator does it); a text-only sample holds none. The tuner embeds the text, writes the image's n visual tokens V at
+the placeholders and puts the modality token E_m[m] (m = 1 with an image, 0 without) in front:
+
+    inputs_embeds  = [E_m[m], embed(input_ids) with V at the placeholders]        (B, 1 + S, C)
+    attention_mask = [0, mask]                    every other token sees the modality token as padding
+    position_ids   = [0, positions]               the text keeps the positions it has without the token
+    labels         = [-100, -100, labels[1:]]     unchanged targets; -100 at the placeholders
+
+The modality token attends to itself alone, as in the official code (§3): the attention function gives its row its
+own value (`peft_mma.router.modality_token_attention`), and each MM-adapter routes the whole sample from its input at
+position 0. Logits (and hidden states) come back without the token's row, so they line up with `input_ids`.
+`generate` prefills the same `inputs_embeds`; its decoding steps reuse the routing weights of the prefill, kept in
+the call's `LaVINCall`, and it returns the prompt ids followed by the new tokens, as any Hugging Face model does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Cache, LogitsProcessor
+
+from .config import LaVINConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LaVINCall:
+    """What one call hands down to every layer, as the keyword `attention.STATE_KWARG`.
+
+    `modality_token` says that the current forward's input starts with the modality token (every forward of a
+    `forward` call, and the prefill of a `generate` call). The MM-adapters then route from it and record their
+    weights in `routing`; the decoding steps that follow read them there.
+    """
+
+    modality_token: bool = True
+    routing: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key → (B, 2) routing weights
+
+
+_CURRENT: ContextVar[LaVINCall | None] = ContextVar("peft_mma_lavin_call", default=None)
+
+
+@contextmanager
+def current_call(call: LaVINCall) -> Iterator[LaVINCall]:
+    """Make `call` reachable by the adapters that transformers calls without keywords (`mlp` in placement 'block')
+    for the duration of one tuner call."""
+    token = _CURRENT.set(call)
+    try:
+        yield call
+    finally:
+        _CURRENT.reset(token)
+
+
+def call_in_progress() -> LaVINCall | None:
+    return _CURRENT.get()
+
+
+class ModalityTokenConsumed(LogitsProcessor):
+    """Marks the end of `generate`'s prefill: the decoding steps after it hold no modality token."""
+
+    def __init__(self, call: LaVINCall) -> None:
+        self.call = call
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.call.modality_token = False
+        return scores
+
+
+@dataclass
+class Assembled:
+    """The LLaMA inputs of one call, with the modality token in front (length 1 + S)."""
+
+    inputs_embeds: torch.Tensor  # (B, 1 + S, C)
+    attention_mask: torch.Tensor  # (B, 1 + S)
+    position_ids: torch.Tensor  # (B or 1, 1 + S)
+    labels: torch.Tensor | None  # (B, 1 + S)
+    has_image: torch.Tensor  # (B,) bool
+
+
+def find_cache(kwargs: dict) -> Cache | None:
+    """The KV cache among a call's keyword arguments, found by type (`cache` from transformers 5.24,
+    `past_key_values` before)."""
+    return next((value for value in kwargs.values() if isinstance(value, Cache)), None)
+
+
+def check_call(
+    config: LaVINConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    pixel_values: torch.Tensor | None,
+    has_image: torch.Tensor | None,
+    kwargs: dict,
+) -> torch.Tensor:
+    """Check one call's inputs before anything runs; return the per-sample image flag (B,) bool.
+
+    Without `has_image`, a sample has an image when its `input_ids` hold placeholders. Raises `ValueError` with what
+    was expected. Skipped under `torch.compile` (the checks read tensor values).
+    """
+    batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    cache = find_cache(kwargs)
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(
+            "LaVIN routes every sample from a modality token at the start of the sequence, so it cannot continue "
+            "from a filled KV cache; decode with `generate` on the whole prompt."
+        )
+    if has_image is not None:
+        if not isinstance(has_image, torch.Tensor) or has_image.ndim != 1 or has_image.dtype != torch.bool:
+            raise ValueError(f"`has_image` must be a 1-D bool tensor (one flag per sample); got {has_image!r}.")
+        if len(has_image) != batch:
+            raise ValueError(f"`has_image` has {len(has_image)} flags for a batch of {batch} sequences.")
+    if input_ids is None:
+        if pixel_values is not None or (has_image is not None and bool(has_image.any())):
+            raise ValueError(
+                "Images need `input_ids` holding the image placeholders (`peft_mma.data.ImageTokens`); got "
+                "`inputs_embeds`."
+            )
+        return torch.zeros(batch, dtype=torch.bool, device=inputs_embeds.device)
+    counts = (input_ids == config.image_token_id).sum(-1)  # (B,)
+    flags = has_image.to(counts.device) if has_image is not None else counts > 0
+    n = config.num_image_tokens or 0
+    wrong = (counts != flags.long() * n).nonzero().flatten().tolist()
+    if wrong:
+        row = wrong[0]
+        raise ValueError(
+            f"Sample {row} holds {int(counts[row])} image placeholders (`image_token_id`={config.image_token_id}); "
+            f"a sample with an image needs exactly {n} (`num_image_tokens`) and one without none. Build the inputs "
+            "with `peft_mma.data.ImageTokens` or `CausalLMCollator(image_tokens=...)`."
+        )
+    if bool(flags.any()) and pixel_values is None:
+        raise ValueError("Samples have images (placeholders or `has_image`) but no `pixel_values` were passed.")
+    if pixel_values is not None and len(pixel_values) != batch:
+        raise ValueError(
+            f"`pixel_values` holds {len(pixel_values)} images for a batch of {batch} sequences; pass one (B, 3, H, W) "
+            "row per sequence (any image for a text-only one)."
+        )
+    return flags
+
+
+def assemble(
+    config: LaVINConfig,
+    embed: torch.nn.Module,
+    modality_embedding: torch.Tensor,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    pixel_values: torch.Tensor | None,
+    has_image: torch.Tensor,
+) -> Assembled:
+    """The LLaMA inputs of a call (module docstring): text embedded, V at the placeholders, E_m[m] in front.
+
+    `encode` maps `pixel_values` (B, 3, H, W) to visual tokens (B, n, C); `has_image` (B,) is the checked flag.
+    """
+    if input_ids is not None:
+        placeholders = input_ids == config.image_token_id  # (B, S)
+        embeds = embed(input_ids.masked_fill(placeholders, 0))  # (B, S, C); the placeholder id may be out of vocab
+        if pixel_values is not None:
+            visual = encode(pixel_values).to(embeds.dtype)  # (B, n, C)
+            slot = (placeholders.cumsum(-1) - 1).clamp(0, visual.shape[1] - 1)  # (B, S): which visual token goes where
+            gathered = visual.gather(1, slot[..., None].expand(-1, -1, visual.shape[-1]))  # (B, S, C)
+            embeds = torch.where(placeholders[..., None], gathered, embeds)
+        if labels is not None:
+            labels = labels.masked_fill(placeholders, IGNORE_INDEX)
+    else:
+        embeds = inputs_embeds
+    batch, length = embeds.shape[:2]
+    token = modality_embedding[has_image.long()].to(embeds.dtype)  # (B, C): E_m[m]
+    embeds = torch.cat([token[:, None], embeds], dim=1)  # (B, 1 + S, C)
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+    mask = torch.cat([attention_mask.new_zeros(batch, 1), attention_mask], dim=1)  # (B, 1 + S)
+    if position_ids is None:
+        position_ids = torch.arange(length, device=embeds.device)[None]  # what LLaMA uses without a cache
+    position_ids = torch.cat([position_ids.new_zeros(position_ids.shape[0], 1), position_ids], dim=1)
+    if labels is not None:  # the token at 0 predicts nothing; every text position keeps its target
+        labels = torch.cat([labels.new_full((batch, 2), IGNORE_INDEX), labels[:, 1:]], dim=1)
+    return Assembled(embeds, mask, position_ids, labels, has_image)
+
+
+def strip_modality_token(output, length: int):
+    """Drop the modality token's row from the logits and hidden states of a model output (length 1 + S → S)."""
+    logits = getattr(output, "logits", None)
+    if logits is not None and logits.shape[1] == length + 1:
+        output.logits = logits[:, 1:]
+    hidden = getattr(output, "hidden_states", None)
+    if hidden is not None:
+        output.hidden_states = tuple(h[:, 1:] if h.shape[1] == length + 1 else h for h in hidden)
+    attentions = getattr(output, "attentions", None)
+    if attentions is not None:
+        output.attentions = tuple(
+            a[..., 1:, 1:] if a is not None and a.shape[-1] == length + 1 else a for a in attentions
+        )
+    return output
+
+
+def restore_prompt(output, input_ids: torch.Tensor, prompt_length: int):
+    """`generate`'s sequences (B·k, 1 + S + new) → the caller's prompt ids, then the new tokens: (B·k, S + new)."""
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+    restored = torch.cat([prompt.to(sequences.device), sequences[:, 1 + prompt_length :]], dim=1)
+    if isinstance(output, torch.Tensor):
+        return restored
+    output.sequences = restored
+    return output
