@@ -38,4 +38,5 @@ def modality_token_attention(output: torch.Tensor, value: torch.Tensor) -> torch
     own = value[:, :, :1]  # (B, H_kv, 1, d)
     if heads != kv_heads:
         own = own.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, 1, d)
-    return torch.cat([own.transpose(1, 2).to(output.dtype), output[:, 1:]], dim=1)  # (B, S, H, d)
+    own = own.transpose(1, 2)  # (B, 1, H, d)
+    return torch.cat([own if own.dtype == output.dtype else own.to(output.dtype), output[:, 1:]], dim=1)

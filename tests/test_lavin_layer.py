@@ -149,3 +149,34 @@ def test_vision_tokens_match_reference_and_do_not_couple_images():
     assert batched.shape == (3, 2, 32)
     torch.testing.assert_close(batched, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(alone[0], batched[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("routed", [True, False], ids=["routed-from-the-token", "given-weights"])
+@pytest.mark.parametrize("scale, p", [(1.0, 0.0), (0.5, 0.3)])
+def test_routed_adapter_node_has_the_gradients_of_its_formula(routed, scale, p):
+    """`RoutedAdapter`'s hand-written backward against finite differences (float64, `torch.autograd.gradcheck`),
+    with and without dropout (the same mask in every evaluation), and its value against the plain formula."""
+    from peft_mma.lavin.function import RoutedAdapter
+
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape, std=0.5):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * std).requires_grad_()
+
+    x, down_w, down_b = rand(2, 5, 8), rand(4, 8), rand(4)
+    ups = [rand(2, 4, 2), rand(8), rand(2, 4, 2), rand(8)]  # B, b, D, d with g = 2 groups: (2, 4, 2) each
+    router_w, router_b = rand(2, 8, std=2.0), rand(2)
+    given = None if routed else torch.tensor([[0.3, 0.7], [0.9, 0.1]], dtype=torch.float64)
+
+    def adapter(*inputs):
+        torch.manual_seed(1)  # the same dropout mask in every evaluation
+        return RoutedAdapter.apply(*inputs, 5.0, scale, p, given)[0]
+
+    inputs = (x, down_w, down_b, *ups, router_w, router_b)
+    assert torch.autograd.gradcheck(adapter, inputs, eps=1e-6, atol=1e-6)
+    if p == 0:
+        w = torch.softmax((x[:, 0] @ router_w.T + router_b) / 5.0, -1) if routed else given
+        z = x @ down_w.T + down_b
+        paths = [z @ dense_up(ups[i]).T + ups[i + 1] for i in (0, 2)]
+        expected = x + scale * (w[:, None, :1] * paths[0] + w[:, None, 1:] * paths[1])
+        torch.testing.assert_close(adapter(*inputs), expected, atol=1e-12, rtol=0)

@@ -172,28 +172,31 @@ def test_beam_search_and_several_return_sequences_with_images():
 
 
 def test_generate_encodes_images_and_routes_once_per_call(monkeypatch):
-    """The encoder runs once per `generate` call, and each decoder adapter routes once, at the prefill."""
+    """The encoder runs once per `generate` call, and each decoder adapter routes from the modality token once, at
+    the prefill; the five decoding steps after it reuse those weights."""
     import peft_mma.lavin.layer as lavin_layer
 
     model = tiny_lavin()
-    counts = {"route": 0, "images": 0}
-    route, encode = lavin_layer.route, model.base_model.encode_images
+    counts = {"routed": 0, "reused": 0, "images": 0}
+    function, encode = lavin_layer.RoutedAdapter, model.base_model.encode_images
 
-    def counting_route(*args, **kwargs):
-        counts["route"] += 1
-        return route(*args, **kwargs)
+    class Counting:
+        @staticmethod
+        def apply(*args):
+            counts["routed" if args[-1] is None else "reused"] += 1
+            return function.apply(*args)
 
     def counting_encode(*args, **kwargs):
         counts["images"] += 1
         return encode(*args, **kwargs)
 
     batch = lavin_batch(model)
-    monkeypatch.setattr(lavin_layer, "route", counting_route)
+    monkeypatch.setattr(lavin_layer, "RoutedAdapter", Counting)
     monkeypatch.setattr(model.base_model, "encode_images", counting_encode)
     with torch.no_grad():
         out = model.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=6)
     assert out.shape == (2, 9 + 6)
-    assert counts == {"route": 4 + 4, "images": 1}  # 4 decoder layers once, the encoder's 4 blocks once
+    assert counts == {"routed": 4, "reused": 4 * 5, "images": 1}  # 4 decoder layers
 
 
 def test_several_adapters_with_images_set_disable_delete(tmp_path):

@@ -13,6 +13,7 @@ from torch import nn
 from ..attention import STATE_KWARG
 from ..router import route
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
+from .function import RoutedAdapter
 from .inputs import LaVINCall, call_in_progress
 
 
@@ -106,44 +107,36 @@ class LaVINLayer(MMATunerLayer):
         if not init_weights:
             nn.init.normal_(self.mma_lavin_router[adapter_name].weight, std=1.0)
 
-    def _weights(self, name: str, x: torch.Tensor, call: LaVINCall | None) -> torch.Tensor:
-        """The routing weights w, shaped to broadcast against the adapter terms: (B, T, 2) per token, (B, 1, 2) per
-        sample, from the modality token at position 0 of `x` (B, T, C) or, on a decoding step, from `call`."""
-        router, tau = self.mma_lavin_router[name], self.temperature[name]
-        if self.routing == "token":
-            return route(router, x, tau)  # (B, T, 2)
-        key = f"{self.lavin_key}.{name}"
-        if call is None or call.modality_token:
-            w = route(router, x[:, 0], tau)  # (B, 2), from the modality token
-            if call is not None:
-                call.routing[key] = w
-        else:
-            w = call.routing.get(key)
-            if w is None:
-                raise ValueError(
-                    f"No routing weights for `{key}`: the call's first forward held no modality token. Call the model "
-                    "through its `PeftModel` (or `base_model`), which puts the token in front of every sequence."
-                )
-        return w[:, None]  # (B, 1, 2)
+    def adapted(self, name: str, x: torch.Tensor, call: LaVINCall | None = None) -> torch.Tensor:
+        """out(x) of adapter `name` (the equation above), x: (B, T, C) in the adapter dtype.
 
-    def adapter_term(self, name: str, x: torch.Tensor, call: LaVINCall | None = None) -> torch.Tensor:
-        """s·w0·(B z + b) + s·w1·(D z + d) for adapter `name`; x in the adapter dtype.
-
-        With one routing weight per sample (the decoder), the two paths are mixed in weight space first:
-        U_b = s·(w0·B + w1·D)ᵀ (h × C) and c_b = s·(w0·b + w1·d) per sample, then one batched matmul c_b + z U_b,
-        instead of two grouped matmuls and three mixing passes over (B, T, C) activations (which autograd would also
-        keep).
+        Encoder adapters (routing "token") route every token from itself. Decoder adapters route each sample from
+        its modality token, x[:, 0], and record the weights in `call`; on a decoding step (the call's input no
+        longer holds the token) they reuse them. Both go through one autograd node, `lavin.function.RoutedAdapter`.
         """
-        w = self._weights(name, x, call)
-        z = self.mma_lavin_dropout[name](self.mma_lavin_down[name](x))  # (…, h)
-        s = self.scale[name]
-        if self.routing == "token" or x.ndim != 3:
-            return s * (w[..., :1] * self.mma_lavin_up0[name](z) + w[..., 1:] * self.mma_lavin_up1[name](z))
-        up0, up1 = self.mma_lavin_up0[name], self.mma_lavin_up1[name]
-        ws = w[:, 0] * s  # (B, 2)
-        u = torch.einsum("bp,phc->bhc", ws, torch.stack([up0.dense().T, up1.dense().T]))  # (B, h, C)
-        c = ws @ torch.stack([up0.bias, up1.bias])  # (B, C)
-        return torch.baddbmm(c[:, None], z, u)  # (B, T, C)
+        if self.routing == "token":
+            w = route(self.mma_lavin_router[name], x, self.temperature[name])  # (B, T, 2)
+            z = self.mma_lavin_dropout[name](self.mma_lavin_down[name](x))  # (B, T, h)
+            up0, up1 = self.mma_lavin_up0[name], self.mma_lavin_up1[name]
+            return x + self.scale[name] * (w[..., :1] * up0(z) + w[..., 1:] * up1(z))
+        key = f"{self.lavin_key}.{name}"
+        given = None if call is None or call.modality_token else call.routing.get(key)
+        if call is not None and not call.modality_token and given is None:
+            raise ValueError(
+                f"No routing weights for `{key}`: the call's first forward held no modality token. Call the model "
+                "through its `PeftModel` (or `base_model`), which puts the token in front of every sequence."
+            )
+        down, up0, up1, router = (self.mma_lavin_down[name], self.mma_lavin_up0[name], self.mma_lavin_up1[name],
+                                  self.mma_lavin_router[name])  # fmt: skip
+        dropout = self.mma_lavin_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        out, w = RoutedAdapter.apply(
+            x, down.weight, down.bias, up0.weight, up0.bias, up1.weight, up1.bias, router.weight, router.bias,
+            self.temperature[name], self.scale[name], p, given,
+        )  # fmt: skip
+        if call is not None and given is None:
+            call.routing[key] = w
+        return out
 
     def fold(self, name: str, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, V, c) in float64 with out(x) = (I + U V) x + c for fixed routing weights (2,), dropout off.
@@ -191,9 +184,9 @@ class MMAdapter(nn.Module, LaVINLayer):
         x = hidden_states
         for name in self.active_adapters:
             if name in self.mma_lavin_down:
-                xa = hidden_states.to(self.mma_lavin_down[name].weight.dtype)
-                x = x + self.adapter_term(name, xa, call).to(hidden_states.dtype)
-        return self.base_layer(x, *args, **kwargs)
+                dtype = self.mma_lavin_down[name].weight.dtype
+                x = self.adapted(name, x if x.dtype == dtype else x.to(dtype), call)
+        return self.base_layer(x if x.dtype == hidden_states.dtype else x.to(hidden_states.dtype), *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the adapter into the Linears that read its output, for the routing weights in `merge_routing`.
