@@ -19,6 +19,9 @@ call, also when activation checkpointing recomputes a layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -74,22 +77,25 @@ def _wrapped(base_name: str):
     return attention
 
 
-def generate_with_state(model: torch.nn.Module, state, *args, **kwargs):
-    """`model.generate(*args, **kwargs)` with `state` handed to every forward of the call as `STATE_KWARG`.
+@contextmanager
+def state_handed_to(modules: Iterable[torch.nn.Module], state) -> Iterator[None]:
+    """Within the block, every call of `modules` gets `state` as the keyword `STATE_KWARG`.
 
-    `generate` only passes on keywords that the model's forward names, so a forward pre-hook adds this one for the
-    duration of the call; it changes no other argument and is removed when the call returns.
+    For calls whose keywords we do not write: `generate`'s forwards (it only passes on keywords that the model's
+    forward names) and modules that transformers calls without keywords (a LLaMA layer's `mlp`). The forward
+    pre-hooks add this one keyword, change no other argument, and are removed when the block ends.
     """
 
     def add_state(module, hook_args, hook_kwargs):
         hook_kwargs[STATE_KWARG] = state
         return hook_args, hook_kwargs
 
-    handle = model.register_forward_pre_hook(add_state, with_kwargs=True)
+    handles = [module.register_forward_pre_hook(add_state, with_kwargs=True) for module in modules]
     try:
-        return model.generate(*args, **kwargs)
+        yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def install_mma_attention(config) -> None:

@@ -80,6 +80,19 @@ def check_base_size(config: PeftConfig, model: nn.Module) -> None:
         )
 
 
+def unused_image_side_zero(modules: Sequence[nn.Module]) -> torch.Tensor | None:
+    """0 · Σ(trainable parameters of `modules`), for a step without images under `torch.distributed`; else None.
+
+    DistributedDataParallel expects every rank to use the same parameters at every step. A rank whose batch has no
+    image would leave the image side (visual bridge, projector, encoder adapters) unused, so the methods add this
+    exact zero to their input instead: the parameters are used and get zero gradients.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    return torch.stack([p.sum() for p in params]).sum() * 0.0 if params else None
+
+
 def _under(key: str, prefixes: set[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 

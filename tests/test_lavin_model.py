@@ -141,8 +141,9 @@ def test_merge_image_modality_and_unmerge_restores_weights():
     torch.testing.assert_close(q.weight, original, atol=1e-6, rtol=0)
 
 
-def test_greedy_generate_equals_uncached_decoding_on_a_left_padded_mixed_batch():
-    model = tiny_lavin()
+@pytest.mark.parametrize("placement", ["attn", "block"])
+def test_greedy_generate_equals_uncached_decoding_on_a_left_padded_mixed_batch(placement):
+    model = tiny_lavin(adapter_placement=placement)
     batch = lavin_batch(model, has_image=(False, True), left=True)
     assert (batch["attention_mask"][0, :2] == 0).all()
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)

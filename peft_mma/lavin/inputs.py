@@ -20,9 +20,7 @@ the call's `LaVINCall`, and it returns the prompt ids followed by the new tokens
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,24 +42,6 @@ class LaVINCall:
 
     modality_token: bool = True
     routing: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key → (B, 2) routing weights
-
-
-_CURRENT: ContextVar[LaVINCall | None] = ContextVar("peft_mma_lavin_call", default=None)
-
-
-@contextmanager
-def current_call(call: LaVINCall) -> Iterator[LaVINCall]:
-    """Make `call` reachable by the adapters that transformers calls without keywords (`mlp` in placement 'block')
-    for the duration of one tuner call."""
-    token = _CURRENT.set(call)
-    try:
-        yield call
-    finally:
-        _CURRENT.reset(token)
-
-
-def call_in_progress() -> LaVINCall | None:
-    return _CURRENT.get()
 
 
 class ModalityTokenConsumed(LogitsProcessor):

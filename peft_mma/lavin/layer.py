@@ -14,7 +14,7 @@ from ..attention import STATE_KWARG
 from ..router import route
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
 from .function import RoutedAdapter
-from .inputs import LaVINCall, call_in_progress
+from .inputs import LaVINCall
 
 
 class GroupedLinear(nn.Module):
@@ -157,8 +157,9 @@ class MMAdapter(nn.Module, LaVINLayer):
     Placement (§2): `h = x + Attn(MMA(Norm(x)))`, so q, k and v all read the adapted input and the residual does
     not; `mlp` gives the `"block"` variant `FFN(MMA(Norm(h)))`. The equation is in `LaVINLayer`. Wrapping the reader
     rather than the norm gives the same numbers and lets the attention adapters take the call's `LaVINCall` as a
-    forward keyword, which gradient checkpointing replays on recompute; transformers calls `mlp` without keywords,
-    so an `mlp` adapter reads the call in progress (`lavin.inputs.current_call`).
+    forward keyword, which gradient checkpointing replays on recompute. Transformers calls `mlp` without keywords:
+    an `mlp` adapter routes from its input's modality token, and gets the call (to record and reuse its weights in
+    `generate`) through `attention.state_handed_to`.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, width: int, routing: str) -> None:
@@ -175,7 +176,8 @@ class MMAdapter(nn.Module, LaVINLayer):
             return self.base_layer(hidden_states, *args, **kwargs)
         if self.merged:
             return self.base_layer(hidden_states, *args, **kwargs)
-        call = kwargs.get(STATE_KWARG) if self.keyword_call else call_in_progress()
+        # the call's `LaVINCall`: attention passes it on to the attention function; `mlp` takes no keywords
+        call = kwargs.get(STATE_KWARG) if self.keyword_call else kwargs.pop(STATE_KWARG, None)
         if self.keyword_call and call is None:
             raise ValueError(
                 "LaVIN's adapters need the call's modality token: call the model through its `PeftModel` (or "

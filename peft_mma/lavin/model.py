@@ -35,8 +35,8 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers import LogitsProcessorList
 
-from ..attention import STATE_KWARG, generate_with_state, install_mma_attention, uninstall_mma_attention
-from ..tuner_utils import MMATunerMixin, check_base_size
+from ..attention import STATE_KWARG, install_mma_attention, state_handed_to, uninstall_mma_attention
+from ..tuner_utils import MMATunerMixin, check_base_size, unused_image_side_zero
 from ..utils import check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
 from .config import LaVINConfig
@@ -45,7 +45,6 @@ from .inputs import (
     ModalityTokenConsumed,
     assemble,
     check_call,
-    current_call,
     restore_prompt,
     strip_modality_token,
 )
@@ -162,6 +161,10 @@ class LaVINModel(MMATunerMixin, BaseTuner):
     def _llm_adapters(self) -> list[MMAdapter]:
         return [m for m in self.model.modules() if isinstance(m, MMAdapter) and m.routing == "sample"]
 
+    def _keywordless_adapters(self) -> list[MMAdapter]:
+        """The decoder adapters that transformers calls without keywords (`mlp`, placement 'block')."""
+        return [m for m in self._llm_adapters() if not m.keyword_call]
+
     # ---------------------------------------------------------------- adapters: set / delete / enable
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter (`name` or `[name]`); its parts, and only its parts, become trainable.
@@ -234,15 +237,14 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             self._check_no_placeholders(input_ids)
             return self.model(**plain, position_ids=position_ids, **kwargs)
         call, batch = self._prepare(name, plain, position_ids, pixel_values, has_image, kwargs)
-        with current_call(call):
-            output = self.model(
-                inputs_embeds=batch.inputs_embeds,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                labels=batch.labels,
-                **kwargs,
-                **{STATE_KWARG: call},
-            )
+        output = self.model(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            labels=batch.labels,
+            **kwargs,
+            **{STATE_KWARG: call},
+        )
         return strip_modality_token(output, batch.inputs_embeds.shape[1] - 1)
 
     def generate(
@@ -270,10 +272,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         shown = torch.cat([prompt.new_zeros(len(prompt), 1), prompt], dim=1)
         shown = shown.masked_fill(shown == self.peft_config[name].image_token_id, 0)
         processors = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []), ModalityTokenConsumed(call)])
-        with current_call(call):
-            output = generate_with_state(
-                self.model,
-                call,
+        with state_handed_to([self.model, *self._keywordless_adapters()], call):
+            output = self.model.generate(
                 input_ids=shown,
                 inputs_embeds=batch.inputs_embeds,
                 attention_mask=batch.attention_mask,
@@ -331,18 +331,11 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             )
 
     def _image_side_zero(self, name: str) -> torch.Tensor | None:
-        """0 · Σ(trainable image-side parameters) for a step without images under `torch.distributed`.
-
-        DDP expects every rank to use the same parameters every step; a rank whose batch has no images would leave
-        the projector and the encoder's adapters unused. Adding this exact zero to E_m uses them (zero gradients).
-        """
+        """`tuner_utils.unused_image_side_zero` of adapter `name`'s projector and encoder adapters."""
         if name not in getattr(self, "mma_lavin_visual", {}):
             return None
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return None
         parts = (self.mma_lavin_proj_in[name], self.mma_lavin_proj_out[name], self.mma_lavin_visual[name])
-        params = [p for part in parts for p in part.parameters() if p.requires_grad]
-        return torch.stack([p.sum() for p in params]).sum() * 0.0 if params else None
+        return unused_image_side_zero(parts)
 
     def encode_images(self, pixel_values: torch.Tensor, adapter_name: str | None = None) -> torch.Tensor:
         """(B, 3, H, W) → visual tokens (B, n, C) of the active adapter (or `adapter_name`), `lavin.visual`."""
@@ -359,7 +352,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         call, training = LaVINCall(), self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), current_call(call):
+            with torch.no_grad(), state_handed_to(self._keywordless_adapters(), call):
                 self.model(
                     inputs_embeds=embeds,
                     attention_mask=torch.zeros(2, 1, dtype=torch.long, device=embeds.device),

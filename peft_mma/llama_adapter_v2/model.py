@@ -18,8 +18,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..attention import STATE_KWARG, generate_with_state, install_mma_attention, uninstall_mma_attention
-from ..tuner_utils import BACKBONE_ATTR, MMATunerMixin, check_base_size
+from ..attention import STATE_KWARG, install_mma_attention, state_handed_to, uninstall_mma_attention
+from ..tuner_utils import BACKBONE_ATTR, MMATunerMixin, check_base_size, unused_image_side_zero
 from ..utils import check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
 from ..vision.bridge import AdapterV2VisualBridge
@@ -192,7 +192,8 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
     def generate(self, *args, pixel_values=None, has_image=None, **kwargs):
         """The base model's `generate`; V and the prompt K/V are computed once for all its decoding steps."""
         state = PromptState(self._visual_tokens(pixel_values, has_image, self._batch_size(args, kwargs)))
-        return generate_with_state(self.model, state, *args, **kwargs)
+        with state_handed_to([self.model], state):
+            return self.model.generate(*args, **kwargs)
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -228,6 +229,8 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
             if pixel_values is None:
                 if text_v is not None:
                     visual[adapter] = text_v
+                elif (zero := unused_image_side_zero([bridge])) is not None:
+                    visual[adapter] = zero  # under DDP: the bridge is used, and the prompts get + 0
                 continue
             backbone.check_pixel_values(pixel_values, batch_size)
             with torch.no_grad():

@@ -1,0 +1,85 @@
+"""One rank of the DDP test (`test_ddp.py` launches two with torchrun, gloo on the CPU).
+
+Rank 0 trains on text only (no `pixel_values`), rank 1 on a batch with an image; three AdamW steps under
+`DistributedDataParallel`, then each rank writes a digest of its trainable parameters to `<out>/rank<r>.json`.
+
+    torchrun --nproc_per_node 2 tests/ddp_worker.py --method lavin --find-unused 0 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from conftest import TINY_VIT, lavin_batch, tiny_lavin, tiny_llama
+from peft import get_peft_model
+from torch.nn.parallel import DistributedDataParallel
+
+from peft_mma import LlamaAdapterV2Config
+
+
+def build(method: str):
+    if method == "lavin":
+        return tiny_lavin("gqa", "sdpa", seed=3)
+    torch.manual_seed(3)
+    config = LlamaAdapterV2Config(
+        vision_model="vit_large_patch14_clip_224.openai", vision_pretrained=False, vision_model_kwargs=TINY_VIT,
+        visual_width=16, visual_depth=1, visual_heads=2,
+    )  # fmt: skip
+    return get_peft_model(tiny_llama("gqa", "sdpa"), config)
+
+
+def batch_of(method: str, model, rank: int) -> dict:
+    """Rank 0: text only, no images at all. Rank 1: one sample with an image and one without."""
+    if method == "lavin":
+        batch = lavin_batch(model, has_image=(False, False) if rank == 0 else (True, False), seed=rank)
+    else:
+        generator = torch.Generator().manual_seed(rank)
+        ids = torch.randint(3, 97, (2, 7), generator=generator)
+        batch = {"input_ids": ids, "labels": ids, "pixel_values": torch.randn(2, 3, 28, 28, generator=generator)}
+        batch["has_image"] = torch.tensor([True, False])
+    if rank == 0:
+        batch = {k: v for k, v in batch.items() if k not in ("pixel_values", "has_image")}
+    return batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=("lavin", "v2"), required=True)
+    parser.add_argument("--find-unused", type=int, choices=(0, 1), required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    model = build(args.method).train()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ddp = DistributedDataParallel(model, find_unused_parameters=bool(args.find_unused))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = batch_of(args.method, model, rank)
+    losses = []
+    for _ in range(3):
+        loss = ddp(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    digest = {
+        "losses": losses,
+        "sums": {n: float(p.double().sum()) for n, p in params.items()},
+        "changed": sorted(n for n, p in params.items() if not torch.equal(p, initial[n])),
+        "world": dist.get_world_size(),
+    }
+    Path(args.out, f"rank{rank}.json").write_text(json.dumps(digest))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,84 @@
+"""Both methods under `torch.compile(fullgraph=True)`: a training step on a mixed image/text batch, and cached
+decoding (DESIGN.md decision 8: per-call state on the call stack, no data-dependent Python on the hot path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_VIT, lavin_batch, tiny_lavin, tiny_llama
+from peft import get_peft_model
+
+from peft_mma import LlamaAdapterV2Config
+
+
+def tiny_v2():
+    torch.manual_seed(1)
+    config = LlamaAdapterV2Config(
+        vision_model="vit_large_patch14_clip_224.openai", vision_pretrained=False, vision_model_kwargs=TINY_VIT,
+        visual_width=16, visual_depth=1, visual_heads=2, init_weights=False,
+    )  # fmt: skip
+    return get_peft_model(tiny_llama("gqa", "sdpa"), config).eval()
+
+
+def model_and_batch(method: str):
+    """A tiny model with random adapters and a batch of one image sample and one text-only sample."""
+    if method == "lavin":
+        model = tiny_lavin("gqa", "sdpa")
+        return model, lavin_batch(model, has_image=(True, False))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 97, (2, 7), generator=generator)
+    images = torch.randn(2, 3, 28, 28, generator=generator)
+    return tiny_v2(), {
+        "input_ids": ids,
+        "labels": ids,
+        "pixel_values": images,
+        "has_image": torch.tensor([True, False]),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", ["v2", "lavin"])
+def test_training_step_compiles_as_one_graph_with_the_eager_numbers(method):
+    model, batch = model_and_batch(method)
+    model.train()
+
+    def loss(**inputs):
+        return model(**inputs).loss
+
+    explained = torch._dynamo.explain(loss)(**batch)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager = loss(**batch)
+    eager_grads = torch.autograd.grad(eager, params)
+    compiled = torch.compile(loss, fullgraph=True)(**batch)
+    compiled_grads = torch.autograd.grad(compiled, params)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, cache", [("v2", "static"), ("lavin", "static"), ("lavin", "dynamic")])
+def test_cached_decoding_compiles_as_full_graphs_with_the_eager_tokens(method, cache):
+    """The LLaMA forward that `generate` calls, compiled with `fullgraph=True` (a graph break would raise): prefill
+    and decoding steps give the eager tokens."""
+    model, batch = model_and_batch(method)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    with torch.no_grad():
+        eager = model.generate(**inputs, **kwargs)
+    llama = model.base_model.model
+    llama.forward = torch.compile(llama.forward, fullgraph=True)
+    try:
+        with torch.no_grad():
+            compiled = model.generate(**inputs, **kwargs)
+    finally:
+        del llama.forward  # back to the class's forward
+    assert torch.equal(compiled, eager)
