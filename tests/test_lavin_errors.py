@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import LAVIN_VISION as VISION
 from conftest import lavin_batch, tiny_llama
 from peft import PeftModel, get_peft_model
-from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+from transformers import Cache, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from peft_mma import LaVINConfig
 
@@ -158,12 +160,13 @@ def test_placeholder_count_must_be_that_of_one_image_and_nothing_runs(vision_mod
 
 
 def test_a_filled_cache_is_refused(vision_model):
-    cache = DynamicCache()
     with torch.no_grad():
-        vision_model(input_ids=ids(), cache=cache, use_cache=True)
+        output = vision_model(input_ids=ids(), use_cache=True)
+    cache = next(value for value in output.values() if isinstance(value, Cache))
     assert cache.get_seq_length() == 7  # the modality token and the text
+    keyword = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
     with pytest.raises(ValueError, match="cannot continue from a filled KV cache; decode with `generate`"):
-        vision_model(input_ids=ids(), cache=cache)
+        vision_model(input_ids=ids(), **{keyword: cache})  # transformers 5.24 renamed the keyword
 
 
 def test_calling_the_wrapped_llama_directly_is_refused(vision_model):
