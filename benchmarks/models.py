@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_mma import LaVINConfig, LlamaAdapterV2Config
 from peft_mma.data import ImageTokens
-from peft_mma.vision.backbone import VisionBackbone
+from peft_mma.vision.backbone import CLIP_VIT_L14, VisionBackbone
 
 from .common import share_weights_copy
 
@@ -63,7 +63,7 @@ PRESETS: dict[str, Preset] = {
     "smollm2": Preset("smollm2", "vit_tiny_patch16_224", {}, 2, 224),
     "7b": Preset(
         "7b",
-        "vit_large_patch14_clip_224.openai",  # LaVIN-7B's encoder, random weights: 24 blocks, every 4th → 6 tokens
+        CLIP_VIT_L14,  # LaVIN-7B's encoder, random weights: 24 blocks, every 4th → 6 tokens
         {},
         4,
         224,
@@ -71,7 +71,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "7b_layout": Preset(
         "7b_layout",
-        "vit_large_patch14_clip_224.openai",
+        CLIP_VIT_L14,
         {},
         4,
         224,

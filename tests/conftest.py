@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from peft_mma.vision.backbone import CLIP_VIT_L14
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # name -> LlamaConfig kwargs. Each is small enough for a CPU test in well under a second.
@@ -18,14 +20,14 @@ TINY_LLAMAS: dict[str, dict] = {
     "odd_head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12),  # 4·12 != 32
 }
 
-# timm keyword arguments that shrink `vit_large_patch14_clip_224.openai` to a 4-block ViT of width 32 on 28-px
+# timm keyword arguments that shrink CLIP ViT-L/14 (`CLIP_VIT_L14`, QuickGELU) to a 4-block ViT of width 32 on 28-px
 # images (2 × 2 patches of 14 px); built with `pretrained=False`, so nothing is downloaded.
 TINY_VIT: dict = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4)
 
 
 # LaVIN with the tiny ViT: the class token after blocks 2 and 4 gives 2 visual tokens per image.
 LAVIN_VISION: dict = dict(
-    vision_model="vit_large_patch14_clip_224.openai",
+    vision_model=CLIP_VIT_L14,
     vision_pretrained=False,
     vision_model_kwargs=TINY_VIT,
     vision_feature_every=2,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import TINY_VIT, lavin_batch, tiny_lavin, tiny_llama
+from conftest import CLIP_VIT_L14, TINY_VIT, lavin_batch, tiny_lavin, tiny_llama
 from peft import get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 
@@ -27,7 +27,7 @@ def build(method: str):
         return tiny_lavin("gqa", "sdpa", seed=3)
     torch.manual_seed(3)
     config = LlamaAdapterV2Config(
-        vision_model="vit_large_patch14_clip_224.openai", vision_pretrained=False, vision_model_kwargs=TINY_VIT,
+        vision_model=CLIP_VIT_L14, vision_pretrained=False, vision_model_kwargs=TINY_VIT,
         visual_width=16, visual_depth=1, visual_heads=2,
     )  # fmt: skip
     return get_peft_model(tiny_llama("gqa", "sdpa"), config)

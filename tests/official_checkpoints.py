@@ -9,12 +9,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from conftest import tiny_llama
+from conftest import CLIP_VIT_L14, tiny_llama
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 TINY_VIT = dict(img_size=28, patch_size=14, depth=4, embed_dim=32, num_heads=4, num_classes=24)
-VISION_MODEL = "vit_large_patch14_clip_224.openai"
+VISION_MODEL = CLIP_VIT_L14
 FEATURES = 24  # width of the tiny encoder's tokens (its projection head), C_f
 
 

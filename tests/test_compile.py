@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VIT, lavin_batch, tiny_lavin, tiny_llama
+from conftest import CLIP_VIT_L14, TINY_VIT, lavin_batch, tiny_lavin, tiny_llama
 from peft import get_peft_model
 
 from peft_mma import LlamaAdapterV2Config
@@ -14,7 +14,7 @@ from peft_mma import LlamaAdapterV2Config
 def tiny_v2():
     torch.manual_seed(1)
     config = LlamaAdapterV2Config(
-        vision_model="vit_large_patch14_clip_224.openai", vision_pretrained=False, vision_model_kwargs=TINY_VIT,
+        vision_model=CLIP_VIT_L14, vision_pretrained=False, vision_model_kwargs=TINY_VIT,
         visual_width=16, visual_depth=1, visual_heads=2, init_weights=False,
     )  # fmt: skip
     return get_peft_model(tiny_llama("gqa", "sdpa"), config).eval()

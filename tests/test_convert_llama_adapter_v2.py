@@ -8,7 +8,7 @@ import pytest
 import torch
 from official_checkpoints import FEATURES, TINY_VIT, VISION_MODEL, llama_adapter_v2, norms_only_base, parity_base
 from peft import PeftModel
-from reference.meta_layout_ref import adapter_v2_logits, adapter_v2_visual, hf_to_meta
+from reference.meta_layout_ref import adapter_v2_logits, adapter_v2_visual, hf_to_meta, openai_clip_tokens
 from safetensors.torch import load_file
 
 from peft_mma.convert import convert_llama_adapter_v2
@@ -29,11 +29,10 @@ def images(batch: int = 2) -> torch.Tensor:
 
 
 def clip_tokens(pixels: torch.Tensor) -> torch.Tensor:
-    """The frozen encoder's tokens, ln_post and projection applied (spec §3.1): the same encoder the adapter
-    rebuilds from its config (fixed seed, no pretrained weights)."""
+    """The official CLIP's tokens, ln_post and projection applied (spec §3.1), computed by the independent reference
+    with the weights of the encoder the adapter rebuilds from its config (fixed seed, no pretrained weights)."""
     encoder = VisionBackbone(VISION_MODEL, False, TINY_VIT).encoder
-    with torch.no_grad():
-        return encoder.head(encoder.forward_features(pixels))  # (B, N, C_f)
+    return openai_clip_tokens(encoder, pixels).float()  # (B, N, C_f)
 
 
 def convert(layout: str, kind: str, tmp_path, overrides: dict | None = None, **kwargs):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VIT, greedy_without_cache, tiny_llama
+from conftest import CLIP_VIT_L14, TINY_VIT, greedy_without_cache, tiny_llama
 from peft import PeftModel, get_peft_model
 
 from peft_mma import LaVINConfig, LlamaAdapterV2Config
@@ -16,7 +16,7 @@ from peft_mma.data import ImageTokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-VIT = dict(vision_model="vit_large_patch14_clip_224.openai", vision_pretrained=False, vision_model_kwargs=TINY_VIT)
+VIT = dict(vision_model=CLIP_VIT_L14, vision_pretrained=False, vision_model_kwargs=TINY_VIT)
 CONFIGS = {
     "v2": lambda: LlamaAdapterV2Config(**VIT, visual_width=16, visual_depth=1, visual_heads=2, init_weights=False),
     "lavin": lambda: LaVINConfig(**VIT, vision_feature_every=2, adapter_dropout=0.0, init_weights=False),

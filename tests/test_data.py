@@ -10,7 +10,7 @@ import torch
 from stand_in_tokenizer import word_tokenizer
 
 from peft_mma.data import ImageTokens
-from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, prompt_and_response
+from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, lavin_image_transform, prompt_and_response
 from peft_mma.data.procedural import (
     POSITIONS,
     TASKS,
@@ -302,6 +302,15 @@ def test_collator_applies_the_timm_transform_to_pil_images():
     red = batch["pixel_values"][0, :, 100, 100]
     assert red[0] > 0 > red[1] and red[2] < 0  # normalised pure red: above the mean in R only
     assert CausalLMCollator(letters_tokenizer(), image_model="vit_tiny_patch16_224").image_size == 224
+
+
+def test_lavin_image_transform_squashes_and_uses_imagenet_statistics():
+    pil_image = pytest.importorskip("PIL.Image").new("RGB", (60, 20), (255, 0, 0))
+    image = lavin_image_transform(224)(pil_image)
+    assert image.shape == (3, 224, 224)  # squashed: no crop of the 3:1 image
+    expected = torch.tensor([(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225])
+    torch.testing.assert_close(image[:, 0, 0], expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(image[:, 223, 223], expected, atol=1e-3, rtol=0)  # the corners are still red
 
 
 # ---------------------------------------------------------------- LaVIN's image placeholders

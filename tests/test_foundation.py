@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import CLIP_VIT_L14, TINY_VIT
 from peft.utils import PeftType
 
 import peft_mma
@@ -28,7 +28,7 @@ def test_peft_types_behave_like_native_members():
 @pytest.fixture
 def vit() -> VisionBackbone:
     torch.manual_seed(0)
-    return VisionBackbone("vit_large_patch14_clip_224.openai", model_kwargs=TINY_VIT)
+    return VisionBackbone(CLIP_VIT_L14, model_kwargs=TINY_VIT)
 
 
 def test_backbone_is_frozen_and_stays_in_eval(vit):
@@ -89,7 +89,7 @@ def test_set_requires_grad_reaches_model_level_modules_and_encoder_adapters(meth
 
     from peft_mma import LaVINConfig, LlamaAdapterV2Config
 
-    vision = dict(vision_model="vit_large_patch14_clip_224.openai", vision_pretrained=False)
+    vision = dict(vision_model=CLIP_VIT_L14, vision_pretrained=False)
     if method == "lavin":
         config = LaVINConfig(**vision, vision_model_kwargs=dict(TINY_VIT, depth=4), vision_feature_every=2)
     else:

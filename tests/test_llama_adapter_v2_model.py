@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_VIT, tiny_llama
+from conftest import CLIP_VIT_L14, TINY_VIT, tiny_llama
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -15,7 +15,7 @@ from peft_mma import LlamaAdapterV2Config
 from peft_mma.llama_adapter_v2.layer import OutputProjection
 
 VISION = dict(
-    vision_model="vit_large_patch14_clip_224.openai",
+    vision_model=CLIP_VIT_L14,
     vision_pretrained=False,
     vision_model_kwargs=dict(TINY_VIT, depth=2),
     visual_width=16,

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import torch
-from conftest import greedy_without_cache
+from conftest import CLIP_VIT_L14, greedy_without_cache
 from transformers import LlamaForCausalLM
 
 from peft_mma import LaVINConfig
@@ -32,7 +32,7 @@ def test_readme_lavin_snippet_runs_and_does_what_it_says(tmp_path, monkeypatch):
     model = namespace["model"]
     config = model.peft_config["default"]
     assert isinstance(config, LaVINConfig) and config.temperature == 10.0  # the lavin-7b preset
-    assert config.vision_model == "vit_large_patch14_clip_224.openai"
+    assert config.vision_model == CLIP_VIT_L14
     ids, text = namespace["ids"], namespace["text"]
     assert ids.shape == (2, 8 + 2) and (ids[0, 1:3] == 100).all() and not (ids[1] == 100).any()
     new_ids = namespace["new_ids"]

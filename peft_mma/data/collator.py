@@ -63,6 +63,22 @@ def timm_image_transform(model_name: str) -> tuple[Callable, int]:
     return create_transform(**config), config["input_size"][-1]
 
 
+def lavin_image_transform(size: int = 224) -> Callable:
+    """LaVIN's official preprocessing (spec `lavin_mma.md` §4): squash-resize to size × size (bicubic, no crop),
+    then ImageNet's mean and std, not CLIP's. Pass it as `CausalLMCollator(image_transform=...)`; `image_model`
+    gives the encoder's own (CLIP's) transform, which LLaMA-Adapter V2 uses at inference."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+    return create_transform(
+        input_size=(3, size, size),
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        crop_pct=1.0,
+        crop_mode="squash",
+    )
+
+
 class CausalLMCollator:
     """Tokenise, mask, truncate and pad a list of samples into a causal-LM batch.
 

@@ -12,16 +12,16 @@ from typing import Any
 from peft.config import PeftConfig
 
 from ..registry import MMA_LAVIN
+from ..vision.backbone import CLIP_VIT_L14
 
-VIT_L14_CLIP = "vit_large_patch14_clip_224.openai"
 PLACEMENTS = ("attn", "block")
 IMAGE_TOKEN_POSITIONS = ("after_bos", "placeholder")
 MODALITIES = ("text", "image")
 
 # LaVIN-7B / LaVIN-13B as released (`lavin_mma.md` §2, §4, §6): only the temperature differs.
 PRESETS: dict[str, dict[str, Any]] = {
-    "lavin-7b": dict(temperature=10.0, vision_model=VIT_L14_CLIP, vision_feature_every=4),
-    "lavin-13b": dict(temperature=5.0, vision_model=VIT_L14_CLIP, vision_feature_every=4),
+    "lavin-7b": dict(temperature=10.0, vision_model=CLIP_VIT_L14, vision_feature_every=4),
+    "lavin-13b": dict(temperature=5.0, vision_model=CLIP_VIT_L14, vision_feature_every=4),
 }
 
 
@@ -57,7 +57,7 @@ class LaVINConfig(PeftConfig):
             one on the normalised FFN input, routed from its own input as in official training (§2, §3).
         vision_model (`str`, *optional*):
             Frozen image encoder (a timm name or `"hf:<path>"`); `None` builds a text-only adapter. LaVIN uses
-            CLIP ViT-L/14, `"vit_large_patch14_clip_224.openai"` (§4).
+            OpenAI's CLIP ViT-L/14, `vision.backbone.CLIP_VIT_L14` (timm's QuickGELU variant, §4).
         vision_pretrained (`bool`):
             Load the encoder's pretrained weights through timm (needs the weights cached or a network).
         vision_model_kwargs (`dict`, *optional*):

@@ -6,7 +6,7 @@ Each preset is a dict of `LlamaAdapterV2Config` fields; its parameter count on t
 
 from __future__ import annotations
 
-CLIP_VIT_L14 = "vit_large_patch14_clip_224.openai"
+from ..vision.backbone import CLIP_VIT_L14
 
 _MULTIMODAL_7B = dict(
     bias_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],  # no k/v bias (§2d)

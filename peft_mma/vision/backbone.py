@@ -3,7 +3,7 @@
 The encoder is named in the adapter config and rebuilt from that name on load; its weights are never written
 into an adapter file. Two families are supported:
 
-* timm models by name, e.g. ``"vit_large_patch14_clip_224.openai"`` (the CLIP ViT-L/14 of both papers), built
+* timm models by name, e.g. `CLIP_VIT_L14` (the CLIP ViT-L/14 of both papers, with its QuickGELU), built
   with `timm.create_model` and read through `forward_features` / `forward_intermediates`;
 * transformers vision towers by local path with an ``"hf:"`` prefix (`CLIPVisionModel`,
   `CLIPVisionModelWithProjection`, `SiglipVisionModel`).
@@ -29,6 +29,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 HF_PREFIX = "hf:"
+# OpenAI's CLIP ViT-L/14, the encoder of both papers. timm's QuickGELU variant is the exact one: its plain
+# `vit_large_patch14_clip_224.openai` loads the same weights with exact GELU, which moves logits by ~1e-2.
+CLIP_VIT_L14 = "vit_large_patch14_clip_quickgelu_224.openai"
 
 
 def create_vision_model(name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> nn.Module:

@@ -6,7 +6,8 @@ official module order, and the raw official adapter tensors (gates (1, H, 1, 1),
 weights, `adapter_query` as one (L·K, C) table). It reads the base LLaMA as Meta-layout weights, which
 `hf_to_meta` makes from a Hugging Face model by undoing the q/k row permutation, written here independently.
 
-Entry points: `hf_to_meta`, `adapter_v2_visual`, `adapter_v2_logits`, `lavin_visual_tokens`, `lavin_logits`.
+Entry points: `hf_to_meta`, `openai_clip_tokens`, `adapter_v2_visual`, `adapter_v2_logits`, `lavin_visual_tokens`,
+`lavin_logits`.
 Everything runs in float64, so the reference's own rounding is far below the fp32 model's. The fp16 roundings of
 the official LaVIN code (routing weights, E_m, CLIP output) are left out, as `LaVINModel` leaves them out (a
 documented deviation, `lavin/model.py`).
@@ -14,7 +15,6 @@ documented deviation, `lavin/model.py`).
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -156,6 +156,51 @@ def causal_mask(t: int) -> Tensor:
     return torch.full((t, t), float("-inf"), dtype=DTYPE).triu(1)
 
 
+# ---------------------------------------------------------------------------------------------- OpenAI CLIP
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's activation, x · σ(1.702 x) (not the exact GELU of most ViTs)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def openai_clip_blocks(encoder, pixels: Tensor, mma=None) -> list[Tensor]:
+    """The official OpenAI CLIP vision transformer (`clip/model.py`), written from its definition, in float64 with
+    the weights of the timm `encoder` (its modules are not called): the hidden state after each block (B, N, C).
+
+        x = ln_pre([class; conv1(pixels)] + positional)            LayerNorm ε = 1e-5 everywhere
+        x = x + out_proj(MHSA(ln_1 x));  x = x + c_proj(QuickGELU(c_fc(ln_2 x)))
+
+    `mma(j, x)` adapts block j's `ln_1` output (LaVIN's MM-adapter); encoder adapters' own weights are skipped.
+    """
+    w = {k.replace(".base_layer", ""): v.to(DTYPE) for k, v in encoder.state_dict().items() if "mma_" not in k}
+    attention = encoder.blocks[0].attn
+    heads = getattr(attention, "base_layer", attention).num_heads
+    patches = F.conv2d(pixels.to(DTYPE), w["patch_embed.proj.weight"], w.get("patch_embed.proj.bias"), stride=14)
+    x = patches.flatten(2).transpose(1, 2)  # (B, N − 1, C)
+    x = torch.cat([w["cls_token"].expand(len(x), -1, -1), x], dim=1) + w["pos_embed"]  # (B, N, C)
+    x = _layer_norm(x, w, "norm_pre", 1e-5)
+    hidden = []
+    for j in range(len(encoder.blocks)):
+        p = f"blocks.{j}."
+        b, n, c = x.shape
+        normed = _layer_norm(x, w, p + "norm1", 1e-5)
+        normed = mma(j, normed) if mma is not None else normed
+        qkv = _affine(normed, w, p + "attn.qkv").reshape(b, n, 3, heads, c // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, d)
+        o = ((q @ k.transpose(-1, -2)) / math.sqrt(c // heads)).softmax(-1) @ v  # (B, heads, N, d)
+        x = x + _affine(o.transpose(1, 2).reshape(b, n, c), w, p + "attn.proj")
+        x = x + _affine(quick_gelu(_affine(_layer_norm(x, w, p + "norm2", 1e-5), w, p + "mlp.fc1")), w, p + "mlp.fc2")
+        hidden.append(x)
+    return hidden
+
+
+def openai_clip_tokens(encoder, pixels: Tensor) -> Tensor:
+    """Every token after `ln_post` and the projection `proj` (B, N, C_f), the features LLaMA-Adapter V2 reads."""
+    w = {k: v.to(DTYPE) for k, v in encoder.state_dict().items()}
+    return _affine(_layer_norm(openai_clip_blocks(encoder, pixels)[-1], w, "norm", 1e-5), w, "head")
+
+
 # ---------------------------------------------------------------------------------------------- LLaMA-Adapter V2
 
 
@@ -242,26 +287,19 @@ def _route(w: dict[str, Tensor], site: str, t: Tensor, tau: float) -> Tensor:
 
 
 def lavin_visual_tokens(checkpoint, encoder, pixels: Tensor, every: int, tau: float, scale: float = 1.0) -> Tensor:
-    """P(CLS after every k-th block) with an MM-adapter on each block's `norm1` output (§4), (B, n, C).
-
-    The frozen timm `encoder` supplies the ViT's own parts (patch embedding, attention, MLP, norms). Routing is the
-    official one: per token position, from batch element 0 (LND layout), broadcast to every image.
-    """
+    """P(CLS after every k-th block) of the official CLIP (`openai_clip_blocks`) with an MM-adapter on each block's
+    `ln_1` output (§4), (B, n, C). Routing is the official one: per token position, from batch element 0 (LND
+    layout), broadcast to every image."""
     w = {k.removeprefix("module."): v.to(DTYPE) for k, v in checkpoint.items()}
-    encoder = copy.deepcopy(encoder).to(DTYPE)
-    h = encoder.norm_pre(encoder._pos_embed(encoder.patch_embed(pixels.to(DTYPE))))  # (B, N, Cv), ln_pre applied
-    tokens = []
-    for j, block in enumerate(encoder.blocks):
+
+    def mma(j: int, x: Tensor) -> Tensor:
         site = f"backbone.visual.transformer.resblocks.{j}.adapter_attn"
-        lnd = block.norm1(h).transpose(0, 1)  # (N, B, Cv): the official blocks run sequence-first
+        lnd = x.transpose(0, 1)  # (N, B, Cv): the official blocks run sequence-first
         weights = _route(w, site, lnd[:, 0], tau)  # (N, 2): "x[:, 0]" is image 0 at every token position
-        adapted = _mma(w, site, lnd, weights, scale).transpose(0, 1)  # (B, N, Cv)
-        attention = getattr(block.attn, "base_layer", block.attn)
-        h = h + block.ls1(attention(adapted))
-        h = h + block.ls2(block.mlp(block.norm2(h)))
-        if (j + 1) % every == 0:
-            tokens.append(h[:, 0])
-    features = torch.stack(tokens, dim=1)  # (B, n, Cv), no final norm
+        return _mma(w, site, lnd, weights, scale).transpose(0, 1)  # (B, N, Cv)
+
+    hidden = openai_clip_blocks(encoder, pixels, mma)
+    features = torch.stack([h[:, 0] for h in hidden[every - 1 :: every]], dim=1)  # (B, n, Cv), no final norm
     hidden = F.silu(_affine(features, w, "adapter_proj.conv_A"))
     return _affine(hidden, w, "adapter_proj.conv_B")
 
