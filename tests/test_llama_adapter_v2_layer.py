@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_llama
 from peft import get_peft_model
 from reference.llama_adapter_v2_ref import reference_logits_from_model, reference_visual_bridge
@@ -114,16 +115,16 @@ def test_visual_path_matches_the_reference(fusion):
 
 
 def test_output_scale_keeps_its_output_and_gives_autograd_gradients():
-    from peft_mma.llama_adapter_v2.layer import _OutputScale
+    from peft_mma.llama_adapter_v2.function import OutputScale
 
     z = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     s = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(_OutputScale.apply, (z, s))
+    assert torch.autograd.gradcheck(OutputScale.apply, (z, s))
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(
         lambda t: kept.append(t.untyped_storage().data_ptr()) or t, lambda t: t
     ):
-        y = _OutputScale.apply(z * 1, s)
+        y = OutputScale.apply(z * 1, s)
     assert y.untyped_storage().data_ptr() in kept and len(kept) == 2  # y and s: the output, not the input
 
 
@@ -138,7 +139,45 @@ def test_training_gradients_equal_plain_autograd(monkeypatch):
         model(input_ids=x).logits.square().mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
+    def plain(x, weight, bias, scale, output_side):
+        return F.linear(x, weight, bias) * scale if output_side else F.linear(x * scale, weight, bias)
+
     ours = gradients()
-    monkeypatch.setattr(layer._OutputScale, "apply", staticmethod(lambda z, s: z * s))
+    monkeypatch.setattr(layer.OutputScale, "apply", staticmethod(lambda z, s: z * s))
+    monkeypatch.setattr(layer.ScaledLinear, "apply", staticmethod(plain))
     for name, grad in gradients().items():
         torch.testing.assert_close(ours[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("output_side", [True, False], ids=["output-side", "input-side"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_scaled_linear_node_has_the_gradients_of_its_formula(output_side, with_bias):
+    """`ScaledLinear`'s hand-written backward against finite differences (float64), and its value against the
+    formula: y = s ⊙ (W x + β) or W (s ⊙ x) + β, W frozen."""
+    from peft_mma.llama_adapter_v2.function import ScaledLinear
+
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
+
+    x, weight = rand(2, 3, 5), rand(4, 5, grad=False)
+    bias = rand(4) if with_bias else None
+    scale = rand(4 if output_side else 5)
+    inputs = (x, bias, scale) if with_bias else (x, scale)
+
+    def layer(*args):
+        x, bias, scale = args if with_bias else (args[0], None, args[1])
+        return ScaledLinear.apply(x, weight, bias, scale, output_side)
+
+    assert torch.autograd.gradcheck(layer, inputs, eps=1e-6, atol=1e-6)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: kept.append(t.untyped_storage().data_ptr()) or t, lambda t: t
+    ):
+        y = layer(*inputs)
+    neighbour = y if output_side else x  # what the next (or previous) op keeps anyway: no activation of its own
+    assert neighbour.untyped_storage().data_ptr() in kept and len(kept) == 3  # it, W and s
+    b = bias if with_bias else 0
+    expected = scale * (x @ weight.T + b) if output_side else (scale * x) @ weight.T + b
+    torch.testing.assert_close(layer(*inputs), expected, atol=1e-12, rtol=0)

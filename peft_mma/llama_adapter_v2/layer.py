@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from ..attention import gated_prompt_key_value, prompt_attention
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
 from .config import LlamaAdapterV2Config
+from .function import OutputScale, ScaledLinear, _cast
 
 PREFIX = "mma_adapter_v2_"
 _LLAMA_RMS_NORM = LlamaRMSNorm.forward  # the computation `Norm` reproduces with the tuned weight
@@ -42,27 +43,6 @@ class LlamaAdapterV2Layer(MMATunerLayer):
                 setattr(base, name, nn.Parameter(tensor, requires_grad=False))
             else:
                 getattr(base, name).data = tensor
-
-
-class _OutputScale(torch.autograd.Function):
-    """y = s ⊙ z that keeps y, not z, for backward: ∂L/∂s = Σ (∂L/∂y ⊙ y) / s, ∂L/∂z = ∂L/∂y ⊙ s.
-
-    The next op usually keeps y itself (SiLU keeps the gate output, the MLP product the up output, attention v), so
-    the scale then costs no activation memory of its own. Needs s without zero entries, as `Linear.unmerge` does.
-    """
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        y = z * s
-        ctx.save_for_backward(y, s)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        y, s = ctx.saved_tensors
-        grad_z = grad * s if ctx.needs_input_grad[0] else None
-        grad_s = (grad * y).sum(dim=tuple(range(grad.ndim - 1))) / s if ctx.needs_input_grad[1] else None
-        return grad_z, grad_s
 
 
 class Linear(nn.Module, LlamaAdapterV2Layer):
@@ -150,17 +130,41 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
         dtype, active = x.dtype, self.active_adapters
         scale, bias, lora_A = self.mma_adapter_v2_scale, self.mma_adapter_v2_bias, self.mma_adapter_v2_lora_A
         scales = [(scale[a], self.scale_side[a]) for a in active if a in scale]
+        biases = [bias[a] for a in active if a in bias]
+        loras = [a for a in active if a in lora_A] if use_lora else []
+        if len(scales) == 1 and not loras and self._plain_base(args, kwargs):  # the common case: one node
+            s, side = scales[0]
+            return ScaledLinear.apply(x, self.base_layer.weight, self._total_bias(biases), s, side == "output")
         for s, side in scales:
             if side == "input":
-                x = x * s.to(dtype)
-        y = self._base_plus_bias(x, [bias[a] for a in active if a in bias], *args, **kwargs)
-        for a in [a for a in active if a in lora_A] if use_lora else ():
+                x = x * _cast(s, dtype)
+        y = self._base_plus_bias(x, biases, *args, **kwargs)
+        for a in loras:
             lora_B = self.mma_adapter_v2_lora_B[a]
-            y = y + (lora_B(lora_A[a](x.to(lora_B.weight.dtype))) * self.lora_scaling[a]).to(y.dtype)
+            y = y + _cast(lora_B(lora_A[a](_cast(x, lora_B.weight.dtype))) * self.lora_scaling[a], y.dtype)
         for s, side in scales:
             if side == "output":
-                y = _OutputScale.apply(y, s.to(y.dtype)) if torch.is_grad_enabled() else y * s.to(y.dtype)
-        return y.to(dtype)
+                y = OutputScale.apply(y, _cast(s, y.dtype)) if torch.is_grad_enabled() else y * _cast(s, y.dtype)
+        return _cast(y, dtype)
+
+    def _plain_base(self, args: tuple, kwargs: dict) -> bool:
+        """A plain frozen `nn.Linear` base called without extras (no hooks, no quantization, no forward override)."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not (base._forward_hooks or base._forward_pre_hooks or args or kwargs)
+            and "forward" not in base.__dict__
+            and not self.quantization_backend
+            and not base.weight.requires_grad
+        )
+
+    def _total_bias(self, biases: list[torch.Tensor]) -> torch.Tensor | None:
+        """b₀ + Σ b in the base weight's dtype, or None when there is no bias at all."""
+        total = self.base_layer.bias
+        for b in biases:
+            b = _cast(b, self.base_layer.weight.dtype)
+            total = b if total is None else total + b
+        return total
 
     def _base_plus_bias(self, x: torch.Tensor, biases: list[torch.Tensor], *args, **kwargs) -> torch.Tensor:
         """W x + b₀ + Σ b. A plain `nn.Linear` (no hooks, no quantization) takes the biases into its own GEMM
@@ -168,14 +172,11 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
         base = self.base_layer
         plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks or args or kwargs)
         if plain and biases and "forward" not in base.__dict__ and not self.quantization_backend:
-            total = base.bias
-            for b in biases:
-                total = b.to(base.weight.dtype) if total is None else total + b.to(base.weight.dtype)
-            return F.linear(x, base.weight, total)
+            return F.linear(x, base.weight, self._total_bias(biases))
         y = base(x, *args, **kwargs)
         y = self.quantization_backend.maybe_clone_base_result(y) if self.quantization_backend else y
         for b in biases:
-            y = y + b.to(y.dtype)
+            y = y + _cast(b, y.dtype)
         return y
 
     def get_delta(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -407,10 +408,10 @@ class Norm(nn.Module, LlamaAdapterV2Layer):
         if type(base).forward is _LLAMA_RMS_NORM and not (base._forward_hooks or base._forward_pre_hooks or args):
             # LlamaRMSNorm's own computation, w ⊙ n, plus Δ ⊙ n on the same n: one normalisation, not two. Δ is not
             # rounded into a half-precision w, so a small Δ still counts in a bf16 forward.
-            h = x.float()
-            n = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + base.variance_epsilon)).to(x.dtype)
-            delta = sum(deltas[a] for a in active)
-            return base.weight * n + delta.to(n.dtype) * n
+            h = _cast(x, torch.float32)
+            n = _cast(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + base.variance_epsilon), x.dtype)
+            weight = base.weight + sum(deltas[a] for a in active)  # in fp32 where Δ is: a small Δ still counts
+            return _cast(weight * n, x.dtype)
         y, n = base(x, *args, **kwargs), self._normalized(x)
         for a in active:
             y = y + deltas[a].to(n.dtype) * n

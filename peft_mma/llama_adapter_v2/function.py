@@ -1,0 +1,79 @@
+"""A frozen linear layer with LLaMA-Adapter V2's bias and scale, as one autograd node (paper Eq. 1; spec §2d, §2e;
+DESIGN decision 9).
+
+    output side:  y = s ⊙ (W x + β)          input side:  y = W (s ⊙ x) + β          β = b₀ + b
+
+W (and b₀) frozen; s and b trainable. Autograd would record the matmul, the bias, the scale and their casts as
+separate nodes; on a GPU a training step is bound by dispatching ops, so one node whose backward computes exactly
+the four products it needs is what the adapter costs. It keeps only tensors that its neighbours keep anyway (y on
+the output side, which needs s without zero entries, as unmerging does; x on the input side). Values and gradients
+are those of the formula (tests compare them with finite differences).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class ScaledLinear(torch.autograd.Function):
+    """`ScaledLinear.apply(x, W, β, s, output_side)` → y; x: (…, in), W: (out, in), β: (out,) or None, s: (out,)
+    on the output side, (in,) on the input side. The result has x's dtype; s and β are cast to it, and their
+    gradients back to their own dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, output_side: bool):
+        s, b = _cast(scale, x.dtype), _cast(bias, weight.dtype)
+        if output_side:
+            y = F.linear(x, weight, b) * s
+            ctx.save_for_backward(y, weight, s)  # y, not W x + β: the next op keeps y anyway (no memory of our own)
+        else:
+            xs = x * s  # s ⊙ x
+            y = F.linear(xs, weight, b)
+            ctx.save_for_backward(x, weight, s)
+        ctx.output_side, ctx.dtypes = output_side, (None if bias is None else bias.dtype, scale.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved, weight, s = ctx.saved_tensors
+        bias_dtype, scale_dtype = ctx.dtypes
+        tokens = tuple(range(grad.ndim - 1))
+        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if ctx.output_side:
+            g_z = grad * s  # ∂L/∂(W x + β)
+            g_scale = torch.einsum("...c,...c->c", grad, saved) / s  # Σ ∂L/∂y ⊙ (W x + β), from y = s ⊙ (W x + β)
+            g_x = torch.matmul(g_z, weight) if need_x else None
+            g_bias = g_z.sum(tokens) if need_bias else None
+        else:
+            g_xs = torch.matmul(grad, weight)  # ∂L/∂(s ⊙ x)
+            g_x = g_xs * s if need_x else None
+            g_scale = torch.einsum("...c,...c->c", g_xs, saved)
+            g_bias = grad.sum(tokens) if need_bias else None
+        return g_x, None, _cast(g_bias, bias_dtype), _cast(g_scale, scale_dtype), None
+
+
+class OutputScale(torch.autograd.Function):
+    """y = s ⊙ z that keeps y, not z, for backward: ∂L/∂s = Σ (∂L/∂y ⊙ y) / s, ∂L/∂z = ∂L/∂y ⊙ s. The output-side
+    scale of a linear layer that also has LoRA or several adapters (`ScaledLinear` covers the common case).
+
+    The next op usually keeps y itself (SiLU keeps the gate output, the MLP product the up output, attention v), so
+    the scale then costs no activation memory of its own. Needs s without zero entries, as `Linear.unmerge` does.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        y = z * s
+        ctx.save_for_backward(y, s)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        y, s = ctx.saved_tensors
+        grad_z = grad * s if ctx.needs_input_grad[0] else None
+        grad_s = (grad * y).sum(dim=tuple(range(grad.ndim - 1))) / s if ctx.needs_input_grad[1] else None
+        return grad_z, grad_s
