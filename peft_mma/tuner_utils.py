@@ -133,7 +133,8 @@ class MMATunerMixin:
         if reference is None:
             return
         for name, module in new_module.named_modules():
-            if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+            leaf = next(module.children(), None) is None
+            if leaf and self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
                 module.to(reference.device)
 
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
@@ -156,6 +157,28 @@ class MMATunerMixin:
                     set_requires_grad(item, adapter_names=[name], requires_grad=requires_grad)
                 else:
                     item.requires_grad_(requires_grad)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's convention for every weight of `adapter_name`, the model-level parts (visual bridge, projector,
+        modality embedding) included: fp32 with `autocast_adapter_dtype` (PEFT's default), else the base model's
+        dtype, as PEFT's own methods leave them. Frozen encoders keep theirs."""
+        base = self.model.get_input_embeddings().weight.dtype
+        dtype = torch.float32 if autocast_adapter_dtype or not base.is_floating_point else base
+        for module in self.modules():
+            if isinstance(module, BaseTunerLayer):
+                containers = [getattr(module, name) for name in module.adapter_layer_names]
+            elif module is self:
+                containers = [c for attr, c in self._modules.items() if attr.startswith(self.prefix)]
+            else:
+                continue
+            for container in containers:
+                if not isinstance(container, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter) and item.is_floating_point() and item.dtype != dtype:
+                    container[adapter_name] = nn.Parameter(item.detach().to(dtype), requires_grad=item.requires_grad)
+                elif isinstance(item, nn.Module) and not isinstance(item, VisionBackbone):
+                    item.to(dtype)
 
     def _delete_model_level_adapter(self: BaseTuner, adapter_name: str) -> None:
         """Drop `adapter_name` from every container the tuner itself holds (`<prefix><role>` dicts, encoders)."""

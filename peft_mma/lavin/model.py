@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.integrations import skip_init_on_device
 from torch import nn
 from transformers import LogitsProcessorList
 
@@ -87,7 +88,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 f"`adapter_groups`={groups} must divide the model width {width}; pick a divisor of {width}."
             )
         on_meta = model.get_input_embeddings().weight.device.type == "meta"
-        visual = build_encoder(config, on_meta) if config.has_vision else None
+        visual = skip_init_on_device(build_encoder)(config, on_meta) if config.has_vision else None
         image_tokens = self._image_tokens(config, model, visual)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         self._add_model_level(model, adapter_name, config, visual)
@@ -129,6 +130,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
 
+    @skip_init_on_device  # under `low_cpu_mem_usage` too: the frozen encoder is not in the adapter file
     def _add_model_level(
         self, model: nn.Module, adapter_name: str, config: LaVINConfig, visual: VisionBackbone | None
     ) -> None:

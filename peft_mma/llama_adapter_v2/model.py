@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.integrations import skip_init_on_device
 from torch import nn
 
 from ..attention import STATE_KWARG, install_mma_attention, state_handed_to, uninstall_mma_attention
@@ -113,6 +114,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["peft_mma"])  # the model card then names the plugin that loads this adapter
 
+    @skip_init_on_device  # under `low_cpu_mem_usage` too: the frozen encoder is not in the adapter file
     def _add_visual_path(self, adapter_name: str, config: LlamaAdapterV2Config, model: nn.Module) -> None:
         """Build the frozen encoder and the trainable bridge of `adapter_name` on the model's device."""
         if "mma_adapter_v2_visual" not in self._modules:
