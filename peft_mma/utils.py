@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -17,6 +18,14 @@ def check_supported_model(model: nn.Module) -> None:
             f"peft_mma adapts LLaMA-architecture decoders (`config.model_type` in {list(SUPPORTED_MODEL_TYPES)}, "
             f"e.g. `LlamaForCausalLM` for LLaMA 1/2/3 and SmolLM2); got {name} with model_type={model_type!r}."
         )
+
+
+def check_has_image(has_image, batch: int) -> None:
+    """Raise `ValueError` unless `has_image` is a 1-D bool tensor with one flag per sample of the batch."""
+    if not isinstance(has_image, torch.Tensor) or has_image.ndim != 1 or has_image.dtype != torch.bool:
+        raise ValueError(f"`has_image` must be a 1-D bool tensor (one flag per sample); got {has_image!r}.")
+    if len(has_image) != batch:
+        raise ValueError(f"`has_image` has {len(has_image)} flags for a batch of {batch} sequences.")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

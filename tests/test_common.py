@@ -103,3 +103,67 @@ def test_a_second_merge_warns_and_changes_nothing(row):
         model.base_model.merge_adapter()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, merged, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("row", ["v2-image", "lavin-image"])
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        ([True, False], "`has_image` must be a 1-D bool tensor"),
+        (torch.tensor([1, 0]), "`has_image` must be a 1-D bool tensor"),
+        (torch.tensor([True]), "`has_image` has 1 flags for a batch of 2"),
+    ],
+)
+def test_bad_has_image_is_refused(row, flags, match):
+    model = build(row).eval()
+    batch = batch_for(row, model)
+    with pytest.raises(ValueError, match=match):
+        model(**{**batch, "has_image": flags})
+
+
+def test_a_convolutional_encoder_gives_v2_its_feature_map_and_lavin_a_clear_error():
+    v2 = get_peft_model(tiny_llama(), LlamaAdapterV2Config(vision_model="resnet18", vision_pretrained=False, **{
+        k: v for k, v in V2_VISION.items() if k.startswith("visual_")}, init_weights=False)).eval()  # fmt: skip
+    backbone = v2.base_model.mma_vision_backbone["default"]
+    assert not backbone.is_vit and backbone.token_width == 512 and backbone.image_size == 224
+    images = torch.randn(2, 3, 64, 64)
+    assert backbone.tokens(images).shape == (2, 4, 512)  # a 2 × 2 feature map of 512 channels
+    ids = torch.randint(3, 97, (2, 5))
+    with torch.no_grad():
+        with_images = v2(input_ids=ids, pixel_values=torch.randn(2, 3, 224, 224)).logits
+        assert (with_images - v2(input_ids=ids).logits).abs().max() > 1e-4  # the feature map reaches the prompts
+    base = tiny_llama()
+    names = [n for n, _ in base.named_modules()]
+    with pytest.raises(ValueError, match="LaVIN reads the class token after every k-th block of a vision transformer"):
+        get_peft_model(base, LaVINConfig(vision_model="resnet18", vision_pretrained=False))
+    assert [n for n, _ in base.named_modules()] == names
+
+
+@pytest.mark.parametrize("config", [LaVINConfig, LlamaAdapterV2Config])
+def test_pretrained_weights_come_from_the_local_cache_or_fail_at_once_offline(config, tmp_path, monkeypatch):
+    """No network here: weights missing from the cache raise at once (no retries), and cached ones load."""
+    import time
+
+    import huggingface_hub
+    import timm
+    from safetensors.torch import save_file
+
+    from peft_mma.vision import backbone as backbone_module
+
+    name, kwargs = "vit_tiny_patch16_224", dict(img_size=28, patch_size=14, depth=4)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, filename, **kw: None)
+    monkeypatch.setattr(backbone_module, "_hub_reachable", lambda timeout=3.0: False)
+    base = tiny_llama()
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache, and the Hub cannot be reached"):
+        get_peft_model(base, config(vision_model=name, vision_model_kwargs=kwargs))
+    assert time.perf_counter() - started < 5
+    torch.manual_seed(7)
+    weights = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+    save_file(weights, tmp_path / "model.safetensors")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, filename, **kw: str(tmp_path / (
+        "model.safetensors")) if filename == "model.safetensors" else None)  # fmt: skip
+    model = get_peft_model(tiny_llama(), config(vision_model=name, vision_model_kwargs=kwargs))
+    encoder = next(m for m in model.modules() if type(m).__name__ == "VisionBackbone").encoder
+    loaded = {k.replace(".base_layer", ""): v for k, v in encoder.state_dict().items() if "mma_" not in k}
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())

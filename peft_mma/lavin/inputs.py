@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache, LogitsProcessor
 
+from ..utils import check_has_image
 from .config import LaVINConfig
 
 IGNORE_INDEX = -100
@@ -93,10 +94,7 @@ def check_call(
             "from a filled KV cache; decode with `generate` on the whole prompt."
         )
     if has_image is not None:
-        if not isinstance(has_image, torch.Tensor) or has_image.ndim != 1 or has_image.dtype != torch.bool:
-            raise ValueError(f"`has_image` must be a 1-D bool tensor (one flag per sample); got {has_image!r}.")
-        if len(has_image) != batch:
-            raise ValueError(f"`has_image` has {len(has_image)} flags for a batch of {batch} sequences.")
+        check_has_image(has_image, batch)
     if input_ids is None:
         if pixel_values is not None or (has_image is not None and bool(has_image.any())):
             raise ValueError(

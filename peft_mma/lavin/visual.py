@@ -27,6 +27,12 @@ def build_encoder(config: LaVINConfig, on_meta: bool) -> VisionBackbone:
     divide its depth."""
     with torch.device("meta") if on_meta else nullcontext():
         visual = VisionBackbone(config.vision_model, config.vision_pretrained, config.vision_model_kwargs)
+    if not visual.is_vit:
+        raise ValueError(
+            f"LaVIN reads the class token after every k-th block of a vision transformer; `vision_model`="
+            f"{config.vision_model!r} is a convolutional network without one. Use a ViT (e.g. "
+            "'vit_large_patch14_clip_quickgelu_224.openai'); LLaMA-Adapter V2 can read a CNN's feature map."
+        )
     every = config.vision_feature_every
     if visual.depth % every:
         raise ValueError(

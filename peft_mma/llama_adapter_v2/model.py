@@ -21,7 +21,7 @@ from torch import nn
 
 from ..attention import STATE_KWARG, install_mma_attention, state_handed_to, uninstall_mma_attention
 from ..tuner_utils import BACKBONE_ATTR, MMATunerMixin, check_base_size, unused_image_side_zero
-from ..utils import check_supported_model, declare_merged_biases
+from ..utils import check_has_image, check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
 from ..vision.bridge import AdapterV2VisualBridge
 from .config import LINEAR_NAMES, NORM_NAMES, LlamaAdapterV2Config
@@ -214,6 +214,10 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
                 "`pixel_values` were passed, but no active adapter has a visual path; set `vision_model` in the "
                 "adapter config to use images."
             )
+        if has_image is not None:
+            check_has_image(has_image, batch_size if batch_size is not None else len(has_image))
+            if pixel_values is None and bool(has_image.any()):
+                raise ValueError("`has_image` marks samples with images but no `pixel_values` were passed.")
         for adapter in self.active_adapters:
             if adapter not in bridges:
                 continue
@@ -239,7 +243,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
                 features = backbone.tokens(pixel_values)  # (B, N, C_f)
             v = bridge(features)  # (B, K, C)
             if has_image is not None:
-                keep = torch.as_tensor(has_image, device=v.device).view(-1, 1, 1).to(v.dtype)
+                keep = has_image.to(device=v.device, dtype=v.dtype).view(-1, 1, 1)
                 v = keep * v + (1 - keep) * (text_v if text_v is not None else 0)
             visual[adapter] = v
         return visual

@@ -59,12 +59,54 @@ def create_vision_model(name: str, pretrained: bool = False, model_kwargs: dict[
             model_kwargs["config"] = config.vision_config
             model_kwargs["config"].projection_dim = config.projection_dim
         return tower.from_pretrained(path, **model_kwargs)
-    try:
-        return timm.create_model(name, pretrained=pretrained, **model_kwargs)
-    except RuntimeError as error:  # timm raises RuntimeError for an unknown name
+    if not timm.is_model(name):
         raise ValueError(
             f"`vision_model`={name!r} is neither a timm model name nor 'hf:<path to a transformers vision tower>'."
-        ) from error
+        )
+    if pretrained:  # load from the local cache when the weights are there, so that no network is asked at all
+        model_kwargs.setdefault("pretrained_cfg_overlay", {}).setdefault("file", _cached_timm_weights(name))
+    return timm.create_model(name, pretrained=pretrained, **model_kwargs)
+
+
+def _cached_timm_weights(name: str) -> str | None:
+    """The local file of timm model `name`'s pretrained weights in the Hugging Face cache, or None if it is not
+    there and the Hub can be reached (timm then downloads it). Raises a `ValueError` at once when it is not there and
+    the Hub cannot be reached (offline, or no network), instead of retrying for a minute."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name)
+    repo = getattr(config, "hf_hub_id", None)
+    if repo is None:
+        return None
+    for filename in (getattr(config, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename) if filename else None
+        if isinstance(found, str):
+            return found
+    if constants.HF_HUB_OFFLINE or not _hub_reachable():
+        raise ValueError(
+            f"`vision_pretrained`=True needs the pretrained weights of `vision_model`={name!r} (Hub repo {repo!r}), "
+            "which are not in the local Hugging Face cache, and the Hub cannot be reached"
+            f"{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}. Fetch them once where there is a "
+            f"network (`timm.create_model({name!r}, pretrained=True)`), or pass `vision_pretrained=False` for a "
+            "random encoder."
+        )
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub opens within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 class VisionBackbone(nn.Module):
@@ -98,9 +140,18 @@ class VisionBackbone(nn.Module):
         return self
 
     @property
+    def is_vit(self) -> bool:
+        """A transformer with a class token (what LaVIN reads); otherwise a convolutional network."""
+        if not self.is_timm:
+            return True
+        return hasattr(self.encoder, "blocks") and getattr(self.encoder, "num_prefix_tokens", 0) > 0
+
+    @property
     def image_size(self) -> int:
-        if self.is_timm:
+        if self.is_timm and hasattr(self.encoder, "patch_embed"):
             return int(self.encoder.patch_embed.img_size[0])
+        if self.is_timm:
+            return int(self.encoder.pretrained_cfg["input_size"][-1])
         return int(self.encoder.config.image_size)
 
     @property
@@ -130,7 +181,9 @@ class VisionBackbone(nn.Module):
 
     @property
     def token_width(self) -> int:
-        """Width C_out of `tokens()` (768 for CLIP ViT-L/14: its projection head)."""
+        """Width C_out of `tokens()` (768 for CLIP ViT-L/14: its projection head; a CNN's channels)."""
+        if self.is_timm and not self.is_vit:
+            return int(self.encoder.num_features)
         if self.is_timm:
             head = self.encoder.head
             return head.out_features if isinstance(head, nn.Linear) else self.width
@@ -159,8 +212,11 @@ class VisionBackbone(nn.Module):
         return pixel_values.to(device=parameter.device, dtype=parameter.dtype)
 
     def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Every token after the final norm and projection: (B, N, C_out), e.g. (B, 257, 768) for ViT-L/14."""
+        """Every token after the final norm and projection: (B, N, C_out), e.g. (B, 257, 768) for ViT-L/14. A CNN's
+        tokens are the positions of its last feature map, (B, H·W, C), before its pooling and classifier."""
         x = self._input(pixel_values)
+        if self.is_timm and not self.is_vit:
+            return self.encoder.forward_features(x).flatten(2).transpose(1, 2)  # (B, C, H, W) → (B, H·W, C)
         if self.is_timm:
             features = self.encoder.forward_features(x)  # (B, N, C), final norm applied
             head = self.encoder.head
