@@ -6,14 +6,13 @@ Importing the package registers both methods with PEFT; `get_peft_model`, `PeftM
 
 from .lavin import LaVINConfig, LaVINModel
 from .llama_adapter_v2 import LlamaAdapterV2Config, LlamaAdapterV2Model
-from .registry import MMA_ADAPTER_V2, MMA_LAVIN, PLUGIN_HINT, register_all
+from .registry import MMA_ADAPTER_V2, MMA_LAVIN, register_all
 
 register_all()
 
 __all__ = [
     "MMA_ADAPTER_V2",
     "MMA_LAVIN",
-    "PLUGIN_HINT",
     "LaVINConfig",
     "LaVINModel",
     "LlamaAdapterV2Config",

@@ -3,15 +3,13 @@
 PEFT 0.21 has no plugin discovery: `register_peft_method` accepts only names that are already members of
 `PeftType`, so each method's member is added to the enum at import time, in the `MMA_` namespace that no PEFT
 release uses. A saved adapter therefore loads only after `import peft_mma`; PEFT's own loaders raise a bare
-`KeyError('MMA_…')` otherwise, which `PLUGIN_HINT` explains wherever our code can catch it.
+`KeyError('MMA_…')` otherwise.
 """
 
 from __future__ import annotations
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType, register_peft_method
-
-PLUGIN_HINT = "adapters of type MMA_* belong to the peft_mma plugin: `import peft_mma` first, then load"
 
 
 def ensure_peft_type(name: str) -> PeftType:

@@ -90,7 +90,8 @@ def test_chat_65b_input_side_scale_gives_the_official_logits(tmp_path, kind):
 
 
 def test_chat_checkpoint_with_prompts_reads_prompt_k_v_through_scale_and_bias(tmp_path):
-    model, meta, official, _ = convert("chat", "mha", tmp_path, overrides=dict(prompt_length=3), chat_prompts=True)
+    model, meta, official, _ = convert("chat", "mha", tmp_path, overrides={}, chat_prompts=True)
+    assert model.peft_config["default"].prompt_length == 3  # rows of adapter_query / gates (prompted layers)
     config = model.peft_config["default"]
     assert config.prompt_kv_adapted and (config.prompt_layers, config.prompt_length) == (3, 3)
     x = ids()
@@ -112,7 +113,7 @@ def test_folder_holds_every_official_parameter_once(tmp_path):
     assert summary.file_size == (tmp_path / "adapter_model.safetensors").stat().st_size
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "MMA_ADAPTER_V2" and config["inference_mode"] is True
-    assert (config["prompt_length"], config["prompt_layers"], config["lora_rank"]) == (3, 3, 2)
+    assert (config["prompt_length"], config["prompt_layers"], config["r"]) == (3, 3, 2)
     assert (config["visual_width"], config["visual_depth"], config["base_num_layers"]) == (16, 2, 4)
     assert saved["base_model.mma_adapter_v2_visual.clip_proj.weight"].shape == (16, FEATURES)
 

@@ -18,7 +18,7 @@ from peft_mma.llama_adapter_v2.layer import LlamaAdapterV2Layer
 
 def assert_untouched(model) -> None:
     assert not any(isinstance(m, LlamaAdapterV2Layer) for m in model.modules())
-    assert not model.config._attn_implementation.endswith("+mma_prompt")
+    assert not model.config._attn_implementation.endswith("+mma")
 
 
 def test_non_llama_model_is_refused_naming_the_supported_family():
@@ -42,6 +42,9 @@ def test_more_prompt_layers_than_the_model_has():
         (dict(prompt_length=0), r"`prompt_length`=0; expected a positive integer"),
         (dict(zero_image_for_text=True), r"`zero_image_for_text`=True needs a `vision_model`"),
         (dict(task_type="SEQ_CLS"), r"`task_type`='SEQ_CLS'; LLaMA-Adapter V2 adapts causal LMs"),
+        (dict(target_modules="q_proj|v_proj"), r"takes a list of module names .* not a pattern"),
+        (dict(target_modules=["qkv", "o_proj"]), r"`target_modules` has unknown modules \['qkv'\]"),
+        (dict(target_modules=["q_proj"]), r"leaves out `o_proj`, where the adaption prompts and gates live"),
     ],
 )
 def test_bad_config_values(kwargs, match):
@@ -93,3 +96,27 @@ def test_loading_without_the_plugin_fails_with_the_type_name(tmp_path):
     script = f"from peft import PeftConfig\nPeftConfig.from_pretrained({str(tmp_path / 'adapter')!r})\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode != 0 and "KeyError: 'MMA_ADAPTER_V2'" in result.stderr
+
+
+def test_target_modules_restrict_the_adapted_modules():
+    model = get_peft_model(tiny_llama(), LlamaAdapterV2Config(target_modules=["q_proj", "o_proj", "norm"]))
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LlamaAdapterV2Layer)}
+    assert adapted == {"q_proj", "o_proj", "norm"}
+
+
+def test_the_previous_names_still_work_for_one_release(tmp_path):
+    with pytest.warns(FutureWarning, match="`lora_rank` is deprecated; use `r`"):
+        config = LlamaAdapterV2Config(lora_modules=["q_proj"], lora_rank=4)
+    assert (config.r, config.lora_rank) == (4, None)
+    with pytest.warns(FutureWarning, match='`gate_activation="none"` is deprecated; use None'):
+        assert LlamaAdapterV2Config(gate_activation="none").gate_activation is None
+    with pytest.warns(FutureWarning, match="`LlamaAdapterV2Config.preset` is deprecated; use `from_preset`"):
+        assert LlamaAdapterV2Config.preset("CHAT-65B") == LlamaAdapterV2Config.from_preset("CHAT-65B")
+    model = get_peft_model(tiny_llama(), LlamaAdapterV2Config(lora_modules=["q_proj"], r=4, init_weights=False))
+    model.save_pretrained(tmp_path)
+    saved = tmp_path / "adapter_config.json"
+    text = saved.read_text().replace('"r": 4', '"lora_rank": 4').replace('"lora_rank": null,', "")
+    saved.write_text(text)  # as an adapter saved before the rename
+    with pytest.warns(FutureWarning, match="`lora_rank` is deprecated"):
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].r == 4

@@ -18,7 +18,7 @@ def adapter_dict(model, adapter: str = "default", visual: torch.Tensor | None = 
     """Our PEFT model's adapter, in the reference's plain-dict format."""
     config = model.peft_config[adapter]
     out = {"linear": {}, "norm": {}, "prompt": {}, "gate": {}, "gate_scale": {}, "visual": {}}
-    out |= {"scale_side": config.scale_side, "gate_activation": config.gate_activation}
+    out |= {"scale_side": config.scale_side, "gate_activation": config.gate_activation or "none"}
     out["prompt_kv_adapted"] = config.prompt_kv_adapted
     for name, module in model.base_model.model.named_modules():
         parts = name.split(".")
@@ -50,12 +50,12 @@ CASES = {
     "input-scale-adapted-kv": dict(scale_side="input", prompt_kv_adapted=True),
     "lora-bias-7b-like": dict(
         lora_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        lora_rank=2,
+        r=2,
         bias_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         scale_modules=[],
         prompt_gate_scale=True,
     ),
-    "no-tanh-one-token": dict(gate_activation="none", prompt_length=1, prompt_layers=2),
+    "no-tanh-one-token": dict(gate_activation=None, prompt_length=1, prompt_layers=2),
 }
 
 

@@ -51,7 +51,7 @@ def test_identity_at_init_with_images():
 
 def test_trained_adapter_changes_only_adapter_parameters():
     base = tiny_llama("gqa", "sdpa")
-    model = get_peft_model(base, LlamaAdapterV2Config(**VISION, lora_modules=["q_proj", "v_proj"], lora_rank=2))
+    model = get_peft_model(base, LlamaAdapterV2Config(**VISION, lora_modules=["q_proj", "v_proj"], r=2))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = ids(4, 9)
@@ -73,7 +73,7 @@ def test_trained_adapter_changes_only_adapter_parameters():
 def test_save_writes_only_adapter_weights_and_reload_is_bitwise(tmp_path):
     base = tiny_llama("odd_head_dim", "eager")
     base.save_pretrained(tmp_path / "base")
-    config = LlamaAdapterV2Config(**VISION, init_weights=False, lora_modules=["k_proj"], lora_rank=2)
+    config = LlamaAdapterV2Config(**VISION, init_weights=False, lora_modules=["k_proj"], r=2)
     model = get_peft_model(base, config).eval()
     x, images = ids(), torch.randn(2, 3, 28, 28)
     expected = logits(model, input_ids=x, pixel_values=images)
@@ -109,7 +109,7 @@ def test_save_writes_only_adapter_weights_and_reload_is_bitwise(tmp_path):
     [
         dict(scale_side="output"),
         dict(scale_side="input"),
-        dict(scale_side="output", lora_modules=["q_proj", "down_proj"], lora_rank=2, lora_alpha=4),
+        dict(scale_side="output", lora_modules=["q_proj", "down_proj"], r=2, lora_alpha=4),
         dict(bias_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], scale_modules=[]),
     ],
     ids=["output-scale", "input-scale", "lora", "bias-7b-linears"],
@@ -269,10 +269,10 @@ LLAMA_65B = dict(
 
 def test_parameter_counts_of_the_presets_match_the_spec():
     vision = dict(vision_pretrained=False)
-    assert count_trainable(LlamaAdapterV2Config.preset("BIAS-7B", **vision), **LLAMA_7B) == 63_095_552
-    assert count_trainable(LlamaAdapterV2Config.preset("CHAT-65B"), **LLAMA_65B) == 13_811_712
-    lora = count_trainable(LlamaAdapterV2Config.preset("LORA-BIAS-7B", **vision), **LLAMA_7B)
+    assert count_trainable(LlamaAdapterV2Config.from_preset("BIAS-7B", **vision), **LLAMA_7B) == 63_095_552
+    assert count_trainable(LlamaAdapterV2Config.from_preset("CHAT-65B"), **LLAMA_65B) == 13_811_712
+    lora = count_trainable(LlamaAdapterV2Config.from_preset("LORA-BIAS-7B", **vision), **LLAMA_7B)
     assert lora == 63_095_552 + 39_976_960 + 32
-    caption = count_trainable(LlamaAdapterV2Config.preset("CAPTION-7B", **vision), **LLAMA_7B)
+    caption = count_trainable(LlamaAdapterV2Config.from_preset("CAPTION-7B", **vision), **LLAMA_7B)
     biases, norms = 32 * (2 * 4096 + 2 * 11008 + 4096), (2 * 32 + 1) * 4096
     assert caption == 63_095_552 - biases - norms == 61_731_584

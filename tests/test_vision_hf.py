@@ -159,3 +159,21 @@ def test_lavin_on_a_clip_tower(towers, tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True).eval()  # see test_reload_*
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids, pixel_values=pixels).logits, trained)
+
+
+def test_official_lavin_checkpoint_converts_onto_a_clip_tower(towers, tmp_path):
+    """The converter builds its skeleton on the meta device; a transformers tower is then built from its config."""
+    from official_checkpoints import lavin
+
+    from peft_mma.convert import convert_lavin
+
+    path, _ = towers["clip-plain"]
+    base = tiny_llama()
+    overrides = dict(vision_model="hf:" + path, vision_feature_every=2)
+    summary = convert_lavin(lavin(base, vision_width=32, vision_depth=4), base, tmp_path, overrides=overrides)
+    assert summary.tensors_read == summary.tensors_written
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    ids = ImageTokens.from_config(model.peft_config["default"]).expand(torch.tensor([[1, 5, 6, 7]]), bos_token_id=1)
+    with torch.no_grad():
+        out = model(input_ids=ids["input_ids"], pixel_values=torch.randn(1, 3, 32, 32)).logits
+    assert out.shape == (1, 6, 97) and torch.isfinite(out).all()

@@ -13,17 +13,19 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoModelForCausalLM
 
-from .checkpoint import BaseModel, ConversionError, OfficialCheckpoint
+from .checkpoint import BaseModel, ConversionError, OfficialCheckpoint, check_architecture, load_checkpoint, read_base
 from .mapping import Rule, map_checkpoint
 
 FILES = ("adapter_config.json", SAFETENSORS_WEIGHTS_NAME)
@@ -146,3 +148,62 @@ def convert_into_folder(
     folder, written, size = write_adapter(skeleton, saved_config, mapped.tensors, out)
     parameters = sum(t.numel() for t in mapped.tensors.values())
     return ConversionSummary(family, preset, folder, mapped.read, written, parameters, size, len(mapped.frozen))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What converting one method's official checkpoints takes (`convert/lavin.py`, `convert/llama_adapter_v2.py`)."""
+
+    family: str  # the method's name in messages
+    presets: Collection[str]  # the preset names it converts to
+    frozen: list[str]  # patterns of base-model tensors a training state dict may carry (read, not written)
+    detect_preset: Callable[[OfficialCheckpoint], str]
+    architecture: Callable[[OfficialCheckpoint], dict[str, tuple[int, str]]]  # LLaMA sizes the checkpoint implies
+    build_config: Callable[[OfficialCheckpoint, BaseModel, str, Mapping[str, Any] | None], PeftConfig]
+    rules: Callable[[OfficialCheckpoint, BaseModel, PeftConfig, PeftModel], list[Rule]]
+
+
+def convert_official(
+    recipe: Recipe,
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    base: str | os.PathLike | nn.Module,
+    out: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert an official checkpoint of `recipe`'s method into a PEFT adapter folder for the HF LLaMA `base`.
+
+    Args:
+        recipe: the method's `Recipe`.
+        checkpoint: the official `.pth` (read with `weights_only=True`), a `.safetensors` file, or a loaded dict.
+        base: a Hugging Face LLaMA directory or an in-memory `LlamaForCausalLM`; its shapes are checked.
+        out: the folder to write (`adapter_config.json`, `adapter_model.safetensors`).
+        preset: one of `recipe.presets`; detected from the checkpoint when `None`.
+        overrides: config fields set last (e.g. `vision_pretrained`, `image_token_position`).
+        overwrite: replace an adapter already in `out`.
+        progress: show a progress bar.
+
+    Returns:
+        A `ConversionSummary`; nothing is written when the conversion fails (`ConversionError`).
+    """
+    loaded, base_model = load_checkpoint(checkpoint), read_base(base)
+    preset = preset or recipe.detect_preset(loaded)
+    if preset not in recipe.presets:
+        raise ConversionError(f"Unknown {recipe.family} preset {preset!r}; choose from {sorted(recipe.presets)}.")
+    check_architecture(recipe.architecture(loaded), base_model, recipe.family)
+    config = recipe.build_config(loaded, base_model, preset, overrides)
+    return convert_into_folder(
+        loaded,
+        base_model,
+        config,
+        lambda skeleton: recipe.rules(loaded, base_model, config, skeleton),
+        family=recipe.family,
+        preset=preset,
+        frozen=recipe.frozen,
+        out=out,
+        overwrite=overwrite,
+        progress=progress,
+    )

@@ -23,19 +23,17 @@ with one image per batch the encoder's routing is the official one.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from peft import PeftModel
-from torch import nn
 
 from ..lavin import LaVINConfig
-from ..lavin.config import PRESETS
-from .adapter_folder import ConversionSummary, convert_into_folder
-from .checkpoint import BaseModel, ConversionError, OfficialCheckpoint, check_architecture, load_checkpoint, read_base
+from ..lavin.presets import PRESETS
+from .adapter_folder import ConversionSummary, Recipe, convert_official
+from .checkpoint import BaseModel, ConversionError, OfficialCheckpoint
 from .mapping import Convert, Rule, identity
 
 FAMILY = "LaVIN"
@@ -136,7 +134,7 @@ def _check_visual_adapters(checkpoint: OfficialCheckpoint) -> list[str]:
     return visual
 
 
-def rules(config: LaVINConfig, skeleton: PeftModel) -> list[Rule]:
+def rules(checkpoint: OfficialCheckpoint, base: BaseModel, config: LaVINConfig, skeleton: PeftModel) -> list[Rule]:
     """The official → PEFT rules; the encoder's block path is read from the adapter built for it."""
     groups = config.adapter_groups
     sites = {
@@ -169,45 +167,10 @@ def _visual_blocks(skeleton: PeftModel) -> str:
     return f"{blocks}.{{j}}.{attn}"
 
 
-def convert_lavin(
-    checkpoint: str | os.PathLike | Mapping[str, Any],
-    base: str | os.PathLike | nn.Module,
-    out: str | os.PathLike,
-    *,
-    preset: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> ConversionSummary:
-    """Convert an official LaVIN checkpoint into a PEFT adapter folder for the HF LLaMA `base`.
+RECIPE = Recipe(FAMILY, PRESETS, FROZEN, detect_preset, architecture, build_config, rules)
 
-    Args:
-        checkpoint: the official `.pth` (read with `weights_only=True`), a `.safetensors` file, or a loaded dict.
-        base: a Hugging Face LLaMA directory or an in-memory `LlamaForCausalLM`; its shapes are checked.
-        out: the folder to write (`adapter_config.json`, `adapter_model.safetensors`).
-        preset: "lavin-7b" or "lavin-13b"; from `args.llm_model` or the width when `None`.
-        overrides: `LaVINConfig` fields set last (e.g. `vision_pretrained`, `image_token_position`).
-        overwrite: replace an adapter already in `out`.
-        progress: show a progress bar.
 
-    Returns:
-        A `ConversionSummary`; nothing is written when the conversion fails (`ConversionError`).
-    """
-    loaded, base_model = load_checkpoint(checkpoint), read_base(base)
-    preset = preset or detect_preset(loaded)
-    if preset not in PRESETS:
-        raise ConversionError(f"Unknown LaVIN preset {preset!r}; choose from {sorted(PRESETS)}.")
-    check_architecture(architecture(loaded), base_model, FAMILY)
-    config = build_config(loaded, base_model, preset, overrides)
-    return convert_into_folder(
-        loaded,
-        base_model,
-        config,
-        lambda skeleton: rules(config, skeleton),
-        family=FAMILY,
-        preset=preset,
-        frozen=FROZEN,
-        out=out,
-        overwrite=overwrite,
-        progress=progress,
-    )
+def convert_lavin(checkpoint, base, out, **options) -> ConversionSummary:
+    """An official LaVIN checkpoint ("lavin-7b", "lavin-13b") → a PEFT adapter folder: `convert_official` with
+    LaVIN's recipe (same arguments; the preset comes from `args.llm_model` or the width)."""
+    return convert_official(RECIPE, checkpoint, base, out, **options)

@@ -27,18 +27,16 @@ the config's `vision_model` at load time) and the base LLaMA's own weights are r
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..llama_adapter_v2 import LlamaAdapterV2Config, LlamaAdapterV2Model
 from ..llama_adapter_v2.presets import PRESETS
-from .adapter_folder import ConversionSummary, convert_into_folder
-from .checkpoint import BaseModel, ConversionError, OfficialCheckpoint, check_architecture, load_checkpoint, read_base
+from .adapter_folder import ConversionSummary, Recipe, convert_official
+from .checkpoint import BaseModel, ConversionError, OfficialCheckpoint
 from .mapping import Convert, Rule, identity
 from .rope import meta_to_hf_rows
 
@@ -110,23 +108,24 @@ def build_config(
     checkpoint: OfficialCheckpoint, base: BaseModel, preset: str, overrides: Mapping[str, Any] | None = None
 ) -> LlamaAdapterV2Config:
     """The preset, with the sizes read from the checkpoint's shapes, then `overrides`."""
-    if preset not in PRESETS:
-        raise ConversionError(f"Unknown LLaMA-Adapter V2 preset {preset!r}; choose from {sorted(PRESETS)}.")
     overrides = dict(overrides or {})
     t = checkpoint.tensors
     fields: dict[str, Any] = {}
     lora = next((key for key in t if re.search(r"\.lora_w\w+_l1\.weight$", key)), None)
     if lora is not None:
-        fields["lora_rank"] = t[lora].shape[0]
+        fields["r"] = t[lora].shape[0]
     if "visual_query.weight" in t:
         fields["prompt_length"], fields["visual_width"] = t["visual_query.weight"].shape
         blocks = {int(m.group(1)) for key in t if (m := re.match(r"visual_blocks\.(\d+)\.", key))}
         if blocks:
             fields["visual_depth"] = max(blocks) + 1
     if "adapter_query.weight" in t:
-        default = fields.get("prompt_length", LlamaAdapterV2Config.preset(preset).prompt_length)
-        length = overrides.get("prompt_length", default)
         rows = t["adapter_query.weight"].shape[0]
+        gates = sum(1 for key in t if re.search(r"(^|\.)layers\.\d+\.attention\.gate$", key))
+        if "prompt_length" not in fields and gates and rows % gates == 0:  # chat: one gate per prompted layer
+            fields["prompt_length"] = rows // gates
+        default = fields.get("prompt_length", LlamaAdapterV2Config.from_preset(preset).prompt_length)
+        length = overrides.get("prompt_length", default)
         if rows % length:
             raise ConversionError(
                 f"`adapter_query.weight` has {rows} rows, not a multiple of the prompt length K={length}; pass the "
@@ -134,12 +133,12 @@ def build_config(
             )
         fields["prompt_length"], fields["prompt_layers"] = length, rows // length
     if preset == "CAPTION-7B" and any(re.search(r"(^|\.)(norm|attention_norm|ffn_norm)\.weight$", key) for key in t):
-        fields["norm_modules"] = LlamaAdapterV2Config.preset("BIAS-7B").norm_modules  # a file with tuned norms
+        fields["norm_modules"] = LlamaAdapterV2Config.from_preset("BIAS-7B").norm_modules  # a file with tuned norms
     has_scales = any(re.search(r"\.w\w+_scale$", key) for key in t)
     if has_scales:  # chat 65B: prompts, if any, read k/v through the scale and bias (§2e)
         fields["prompt_kv_adapted"] = True
     try:
-        config = LlamaAdapterV2Config.preset(preset, **{**fields, **overrides})
+        config = LlamaAdapterV2Config.from_preset(preset, **{**fields, **overrides})
     except (TypeError, ValueError) as error:
         raise ConversionError(f"Cannot build the {preset} configuration: {error}") from error
     if has_scales and config.scale_side != "input":
@@ -150,7 +149,9 @@ def build_config(
     return config
 
 
-def rules(checkpoint: OfficialCheckpoint, base: BaseModel, config: LlamaAdapterV2Config) -> list[Rule]:
+def rules(
+    checkpoint: OfficialCheckpoint, base: BaseModel, config: LlamaAdapterV2Config, skeleton: object = None
+) -> list[Rule]:
     """The official → PEFT rules for this checkpoint's layout (multimodal or chat) on `base`."""
     p = _prefix(checkpoint.tensors)
     head_dim = base.head_dim
@@ -236,43 +237,10 @@ FROZEN = [
 ]
 
 
-def convert_llama_adapter_v2(
-    checkpoint: str | os.PathLike | Mapping[str, Any],
-    base: str | os.PathLike | nn.Module,
-    out: str | os.PathLike,
-    *,
-    preset: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> ConversionSummary:
-    """Convert an official LLaMA-Adapter V2 checkpoint into a PEFT adapter folder for the HF LLaMA `base`.
+RECIPE = Recipe(FAMILY, PRESETS, FROZEN, detect_preset, architecture, build_config, rules)
 
-    Args:
-        checkpoint: the official `.pth` (read with `weights_only=True`), a `.safetensors` file, or a loaded dict.
-        base: a Hugging Face LLaMA directory or an in-memory `LlamaForCausalLM`; its shapes are checked.
-        out: the folder to write (`adapter_config.json`, `adapter_model.safetensors`).
-        preset: "BIAS-7B", "LORA-BIAS-7B" or "CHAT-65B"; detected from the keys when `None`.
-        overrides: `LlamaAdapterV2Config` fields set last (e.g. `vision_pretrained`, `visual_heads`).
-        overwrite: replace an adapter already in `out`.
-        progress: show a progress bar.
 
-    Returns:
-        A `ConversionSummary`; nothing is written when the conversion fails (`ConversionError`).
-    """
-    loaded, base_model = load_checkpoint(checkpoint), read_base(base)
-    preset = preset or detect_preset(loaded)
-    check_architecture(architecture(loaded), base_model, FAMILY)
-    config = build_config(loaded, base_model, preset, overrides)
-    return convert_into_folder(
-        loaded,
-        base_model,
-        config,
-        lambda skeleton: rules(loaded, base_model, config),
-        family=FAMILY,
-        preset=preset,
-        frozen=FROZEN,
-        out=out,
-        overwrite=overwrite,
-        progress=progress,
-    )
+def convert_llama_adapter_v2(checkpoint, base, out, **options) -> ConversionSummary:
+    """An official LLaMA-Adapter V2 checkpoint ("BIAS-7B", "LORA-BIAS-7B", "CHAT-65B", …) → a PEFT adapter folder:
+    `convert_official` with LLaMA-Adapter V2's recipe (same arguments; the preset is detected from the keys)."""
+    return convert_official(RECIPE, checkpoint, base, out, **options)

@@ -1,5 +1,6 @@
-from .config import PRESETS, LaVINConfig
+from .config import LaVINConfig
 from .layer import GroupedLinear, LaVINLayer, MMAdapter
 from .model import LaVINModel
+from .presets import PRESETS
 
 __all__ = ["PRESETS", "GroupedLinear", "LaVINConfig", "LaVINLayer", "LaVINModel", "MMAdapter"]

@@ -12,17 +12,11 @@ from typing import Any
 from peft.config import PeftConfig
 
 from ..registry import MMA_LAVIN
-from ..vision.backbone import CLIP_VIT_L14
+from .presets import PRESETS
 
 PLACEMENTS = ("attn", "block")
 IMAGE_TOKEN_POSITIONS = ("after_bos", "placeholder")
 MODALITIES = ("text", "image")
-
-# LaVIN-7B / LaVIN-13B as released (`lavin_mma.md` §2, §4, §6): only the temperature differs.
-PRESETS: dict[str, dict[str, Any]] = {
-    "lavin-7b": dict(temperature=10.0, vision_model=CLIP_VIT_L14, vision_feature_every=4),
-    "lavin-13b": dict(temperature=5.0, vision_model=CLIP_VIT_L14, vision_feature_every=4),
-}
 
 
 @dataclass

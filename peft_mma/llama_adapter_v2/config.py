@@ -4,6 +4,7 @@ Model", https://arxiv.org/abs/2304.15010). Equations and the paper-vs-code diffe
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "norm")
 @dataclass
 class LlamaAdapterV2Config(PeftConfig):
     """
-    Configuration for [`LlamaAdapterV2Model`]. The defaults follow the paper; `LlamaAdapterV2Config.preset(name)`
+    Configuration for [`LlamaAdapterV2Model`]. The defaults follow the paper; `LlamaAdapterV2Config.from_preset(name)`
     reproduces the released checkpoint families (spec §2, §8).
 
     Args:
@@ -27,14 +28,14 @@ class LlamaAdapterV2Config(PeftConfig):
         scale_side (`Literal["output", "input"]`): `"output"`: y = s ⊙ (W x + b) as in the paper and LitGPT;
             `"input"`: y = W (s ⊙ x) + b as the chat-65B model (spec §2e, §8.3).
         lora_modules (`list[str]`): Linears that also get LoRA `B A` (LORA-BIAS-7B: all seven, spec §2g).
-        lora_rank (`int`): LoRA rank r.
+        r (`int`): LoRA rank (PEFT's name; `lora_rank`, the name before, is accepted for one release).
         lora_alpha (`float`, *optional*): LoRA scaling is alpha / r; `None` means 1 (the official code has none).
         norm_modules (`list[str]`): RMSNorms whose weight is tuned (every layer norm and the final norm, spec §2f).
         prompt_length (`int`): Adaption prompt length K per prompted layer (spec §2a).
         prompt_layers (`int`, *optional*): Number L of prompted layers counted from the top; `None` prompts every
             layer but the first (the official N − 1); `0` switches prompts off.
-        gate_activation (`Literal["tanh", "none"]`): The per-head zero-init gate g enters as tanh(g) (V2, spec
-            §2b) or as g (V1 inference, LitGPT, PEFT's AdaptionPrompt).
+        gate_activation (`Literal["tanh"]`, *optional*): The per-head zero-init gate g enters as tanh(g) (V2, spec
+            §2b) or, with `None`, as g itself (V1 inference, LitGPT, PEFT's AdaptionPrompt).
         gate_layers (`Literal["prompted", "all"]`): `"all"` also keeps a (never used) gate in unprompted layers,
             as the official checkpoints store one in layer 0 (spec §5 counts it).
         prompt_gate_scale (`bool`): Adds the official LoRA checkpoints' one-init `new_gate` ν that multiplies the
@@ -57,18 +58,20 @@ class LlamaAdapterV2Config(PeftConfig):
         init_weights (`bool`): `False` draws random non-identity weights (tests of merging and loading).
         task_type (`str`): Always "CAUSAL_LM": `get_peft_model` then returns a `PeftModelForCausalLM`, whose
             `forward` and `generate` hand `pixel_values` / `has_image` to this tuner.
+        target_modules (`list[str]`, *optional*): Restrict the adapted modules to these names (from the linears and
+            norms above); `None` adapts every module the other fields name. Prompts need `o_proj`.
     """
 
     bias_modules: list[str] = field(default_factory=lambda: list(LINEAR_NAMES), metadata={"help": "Linears with b."})
     scale_modules: list[str] = field(default_factory=lambda: list(LINEAR_NAMES), metadata={"help": "Linears with s."})
     scale_side: Literal["output", "input"] = field(default="output", metadata={"help": "Where s multiplies."})
     lora_modules: list[str] = field(default_factory=list, metadata={"help": "Linears with LoRA."})
-    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None gives scaling 1."})
     norm_modules: list[str] = field(default_factory=lambda: list(NORM_NAMES), metadata={"help": "Tuned norms."})
     prompt_length: int = field(default=10, metadata={"help": "Prompt tokens K per prompted layer."})
     prompt_layers: int | None = field(default=None, metadata={"help": "Prompted layers from the top."})
-    gate_activation: Literal["tanh", "none"] = field(default="tanh", metadata={"help": "Gate nonlinearity."})
+    gate_activation: Literal["tanh"] | None = field(default="tanh", metadata={"help": "Gate nonlinearity."})
     gate_layers: Literal["prompted", "all"] = field(default="prompted", metadata={"help": "Layers with a gate."})
     prompt_gate_scale: bool = field(default=False, metadata={"help": "Add the official `new_gate`."})
     prompt_kv_adapted: bool = field(default=False, metadata={"help": "Prompt K/V see bias and scale."})
@@ -85,12 +88,14 @@ class LlamaAdapterV2Config(PeftConfig):
     base_num_layers: int | None = field(default=None, metadata={"help": "Set at injection."})
     init_weights: bool = field(default=True, metadata={"help": "False: random non-identity init."})
     task_type: str | None = field(default="CAUSAL_LM", metadata={"help": "Always CAUSAL_LM."})
-    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Derived; leave unset."})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "Names of the modules to adapt."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trained modules."})
+    lora_rank: int | None = field(default=None, metadata={"help": "Deprecated: use `r`."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = MMA_ADAPTER_V2
+        self._take_deprecated_names()
         if self.task_type != "CAUSAL_LM":
             raise ValueError(
                 f"`task_type`={self.task_type!r}; LLaMA-Adapter V2 adapts causal LMs: use 'CAUSAL_LM' (the default), "
@@ -105,14 +110,14 @@ class LlamaAdapterV2Config(PeftConfig):
             raise ValueError(f"`norm_modules` has unknown norms {unknown}; choose from {list(NORM_NAMES)}.")
         choices = {
             "scale_side": ("output", "input"),
-            "gate_activation": ("tanh", "none"),
+            "gate_activation": ("tanh", None),
             "gate_layers": ("prompted", "all"),
             "visual_fusion": ("early", "all"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}`={getattr(self, name)!r}; expected one of {list(allowed)}.")
-        positive = {"prompt_length": self.prompt_length, "lora_rank": self.lora_rank}
+        positive = {"prompt_length": self.prompt_length, "r": self.r}
         positive |= {"visual_width": self.visual_width, "visual_depth": self.visual_depth}
         positive |= {"visual_heads": self.visual_heads, "early_fusion_layers": self.early_fusion_layers}
         for name, value in positive.items():
@@ -128,16 +133,52 @@ class LlamaAdapterV2Config(PeftConfig):
             raise ValueError("`vision_model` needs prompts to carry the visual tokens; set `prompt_layers` > 0.")
         if self.zero_image_for_text and self.vision_model is None:
             raise ValueError("`zero_image_for_text`=True needs a `vision_model`.")
+        self._check_target_modules()
+
+    def _take_deprecated_names(self) -> None:
+        """`lora_rank` → `r` and `gate_activation="none"` → None, with a FutureWarning (accepted for one release)."""
+        if self.lora_rank is not None:
+            warnings.warn("`lora_rank` is deprecated; use `r`, PEFT's name.", FutureWarning, stacklevel=3)
+            self.r, self.lora_rank = self.lora_rank, None
+        if self.gate_activation == "none":
+            warnings.warn('`gate_activation="none"` is deprecated; use None.', FutureWarning, stacklevel=3)
+            self.gate_activation = None
+
+    def _check_target_modules(self) -> None:
+        if self.target_modules is None:
+            return
+        if isinstance(self.target_modules, str):
+            raise ValueError(
+                f"`target_modules`={self.target_modules!r}: LLaMA-Adapter V2 takes a list of module names from "
+                f"{list(LINEAR_NAMES + NORM_NAMES)}, not a pattern."
+            )
+        self.target_modules = list(self.target_modules)
+        unknown = sorted(set(self.target_modules) - set(LINEAR_NAMES + NORM_NAMES))
+        if unknown:
+            raise ValueError(
+                f"`target_modules` has unknown modules {unknown}; choose from {list(LINEAR_NAMES + NORM_NAMES)}."
+            )
+        if self.prompt_layers != 0 and "o_proj" not in self.target_modules:
+            raise ValueError(
+                "`target_modules` leaves out `o_proj`, where the adaption prompts and gates live; add it or set "
+                "`prompt_layers=0`."
+            )
 
     @property
     def lora_scaling(self) -> float:
-        return 1.0 if self.lora_alpha is None else self.lora_alpha / self.lora_rank
+        return 1.0 if self.lora_alpha is None else self.lora_alpha / self.r
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> LlamaAdapterV2Config:
+    def from_preset(cls, name: str, **overrides: Any) -> LlamaAdapterV2Config:
         """A config that reproduces a released checkpoint family; see `presets.PRESETS` for the names."""
         from .presets import PRESETS
 
         if name not in PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
+            raise ValueError(f"Unknown LLaMA-Adapter V2 preset {name!r}; choose one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LlamaAdapterV2Config:
+        """Deprecated name of `from_preset` (as `LaVINConfig.from_preset`), kept for one release."""
+        warnings.warn("`LlamaAdapterV2Config.preset` is deprecated; use `from_preset`.", FutureWarning, stacklevel=2)
+        return cls.from_preset(name, **overrides)

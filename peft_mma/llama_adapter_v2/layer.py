@@ -95,8 +95,8 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
             self.mma_adapter_v2_scale[adapter_name] = nn.Parameter(torch.ones(width, **kw))
         self.scale_side[adapter_name] = config.scale_side
         if name in config.lora_modules:
-            self.mma_adapter_v2_lora_A[adapter_name] = nn.Linear(self.in_features, config.lora_rank, bias=False, **kw)
-            self.mma_adapter_v2_lora_B[adapter_name] = nn.Linear(config.lora_rank, self.out_features, bias=False, **kw)
+            self.mma_adapter_v2_lora_A[adapter_name] = nn.Linear(self.in_features, config.r, bias=False, **kw)
+            self.mma_adapter_v2_lora_B[adapter_name] = nn.Linear(config.r, self.out_features, bias=False, **kw)
             self.lora_scaling[adapter_name] = config.lora_scaling
         self.reset_parameters(adapter_name, config.init_weights)
         self._finish_update(adapter_name, config)
@@ -265,7 +265,7 @@ class OutputProjection(Linear):
         self.mma_adapter_v2_prompt = nn.ParameterDict()
         self.mma_adapter_v2_gate = nn.ParameterDict()
         self.mma_adapter_v2_gate_scale = nn.ParameterDict()
-        self.gate_activation: dict[str, str] = {}
+        self.gate_activation: dict[str, str | None] = {}
         self.visual_fused: dict[str, bool] = {}
         self.prompt_kv_adapted: dict[str, bool] = {}
 

@@ -30,7 +30,6 @@ from .layer import PREFIX, Linear, LlamaAdapterV2Layer, Norm, OutputProjection
 _LAYER_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 _LAYER_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.(input_layernorm|post_attention_layernorm)$")
 _FINAL_NORM = re.compile(r"(?:^|\.)model\.(norm)$")
-MULTIMODAL_KWARGS = ("pixel_values", "has_image")
 
 
 @dataclass
@@ -92,6 +91,8 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         if parsed is None:
             return False
         layer, name = parsed
+        if config.target_modules is not None and name not in config.target_modules:
+            return False
         if name in NORM_NAMES:
             return name in config.norm_modules
         has_prompts = bool(self.prompt_layer_ids(config, config.base_num_layers))

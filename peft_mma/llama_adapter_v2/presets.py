@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
     "LORA-BIAS-7B": dict(
         _MULTIMODAL_7B,
         lora_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        lora_rank=16,
+        r=16,
         lora_alpha=None,  # y += l2(l1(x)), no alpha scaling (§2g)
         prompt_gate_scale=True,  # `new_gate` (§2b)
     ),

@@ -58,6 +58,8 @@ def create_vision_model(name: str, pretrained: bool = False, model_kwargs: dict[
         if config.model_type == "clip" and "config" not in model_kwargs:  # the projection width is on the outer config
             model_kwargs["config"] = config.vision_config
             model_kwargs["config"].projection_dim = config.projection_dim
+        if torch.empty(()).device.type == "meta":  # a skeleton (counting, conversion): the shapes, no weights
+            return tower(model_kwargs.get("config") or AutoConfig.from_pretrained(path))
         return tower.from_pretrained(path, **model_kwargs)
     if not timm.is_model(name):
         raise ValueError(
