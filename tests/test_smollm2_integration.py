@@ -57,3 +57,30 @@ def test_adapter_v2_on_smollm2_identity_training_reload_generate(smollm2, tmp_pa
         cached = model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=True)
         uncached = model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached) and cached.shape[1] == prompt["input_ids"].shape[1] + 5
+
+
+def test_the_cached_folder_is_the_gguf_checkpoint_and_adapters_reload_with_auto_peft_model(smollm2, tmp_path):
+    """The loader's Hugging Face folder holds the GGUF's weights and tokenizer; an adapter trained on it records that
+    folder, so `AutoPeftModelForCausalLM` reloads it (base included) on this machine."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_mma.data.smollm2 import GGUF_NAME, cached_smollm2_dir, smollm2_dir
+
+    model, tokenizer = smollm2
+    folder = cached_smollm2_dir()
+    assert model.name_or_path == str(folder)
+    gguf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=GGUF_NAME, dtype=torch.float32)
+    gguf_state = gguf.state_dict()
+    assert all(torch.equal(tensor, gguf_state[name]) for name, tensor in model.state_dict().items())
+    text = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
+    gguf_tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_NAME)
+    assert tokenizer(text)["input_ids"] == gguf_tokenizer(text)["input_ids"]
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(model), LlamaAdapterV2Config(prompt_layers=2, init_weights=False))
+    peft_model.save_pretrained(tmp_path)
+    inputs = batch(tokenizer)
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, peft_model.eval()(**inputs).logits, atol=0, rtol=0)

