@@ -4,6 +4,7 @@ Importing the package registers both methods with PEFT; `get_peft_model`, `PeftM
 `AutoPeftModelForCausalLM` then work with `LlamaAdapterV2Config` and `LaVINConfig`.
 """
 
+from .card import push_to_hub
 from .lavin import LaVINConfig, LaVINModel
 from .llama_adapter_v2 import LlamaAdapterV2Config, LlamaAdapterV2Model
 from .registry import MMA_ADAPTER_V2, MMA_LAVIN, register_all
@@ -17,5 +18,6 @@ __all__ = [
     "LaVINModel",
     "LlamaAdapterV2Config",
     "LlamaAdapterV2Model",
+    "push_to_hub",
 ]
 __version__ = "0.1.0.dev0"

@@ -70,6 +70,7 @@ def test_the_cached_folder_is_the_gguf_checkpoint_and_adapters_reload_with_auto_
     model, tokenizer = smollm2
     folder = cached_smollm2_dir()
     assert model.name_or_path == str(folder)
+    assert getattr(model.config, "quantization_config", None) is None  # plain weights: the Trainer trains them
     gguf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=GGUF_NAME, dtype=torch.float32)
     gguf_state = gguf.state_dict()
     assert all(torch.equal(tensor, gguf_state[name]) for name, tensor in model.state_dict().items())

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from .checkpoint import BaseModel, ConversionError, OfficialCheckpoint, check_architecture, load_checkpoint, read_base
 from .mapping import Rule, map_checkpoint
 
-FILES = ("adapter_config.json", SAFETENSORS_WEIGHTS_NAME)
+FILES = ("adapter_config.json", SAFETENSORS_WEIGHTS_NAME, "README.md")  # the card: `peft_mma.card`
 
 
 def adapter_skeleton(base: BaseModel, config: PeftConfig) -> PeftModel:
@@ -98,8 +98,8 @@ def write_adapter(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        config.save_pretrained(staging, auto_mapping_dict=_auto_mapping(skeleton, config))
         save_file(saved, staging / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+        config.save_pretrained(staging, auto_mapping_dict=_auto_mapping(skeleton, config))  # then the card
         out.mkdir(exist_ok=True)
         for name in FILES:
             os.replace(staging / name, out / name)

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CACHE_VERSION = 2  # bumped whenever the converted folder changes
 
 
 def smollm2_dir() -> str:
@@ -38,7 +39,7 @@ def cached_smollm2_dir() -> Path:
     gguf = Path(smollm2_dir(), GGUF_NAME)
     stat = gguf.stat()
     root = Path(os.environ.get("PEFT_MMA_CACHE", Path.home() / ".cache" / "peft_mma"))
-    folder = root / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = root / f"smollm2-135m-instruct-v{CACHE_VERSION}-{stat.st_size}-{int(stat.st_mtime)}"
     if not (folder / "config.json").exists():
         _convert_gguf(gguf, folder)
     return folder
@@ -49,7 +50,10 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     or not at all (written next to it, then renamed), so concurrent first uses are safe."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model = LlamaForCausalLM(gguf_model.config)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the GGUF's: the saved folder holds plain fp32 weights
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))

@@ -11,6 +11,7 @@ from typing import Any
 
 from peft.config import PeftConfig
 
+from ..card import MMAConfigMixin
 from ..registry import MMA_LAVIN
 from .presets import PRESETS
 
@@ -20,7 +21,7 @@ MODALITIES = ("text", "image")
 
 
 @dataclass
-class LaVINConfig(PeftConfig):
+class LaVINConfig(MMAConfigMixin, PeftConfig):
     """Configuration of a [`LaVINModel`]: MM-adapters in a LLaMA decoder, and optionally a vision bridge.
 
     Args:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from ..card import MMAConfigMixin
 from ..registry import MMA_ADAPTER_V2
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -17,7 +18,7 @@ NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "norm")
 
 
 @dataclass
-class LlamaAdapterV2Config(PeftConfig):
+class LlamaAdapterV2Config(MMAConfigMixin, PeftConfig):
     """
     Configuration for [`LlamaAdapterV2Model`]. The defaults follow the paper; `LlamaAdapterV2Config.from_preset(name)`
     reproduces the released checkpoint families (spec §2, §8).

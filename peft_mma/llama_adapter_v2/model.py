@@ -112,8 +112,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
             raise
         if self.prompt_layer_ids(config, config.base_num_layers):
             install_mma_attention(model.config)
-        if hasattr(model, "add_model_tags"):
-            model.add_model_tags(["peft_mma"])  # the model card then names the plugin that loads this adapter
+        model.add_model_tags(["peft_mma", "llama-adapter-v2"])  # PEFT's model card names the plugin and the method
 
     @skip_init_on_device  # under `low_cpu_mem_usage` too: the frozen encoder is not in the adapter file
     def _add_visual_path(self, adapter_name: str, config: LlamaAdapterV2Config, model: nn.Module) -> None:
