@@ -1,0 +1,82 @@
+"""The paper's joint training with disjoint parameter groups (spec `llama_adapter_v2.md` §4; paper §4.2).
+
+Image–text data trains the visual group: the visual bridge (projection, blocks, queries) and the zero-init attention
+of the early layers, where the visual tokens enter the prompts (`visual_fused`). Text-only instructions train the
+instruction group: every other parameter (late prompts and gates, biases, scales, norms, LoRA). The official code
+runs the two as sequential stages instead; `JointTrainer` runs them in one `Trainer` run:
+
+    trainer = JointTrainer(model=model, args=args, train_dataset=mixed, data_collator=collator)
+    trainer.train()
+
+Each micro-batch is split into its image samples and its text-only samples (`has_image`), and each part's backward
+reaches only its own group (the other group's `requires_grad` is off for that part). A group that saw no data in an
+optimizer step has no gradient and does not move at all (AdamW skips it). One process; several processes are not
+tested with it yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .layer import OutputProjection
+
+
+def joint_parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """{"visual": …, "instruction": …}: the trainable parameters of a LLaMA-Adapter V2 `PeftModel`, split as above."""
+    visual: list[nn.Parameter] = []
+    for name, module in model.named_modules():
+        if name.endswith("mma_adapter_v2_visual"):
+            visual += list(module.parameters())
+        elif isinstance(module, OutputProjection):
+            for adapter, fused in module.visual_fused.items():
+                if fused:
+                    visual += [c[adapter] for c in (module.mma_adapter_v2_prompt, module.mma_adapter_v2_gate,
+                                                    module.mma_adapter_v2_gate_scale) if adapter in c]  # fmt: skip
+    chosen = {id(p) for p in visual}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "visual": [p for p in trainable if id(p) in chosen],
+        "instruction": [p for p in trainable if id(p) not in chosen],
+    }
+
+
+class JointTrainer(Trainer):
+    """A `transformers.Trainer` for `joint_parameter_groups`: image samples update the visual group, text-only
+    samples the instruction group, in one run (module docstring)."""
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        groups = joint_parameter_groups(model)
+        flags = inputs.get("has_image")
+        if flags is None:
+            flags = torch.full((len(inputs["input_ids"]),), "pixel_values" in inputs)
+        loss = None
+        for group, rows in (("visual", flags.bool()), ("instruction", ~flags.bool())):
+            if not bool(rows.any()):
+                continue
+            part = {k: v[rows.to(v.device)] if _per_sample(v, rows) else v for k, v in inputs.items()}
+            if group == "instruction":  # text-only samples: no images at all
+                part = {k: v for k, v in part.items() if k not in ("pixel_values", "has_image")}
+            loss_part = self._step_on(model, groups, group, part, num_items_in_batch)
+            loss = loss_part if loss is None else loss + loss_part
+        return loss
+
+    def _step_on(self, model, groups, group: str, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        """`Trainer.training_step` on `inputs` with only `group`'s parameters requiring gradients."""
+        frozen = groups["instruction" if group == "visual" else "visual"]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+
+def _per_sample(value: Any, rows: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim >= 1 and len(value) == len(rows)

@@ -1,0 +1,88 @@
+"""LLaMA-Adapter V2's joint training (paper §4.2): image samples move only the visual group, text-only samples only
+the instruction group, in one `Trainer` run (`peft_mma.llama_adapter_v2.joint`)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import CLIP_VIT_L14, TINY_VIT, tiny_llama
+from peft import get_peft_model
+from stand_in_tokenizer import word_tokenizer
+from transformers import TrainerCallback, TrainingArguments
+
+from peft_mma import LlamaAdapterV2Config
+from peft_mma.data.collator import CausalLMCollator
+from peft_mma.llama_adapter_v2.joint import JointTrainer, joint_parameter_groups
+
+
+def tiny_v2():
+    torch.manual_seed(1)
+    config = LlamaAdapterV2Config(
+        vision_model=CLIP_VIT_L14, vision_pretrained=False, vision_model_kwargs=TINY_VIT, visual_width=16,
+        visual_depth=1, visual_heads=2, prompt_layers=3, early_fusion_layers=1, init_weights=False,
+    )  # fmt: skip
+    return get_peft_model(tiny_llama(), config)
+
+
+def test_the_groups_split_bridge_and_early_prompts_from_the_rest():
+    model = tiny_v2()
+    groups = joint_parameter_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    visual = {names[id(p)] for p in groups["visual"]}
+    instruction = {names[id(p)] for p in groups["instruction"]}
+    assert any("mma_adapter_v2_visual" in n for n in visual)
+    assert {n.split(".self_attn")[0].rsplit(".", 1)[-1] for n in visual if "prompt" in n} == {"1"}  # the early layer
+    assert any("layers.2.self_attn.o_proj.mma_adapter_v2_prompt" in n for n in instruction)  # a late prompt
+    assert any("mma_adapter_v2_bias" in n for n in instruction) and any("norm" in n for n in instruction)
+    assert visual.isdisjoint(instruction)
+    assert len(visual) + len(instruction) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+class InOrder(torch.utils.data.IterableDataset):
+    def __init__(self, samples: list[dict]) -> None:
+        self.samples = samples
+
+    def __iter__(self):
+        return iter(self.samples)
+
+
+class Recorder(TrainerCallback):
+    """The trainable parameters after every optimizer step."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.states = [self.snapshot()]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.states.append(self.snapshot())
+
+
+def test_each_group_moves_only_on_its_kind_of_sample(tmp_path):
+    model = tiny_v2()
+    texts = ["What is shown ?", "a cat", "Say hello .", "hello"]
+    image = {"prompt": texts[0], "response": texts[1], "image": torch.randn(3, 28, 28)}
+    text = {"prompt": texts[2], "response": texts[3]}
+    samples = [image, image, text, text, image, text]  # batches of 2, in order: image, text, mixed
+    collator = CausalLMCollator(word_tokenizer(texts=texts, add_bos=True), image_size=28)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2, report_to=[],
+        save_strategy="no", remove_unused_columns=False, use_cpu=True, dataloader_drop_last=False,
+    )  # fmt: skip
+    recorder = Recorder(model)
+    ordered = InOrder(samples)  # an iterable dataset: the Trainer does not shuffle it
+    trainer = JointTrainer(model=model, args=args, train_dataset=ordered, data_collator=collator, callbacks=[recorder])
+    trainer.train()
+    groups = joint_parameter_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    visual = {names[id(p)] for p in groups["visual"]}
+
+    def moved(step: int) -> set[str]:
+        before, after = recorder.states[step], recorder.states[step + 1]
+        return {n for n in before if not torch.equal(before[n], after[n])}
+
+    assert len(recorder.states) == 4
+    assert moved(0) == visual  # image samples: the whole visual group, nothing else
+    assert moved(1) == set(recorder.states[0]) - visual  # text samples: the whole instruction group
+    assert moved(2) == set(recorder.states[0])  # a mixed batch: both, each from its own samples
