@@ -5,7 +5,7 @@
 
 Each table is sorted by self CPU time (`--sort`) and written with the machine and load it was taken under. A summary
 per model goes to results/profile_<kind>[_<tag>].json: the median wall time of 5 calls, and from one profiled call
-the number of aten ops dispatched and, on CUDA, of kernels and their summed device time. Where the kernel time is
+the number of aten ops dispatched (top-level, and all calls) and, on CUDA, of kernels and their summed device time. Where the kernel time is
 far below the wall time, the step is bound by dispatching and launching ops, and its cost is their number.
 """
 
@@ -82,15 +82,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def dispatch_counts(prof) -> dict[str, float | int]:
-    """Top-level aten ops (not those called inside another aten op), kernels and their summed device seconds."""
+    """Top-level aten ops (not those called inside another aten op), all aten calls (nested ones too: an einsum is
+    one top-level op but a dozen calls), kernels and their summed device seconds."""
     events = prof.events()
-    ops = sum(
-        1
-        for e in events
-        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-    )
+    aten = [e for e in events if e.name.startswith("aten::")]
+    ops = sum(1 for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    return {"aten_ops": ops, "kernels": len(kernels), "kernel_s": sum(e.device_time for e in kernels) / 1e6}
+    return {
+        "aten_ops": ops,
+        "aten_calls": len(aten),
+        "kernels": len(kernels),
+        "kernel_s": sum(e.device_time for e in kernels) / 1e6,
+    }
 
 
 if __name__ == "__main__":
