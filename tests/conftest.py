@@ -34,6 +34,68 @@ LAVIN_VISION: dict = dict(
 )
 
 
+# LLaMA-Adapter V2 with the tiny ViT (2 blocks) and a one-block visual bridge of width 16.
+V2_VISION: dict = dict(
+    vision_model=CLIP_VIT_L14,
+    vision_pretrained=False,
+    vision_model_kwargs=dict(TINY_VIT, depth=2),
+    visual_width=16,
+    visual_depth=1,
+    visual_heads=2,
+    prompt_length=3,
+)
+
+# The common matrix (tests/test_common.py): each method text-only and with a vision encoder. Name -> (method,
+# config keyword arguments); `config_for` builds the config.
+MATRIX: dict[str, tuple[str, dict]] = {
+    "v2-text": ("v2", {}),
+    "v2-image": ("v2", V2_VISION),
+    "lavin-text": ("lavin", dict(adapter_dropout=0.0)),
+    "lavin-image": ("lavin", dict(adapter_dropout=0.0, **LAVIN_VISION)),
+}
+PREFIX = {"v2": "mma_adapter_v2_", "lavin": "mma_lavin_"}  # every adapter parameter's name holds its method's
+
+
+def config_for(row: str, **overrides):
+    """The PEFT config of a matrix row (random, non-identity adapters unless `init_weights=True` is given)."""
+    from peft_mma import LaVINConfig, LlamaAdapterV2Config
+
+    method, kwargs = MATRIX[row]
+    config_class = LlamaAdapterV2Config if method == "v2" else LaVINConfig
+    return config_class(**{"init_weights": False, **kwargs, **overrides})
+
+
+def model_for(row: str, base=None, seed: int = 1, autocast_adapter_dtype: bool = True, **overrides):
+    """`get_peft_model` of a matrix row on `base` (default: a GQA tiny LLaMA with sdpa), in train mode as PEFT
+    returns it."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    base = base if base is not None else tiny_llama("gqa", "sdpa")
+    return get_peft_model(base, config_for(row, **overrides), autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def batch_for(row: str, model, left: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch of two for a matrix row, with `labels`: random text, one sample padded (right, or `left`) by 2; on
+    the vision rows sample 0 has an image and sample 1 none (LaVIN: the image placeholders after BOS)."""
+    if row == "lavin-image":
+        return lavin_batch(model, has_image=(True, False), left=left, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (2, 7), generator=generator)
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    if left:
+        mask[0, :2] = 0
+    else:
+        mask[0, -2:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    if row == "v2-image":
+        batch["pixel_values"] = torch.randn(2, 3, 28, 28, generator=generator)
+        batch["has_image"] = torch.tensor([True, False])
+    return batch
+
+
 def tiny_llama_config(kind: str = "mha", attn_implementation: str = "eager", **overrides) -> LlamaConfig:
     kwargs = dict(
         vocab_size=97,
@@ -98,6 +160,16 @@ def lavin_batch(model, has_image=(True, False), length: int = 7, seed: int = 0, 
             batch[key] = torch.stack([torch.cat([row.new_full((width - len(row),), pad), row]) for row in rows])
     batch["pixel_values"] = torch.randn(len(has_image), 3, 28, 28, generator=generator)
     return batch
+
+
+def token_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
+    """Random token ids of the tiny vocabulary, above the special ids 0–2."""
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_of(model, **inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
 
 
 def greedy_without_cache(model, batch: dict, steps: int, eos: int = 2, pad: int = 0) -> torch.Tensor:

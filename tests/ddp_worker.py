@@ -15,22 +15,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import CLIP_VIT_L14, TINY_VIT, lavin_batch, tiny_lavin, tiny_llama
-from peft import get_peft_model
+from conftest import lavin_batch, model_for, tiny_lavin
 from torch.nn.parallel import DistributedDataParallel
-
-from peft_mma import LlamaAdapterV2Config
 
 
 def build(method: str):
     if method == "lavin":
         return tiny_lavin("gqa", "sdpa", seed=3)
-    torch.manual_seed(3)
-    config = LlamaAdapterV2Config(
-        vision_model=CLIP_VIT_L14, vision_pretrained=False, vision_model_kwargs=TINY_VIT,
-        visual_width=16, visual_depth=1, visual_heads=2,
-    )  # fmt: skip
-    return get_peft_model(tiny_llama("gqa", "sdpa"), config)
+    return model_for("v2-image", seed=3, init_weights=True)
 
 
 def batch_of(method: str, model, rank: int) -> dict:

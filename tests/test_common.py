@@ -1,53 +1,205 @@
 """Behaviours both methods share, each checked on every row of a matrix, as PEFT's own `ALL_CONFIGS` tests do:
-LLaMA-Adapter V2 and LaVIN, text-only and with a vision encoder. PEFT's conventions here: low-CPU-memory loading,
-adapter dtype autocasting, both kinds of gradient checkpointing, and the idempotent-merge warning."""
+LLaMA-Adapter V2 and LaVIN, text-only and with a vision encoder (rows in conftest's `MATRIX`). Identity at init,
+adapter-only checkpoints that reload bitwise, merging, cached generation on left-padded batches, the `Trainer`, and
+bad input; then PEFT's conventions: low-CPU-memory loading, adapter dtype autocasting, both kinds of gradient
+checkpointing, and the idempotent-merge warning."""
 
 from __future__ import annotations
 
+import copy
+import json
 import warnings
 
 import pytest
 import torch
-from conftest import CLIP_VIT_L14, LAVIN_VISION, TINY_VIT, lavin_batch, tiny_llama
-from peft import PeftModel, get_peft_model
+from conftest import (
+    MATRIX,
+    PREFIX,
+    V2_VISION,
+    batch_for,
+    config_for,
+    greedy_without_cache,
+    model_for,
+    tiny_llama,
+)
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, Trainer, TrainingArguments
 
 from peft_mma import LaVINConfig, LlamaAdapterV2Config
 
-V2_VISION = dict(
-    vision_model=CLIP_VIT_L14, vision_pretrained=False, vision_model_kwargs=TINY_VIT,
-    visual_width=16, visual_depth=1, visual_heads=2,
-)  # fmt: skip
-MATRIX = {
-    "v2-text": lambda: LlamaAdapterV2Config(init_weights=False),
-    "v2-image": lambda: LlamaAdapterV2Config(init_weights=False, **V2_VISION),
-    "lavin-text": lambda: LaVINConfig(init_weights=False, adapter_dropout=0.0),
-    "lavin-image": lambda: LaVINConfig(init_weights=False, adapter_dropout=0.0, **LAVIN_VISION),
-}
+ROWS = list(MATRIX)
 
 
-def build(row: str, base=None, **kwargs):
-    torch.manual_seed(1)
-    return get_peft_model(base if base is not None else tiny_llama("gqa", "sdpa"), MATRIX[row](), **kwargs)
+def logits(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
-def batch_for(row: str, model) -> dict[str, torch.Tensor]:
-    """A batch with labels; with images for the vision rows (one image sample, one text-only)."""
+def text_row(row: str) -> str:
+    return row.replace("image", "text")
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_identity_at_init(llama, row):
+    """Zero-init adapters: every real token of every sample without an image gets the base model's logits; V2's
+    image samples too (its prompts are gated by zero). LaVIN's one more, masked, key column (the modality token)
+    rounds the eager softmax by about 1e-7."""
+    reference = copy.deepcopy(llama)
+    model = model_for(row, base=llama, init_weights=True).eval()
+    batch = batch_for(row, model)
+    samples = torch.ones(2, dtype=torch.bool)
+    if row.startswith("lavin") and "has_image" in batch:
+        samples = ~batch["has_image"]
+    with torch.no_grad():
+        expected = reference(input_ids=batch["input_ids"][samples], attention_mask=batch["attention_mask"][samples])
+    mask = batch["attention_mask"][samples, :, None]
+    atol = 0 if row.startswith("v2") else 1e-6
+    torch.testing.assert_close(logits(model, batch)[samples] * mask, expected.logits * mask, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_save_holds_only_adapter_weights_and_reload_is_bitwise(tmp_path, row):
+    base = tiny_llama("gqa", "sdpa")
+    base.save_pretrained(tmp_path / "base")
+    model = model_for(row, base=base).eval()
+    batch = batch_for(row, model)
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    prefix = PREFIX[MATRIX[row][0]]
+    assert tensors and all(prefix in k for k in tensors), [k for k in tensors if prefix not in k]
+    assert not any("base_layer" in k for k in tensors)  # no frozen weight of the decoder or the encoder
+    assert sum(t.numel() for t in tensors.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == model.peft_config["default"].peft_type.value and saved["base_num_layers"] == 4
     if row == "lavin-image":
-        return lavin_batch(model, has_image=(True, False))
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 97, (2, 7), generator=generator)
-    batch = {"input_ids": ids, "labels": ids}
-    if row == "v2-image":
-        batch |= {
-            "pixel_values": torch.randn(2, 3, 28, 28, generator=generator),
-            "has_image": torch.tensor([True, False]),
-        }
-    return batch
+        assert (saved["image_token_id"], saved["num_image_tokens"]) == (97, 2)
+
+    def fresh():
+        return LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+
+    # CPU kernels can differ in the last bit between weights that require grad and frozen ones (timm's SDPA in V2's
+    # bridge), so a trainable reload is compared with the trainable original and a frozen one with the frozen one.
+    trainable = PeftModel.from_pretrained(fresh(), tmp_path / "adapter", is_trainable=True).eval()
+    assert trainable.get_nb_trainable_parameters() == model.get_nb_trainable_parameters()
+    assert torch.equal(logits(trainable, batch), expected)
+    model.base_model.set_adapter("default", inference_mode=True)
+    expected = logits(model, batch)
+    reloaded = PeftModel.from_pretrained(fresh(), tmp_path / "adapter").eval()
+    assert not any(p.requires_grad for p in reloaded.parameters())  # loaded for inference
+    assert torch.equal(logits(reloaded, batch), expected)
+
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert torch.equal(logits(auto, batch), expected)
 
 
-@pytest.mark.parametrize("row", list(MATRIX))
+@pytest.mark.parametrize("row", ROWS)
+def test_merge_and_unmerge_keep_the_logits_and_restore_the_base_weights(row):
+    """Merging folds what can be folded into the base weights (V2: biases and scales; LaVIN: the adapters of the
+    text modality) and keeps text logits; unmerging gives the base weights back; a disabled adapter is the base."""
+    model = model_for(row).eval()
+    batch = batch_for(text_row(row), model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    expected = logits(model, batch)
+    model.base_model.merge_adapter()
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
+    model.base_model.unmerge_adapter()
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
+    restored = dict(model.named_parameters())
+    for name, weight in frozen.items():
+        torch.testing.assert_close(restored[name], weight, atol=1e-6, rtol=0, msg=name)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, batch), logits(tiny_llama("gqa", "sdpa"), batch), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "row, overrides",
+    [(row, {}) for row in ROWS] + [("lavin-image", dict(adapter_placement="block"))],
+    ids=ROWS + ["lavin-image-block"],
+)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_greedy_generate_equals_uncached_decoding_and_each_sample_alone(row, overrides, attn):
+    """On a left-padded batch (mixed on the vision rows): `generate` returns prompt + new tokens, the same tokens as
+    greedy decoding without a cache, and the same as each sample generated alone, with its image if it has one."""
+    model = model_for(row, base=tiny_llama("gqa", attn), **overrides).eval()
+    batch = batch_for(row, model, left=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    width, new = batch["input_ids"].shape[1], 6
+    settings = dict(max_new_tokens=new, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(**inputs, **settings)
+    assert cached.shape == (2, width + new) and torch.equal(cached[:, :width], batch["input_ids"])
+    assert torch.equal(cached, greedy_without_cache(model, batch, new))
+    for i in range(2):
+        real = batch["attention_mask"][i].bool()
+        alone = {"input_ids": batch["input_ids"][i, real][None]}
+        if batch.get("has_image", torch.zeros(2, dtype=torch.bool))[i]:
+            alone["pixel_values"] = batch["pixel_values"][i : i + 1]
+        with torch.no_grad():
+            tokens = model.generate(**alone, **settings)[0]
+        start = width - int(real.sum())  # left padding
+        assert torch.equal(cached[i, start : start + len(tokens)], tokens), i
+        assert (cached[i, start + len(tokens) :] == 0).all()  # it stopped at its EOS; the batch row is padded
+    if "pixel_values" in batch:  # the image reaches the logits
+        other = {**inputs, "pixel_values": torch.randn_like(batch["pixel_values"])}
+        assert (logits(model, other)[0] - logits(model, inputs)[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_trainer_trains_every_adapter_parameter_and_nothing_else(tmp_path, row):
+    """Three `Trainer` steps from zero-init adapters on a batch (mixed on the vision rows) move every trainable
+    parameter, and only those; the frozen encoder stays frozen."""
+    model = model_for(row, init_weights=True)
+    batch = batch_for(row, model)
+    samples = [{k: v[i] for k, v in batch.items()} for i in range(2)] * 2
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+        report_to=[], save_strategy="no", remove_unused_columns=False, use_cpu=True,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    Trainer(model=model, args=args, train_dataset=samples).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed == trainable, (trainable - changed, changed - trainable)
+    assert all(PREFIX[MATRIX[row][0]] in n for n in trainable)
+
+
+@pytest.mark.parametrize("row", ["v2-image", "lavin-image"])
+@pytest.mark.parametrize(
+    "pixels, match",
+    [
+        (torch.randn(2, 3, 32, 32), r"shape \(batch, 3, 28, 28\)"),
+        (torch.randn(3, 28, 28), r"shape \(batch, 3, 28, 28\)"),
+        (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), "floating-point tensor"),
+        (torch.randn(3, 3, 28, 28), "`pixel_values` holds 3 images for a batch of 2 sequences"),
+    ],
+)
+def test_bad_pixel_values_are_refused_by_forward_and_generate(row, pixels, match):
+    model = model_for(row).eval()
+    ids = batch_for(row, model)["input_ids"]
+    with pytest.raises(ValueError, match=match):
+        model(input_ids=ids, pixel_values=pixels)
+    with pytest.raises(ValueError, match=match):
+        model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_a_model_of_another_family_is_refused_and_left_untouched(row):
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(TypeError, match=r"LLaMA-architecture decoders .*got GPT2LMHeadModel with model_type='gpt2'"):
+        get_peft_model(model, config_for(row))
+    assert [n for n, _ in model.named_modules()] == names
+    assert not model.config._attn_implementation.endswith("+mma")
+
+
+@pytest.mark.parametrize("row", ROWS)
 def test_low_cpu_mem_usage_loading_gives_the_same_model(tmp_path, row):
-    model = build(row).eval()
+    model = model_for(row).eval()
     batch = batch_for(row, model)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama("gqa", "sdpa"), tmp_path, low_cpu_mem_usage=True).eval()
@@ -57,11 +209,11 @@ def test_low_cpu_mem_usage_loading_gives_the_same_model(tmp_path, row):
 
 
 @pytest.mark.parametrize("autocast", [True, False])
-@pytest.mark.parametrize("row", list(MATRIX))
+@pytest.mark.parametrize("row", ROWS)
 def test_adapter_dtype_follows_autocast_adapter_dtype(row, autocast):
     """On a bf16 base, adapter weights are fp32 by default and bf16 with `autocast_adapter_dtype=False`, as PEFT's
     own methods; frozen weights (base and encoder) stay bf16; the model runs either way."""
-    model = build(row, tiny_llama("gqa", "sdpa").to(torch.bfloat16), autocast_adapter_dtype=autocast)
+    model = model_for(row, tiny_llama("gqa", "sdpa").to(torch.bfloat16), autocast_adapter_dtype=autocast)
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert trainable == {torch.float32 if autocast else torch.bfloat16} and frozen == {torch.bfloat16}
@@ -72,15 +224,15 @@ def test_adapter_dtype_follows_autocast_adapter_dtype(row, autocast):
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-@pytest.mark.parametrize("row", list(MATRIX))
+@pytest.mark.parametrize("row", ROWS)
 def test_gradient_checkpointing_reaches_every_trainable_parameter(row, reentrant):
     """Reentrant and non-reentrant checkpointing: every trainable parameter gets a gradient, equal to the one
     without checkpointing."""
-    plain = build(row).train()
+    plain = model_for(row).train()
     batch = batch_for(row, plain)
     plain(**batch).loss.backward()
     expected = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
-    model = build(row).train()
+    model = model_for(row).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's note on use_reentrant
@@ -93,8 +245,7 @@ def test_gradient_checkpointing_reaches_every_trainable_parameter(row, reentrant
 
 @pytest.mark.parametrize("row", ["v2-text", "lavin-text", "lavin-image"])
 def test_a_second_merge_warns_and_changes_nothing(row):
-    config = LlamaAdapterV2Config(init_weights=False, prompt_layers=0) if row == "v2-text" else None
-    model = build(row) if config is None else get_peft_model(tiny_llama("gqa", "sdpa"), config)
+    model = model_for(row, prompt_layers=0) if row == "v2-text" else model_for(row)
     model.eval().base_model.merge_adapter()
     ids = torch.randint(3, 97, (2, 7))
     with torch.no_grad():
@@ -115,7 +266,7 @@ def test_a_second_merge_warns_and_changes_nothing(row):
     ],
 )
 def test_bad_has_image_is_refused(row, flags, match):
-    model = build(row).eval()
+    model = model_for(row).eval()
     batch = batch_for(row, model)
     with pytest.raises(ValueError, match=match):
         model(**{**batch, "has_image": flags})

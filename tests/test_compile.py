@@ -5,19 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CLIP_VIT_L14, TINY_VIT, lavin_batch, tiny_lavin, tiny_llama
-from peft import get_peft_model
-
-from peft_mma import LlamaAdapterV2Config
-
-
-def tiny_v2():
-    torch.manual_seed(1)
-    config = LlamaAdapterV2Config(
-        vision_model=CLIP_VIT_L14, vision_pretrained=False, vision_model_kwargs=TINY_VIT,
-        visual_width=16, visual_depth=1, visual_heads=2, init_weights=False,
-    )  # fmt: skip
-    return get_peft_model(tiny_llama("gqa", "sdpa"), config).eval()
+from conftest import batch_for, lavin_batch, model_for, tiny_lavin
 
 
 def model_and_batch(method: str):
@@ -25,15 +13,8 @@ def model_and_batch(method: str):
     if method == "lavin":
         model = tiny_lavin("gqa", "sdpa")
         return model, lavin_batch(model, has_image=(True, False))
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 97, (2, 7), generator=generator)
-    images = torch.randn(2, 3, 28, 28, generator=generator)
-    return tiny_v2(), {
-        "input_ids": ids,
-        "labels": ids,
-        "pixel_values": images,
-        "has_image": torch.tensor([True, False]),
-    }
+    model = model_for("v2-image").eval()
+    return model, batch_for("v2-image", model)
 
 
 @pytest.fixture(autouse=True)

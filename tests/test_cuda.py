@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CLIP_VIT_L14, TINY_VIT, greedy_without_cache, tiny_llama
+from conftest import config_for, greedy_without_cache, tiny_llama
 from peft import PeftModel, get_peft_model
 
-from peft_mma import LaVINConfig, LlamaAdapterV2Config
+from peft_mma import LaVINConfig
 from peft_mma.data import ImageTokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-VIT = dict(vision_model=CLIP_VIT_L14, vision_pretrained=False, vision_model_kwargs=TINY_VIT)
-CONFIGS = {
-    "v2": lambda: LlamaAdapterV2Config(**VIT, visual_width=16, visual_depth=1, visual_heads=2, init_weights=False),
-    "lavin": lambda: LaVINConfig(**VIT, vision_feature_every=2, adapter_dropout=0.0, init_weights=False),
-}
+CONFIGS = {"v2": lambda: config_for("v2-image"), "lavin": lambda: config_for("lavin-image")}
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [1, 30, 40, 50, 60, 70, 80, 90]])
 PIXELS = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
 

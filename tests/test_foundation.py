@@ -84,19 +84,10 @@ def test_unknown_vision_model_name_is_a_clear_error():
 def test_set_requires_grad_reaches_model_level_modules_and_encoder_adapters(method):
     """PEFT's `set_requires_grad` walks only the LLM; ours also reaches the visual bridge / projector / modality
     embedding held on the tuner and the adapters inside the frozen encoder, and never unfreezes the encoder."""
-    from conftest import TINY_VIT, tiny_llama
+    from conftest import config_for, tiny_llama
     from peft import get_peft_model
 
-    from peft_mma import LaVINConfig, LlamaAdapterV2Config
-
-    vision = dict(vision_model=CLIP_VIT_L14, vision_pretrained=False)
-    if method == "lavin":
-        config = LaVINConfig(**vision, vision_model_kwargs=dict(TINY_VIT, depth=4), vision_feature_every=2)
-    else:
-        config = LlamaAdapterV2Config(
-            **vision, vision_model_kwargs=TINY_VIT, visual_width=16, visual_depth=1, visual_heads=2
-        )
-    model = get_peft_model(tiny_llama(), config)
+    model = get_peft_model(tiny_llama(), config_for("lavin-image" if method == "lavin" else "v2-image"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     model_level = {n for n in trainable if n.startswith("base_model.mma_")}
     assert model_level  # the check below is not vacuous

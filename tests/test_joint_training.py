@@ -4,23 +4,18 @@ the instruction group, in one `Trainer` run (`peft_mma.llama_adapter_v2.joint`).
 from __future__ import annotations
 
 import torch
-from conftest import CLIP_VIT_L14, TINY_VIT, tiny_llama
+from conftest import config_for, tiny_llama
 from peft import get_peft_model
 from stand_in_tokenizer import word_tokenizer
 from transformers import TrainerCallback, TrainingArguments
 
-from peft_mma import LlamaAdapterV2Config
 from peft_mma.data.collator import CausalLMCollator
 from peft_mma.llama_adapter_v2.joint import JointTrainer, joint_parameter_groups
 
 
 def tiny_v2():
     torch.manual_seed(1)
-    config = LlamaAdapterV2Config(
-        vision_model=CLIP_VIT_L14, vision_pretrained=False, vision_model_kwargs=TINY_VIT, visual_width=16,
-        visual_depth=1, visual_heads=2, prompt_layers=3, early_fusion_layers=1, init_weights=False,
-    )  # fmt: skip
-    return get_peft_model(tiny_llama(), config)
+    return get_peft_model(tiny_llama(), config_for("v2-image", prompt_layers=3, early_fusion_layers=1))
 
 
 def test_the_groups_split_bridge_and_early_prompts_from_the_rest():

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import V2_VISION, tiny_llama, token_ids
 from peft import get_peft_model
 from reference.llama_adapter_v2_ref import reference_logits_from_model, reference_visual_bridge
-from test_llama_adapter_v2_model import VISION, ids
 
 from peft_mma import LlamaAdapterV2Config
 from peft_mma.llama_adapter_v2.layer import Linear, Norm, OutputProjection
@@ -68,7 +67,7 @@ def test_adapted_model_matches_the_reference(llama, options):
             if isinstance(module, OutputProjection):
                 for p in module.mma_adapter_v2_gate_scale.values():
                     p.uniform_(0.3, 1.5)
-    x = ids(2, 9)
+    x = token_ids(2, 9)
     mask = torch.ones_like(x)
     mask[0, :3] = 0  # left padding
     # Prompt keys carry no RoPE, so the prompt term depends on absolute positions: give both the positions that
@@ -95,9 +94,9 @@ def _kind(llama) -> tuple[str, str]:
 @pytest.mark.parametrize("fusion", ["early", "all"])
 def test_visual_path_matches_the_reference(fusion):
     plain = tiny_llama("gqa", "eager")
-    config = LlamaAdapterV2Config(**VISION, init_weights=False, visual_fusion=fusion)
+    config = LlamaAdapterV2Config(**V2_VISION, init_weights=False, visual_fusion=fusion)
     model = get_peft_model(tiny_llama("gqa", "eager"), config).eval()
-    images, x = torch.randn(2, 3, 28, 28), ids(2, 6)
+    images, x = torch.randn(2, 3, 28, 28), token_ids(2, 6)
     tuner = model.base_model
     bridge = tuner.mma_adapter_v2_visual["default"]
     with torch.no_grad():
@@ -132,7 +131,7 @@ def test_training_gradients_equal_plain_autograd(monkeypatch):
     from peft_mma.llama_adapter_v2 import layer
 
     model = get_peft_model(tiny_llama("gqa", "sdpa"), LlamaAdapterV2Config(init_weights=False))
-    x = ids(2, 6)
+    x = token_ids(2, 6)
 
     def gradients() -> dict[str, torch.Tensor]:
         model.zero_grad()
