@@ -162,6 +162,23 @@ def lavin_batch(model, has_image=(True, False), length: int = 7, seed: int = 0, 
     return batch
 
 
+def train_steps(model, batch: dict, steps: int, lr: float = 1e-2, optimizer=None) -> list[float]:
+    """`steps` AdamW steps (lr `lr`) of `model` (a PeftModel, or DDP around one) on one `batch` in train mode,
+    over the parameters that require grad; returns the losses."""
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        assert torch.isfinite(loss) and loss.dtype == torch.float32, loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def token_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
     """Random token ids of the tiny vocabulary, above the special ids 0–2."""
     return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import lavin_batch, model_for, tiny_lavin
+from conftest import lavin_batch, model_for, tiny_lavin, train_steps
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -51,15 +51,8 @@ def main() -> None:
     model = build(args.method).train()
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     ddp = DistributedDataParallel(model, find_unused_parameters=bool(args.find_unused))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = batch_of(args.method, model, rank)
-    losses = []
-    for _ in range(3):
-        loss = ddp(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_steps(ddp, batch, 3)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     digest = {
         "losses": losses,

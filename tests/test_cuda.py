@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import config_for, greedy_without_cache, tiny_llama
+from conftest import config_for, greedy_without_cache, tiny_llama, train_steps
 from peft import PeftModel, get_peft_model
 
 from peft_mma import LaVINConfig
@@ -74,17 +74,8 @@ def test_bf16_training_changes_adapters_only_and_reloads(method, tmp_path):
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert trainable and all("mma_" in n for n in trainable)
-    optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-2)
     batch = inputs(model)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        assert loss.dtype == torch.float32 and torch.isfinite(loss)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, {**batch, "labels": batch["input_ids"]}, 6)
     model.eval()
     assert losses[-1] < losses[0], losses
     params = dict(model.named_parameters())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import V2_VISION, logits_of, tiny_llama, token_ids
+from conftest import V2_VISION, logits_of, tiny_llama, token_ids, train_steps
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -16,13 +16,8 @@ def test_trained_adapter_changes_only_adapter_parameters():
     base = tiny_llama("gqa", "sdpa")
     model = get_peft_model(base, LlamaAdapterV2Config(**V2_VISION, lora_modules=["q_proj", "v_proj"], r=2))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = token_ids(4, 9)
-    for _ in range(3):
-        loss = model(input_ids=x, labels=x, pixel_values=torch.randn(4, 3, 28, 28)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, {"input_ids": x, "labels": x, "pixel_values": torch.randn(4, 3, 28, 28)}, 3)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed and changed <= trainable

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, train_steps
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -75,17 +75,9 @@ def test_identity_train_and_reload(base_dir, tmp_path, kind, method, device):
 
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("mma_" in n for n in trainable)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     frozen = quantized_state(model)
-    model.train()
-    losses = []
     ids = IDS.to(device)
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, {"input_ids": ids, "labels": ids}, 4)
     model.eval()
     after = quantized_state(model)
     assert all(torch.equal(after[n], frozen[n]) for n in frozen), "a quantized base tensor changed in training"
