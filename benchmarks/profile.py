@@ -5,8 +5,9 @@
 
 Each table is sorted by self CPU time (`--sort`) and written with the machine and load it was taken under. A summary
 per model goes to results/profile_<kind>[_<tag>].json: the median wall time of 5 calls, and from one profiled call
-the number of aten ops dispatched (top-level, and all calls) and, on CUDA, of kernels and their summed device time. Where the kernel time is
-far below the wall time, the step is bound by dispatching and launching ops, and its cost is their number.
+the number of aten ops dispatched (top-level ones, and all calls, nested ones too) and, on CUDA, of kernels and their
+summed device time. Where the kernel time is far below the wall time, the step is bound by dispatching and launching
+ops, and its cost is their number.
 """
 
 from __future__ import annotations

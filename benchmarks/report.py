@@ -79,6 +79,38 @@ def speed_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def compiled_table(compiled: dict[str, Any], eager: dict[str, Any] | None) -> str:
+    """Train steps under torch.compile beside the same steps in eager mode, each ÷ its floor run the same way."""
+    metric = compiled.get("decisive_metric", "ratio_wall")
+    spread = metric.replace("ratio_", "ratios_")
+    lines = [
+        f"Command: `{compiled['command']}`" + (f" (eager: `{eager['command']}`)" if eager else "") + "  ",
+        f"Machine: {_machine(compiled)}.  ",
+        f"Each ratio divides by the floor run the same way (eager ÷ eager floor, compiled ÷ compiled floor); "
+        f"`{metric}`, medians of A-B-A paired ratios over {compiled['rounds']} rounds; the compiling warm-up round "
+        "is not timed.",
+        "",
+        "| train step | eager ratio | compiled ratio | compiled range over rounds | eager median s | "
+        "compiled median s | compiled ÷ eager time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in compiled["train"].items():
+        before = (eager or {}).get("train", {}).get(name, {})
+        seconds = before.get("median_wall_s")
+        speedup = row["median_wall_s"] / seconds if seconds else None
+        lines.append(
+            f"| {name} (÷ {row['reference']}) | {_fmt(before.get(metric))} | {_fmt(row[metric])} | "
+            f"{_spread(row.get(spread, []))} | {_fmt(seconds, 2)} | {_fmt(row['median_wall_s'], 2)} | "
+            f"{_fmt(speedup, 2)} |"
+        )
+    lines += ["", "| target (compiled) | value | goal | met |", "|---|---:|---|---|"]
+    for target in compiled.get("targets", []):
+        lines.append(
+            f"| {target['name']} | {target['value']} | {target['goal']} | {'yes' if target['met'] else '**no**'} |"
+        )
+    return "\n".join(lines)
+
+
 def projection_table(result: dict[str, Any]) -> str:
     """The LaVIN-7B ScienceQA projection and the 4 × 512 memory checks of a `--preset 7b` run."""
     p = result["projection"]
@@ -203,6 +235,10 @@ def main() -> str:
             )
             if "projection" in result:
                 parts.append(f"### LaVIN-7B ScienceQA projection: `{name}`\n\n" + projection_table(result))
+        compiled_name = name.replace(".json", "_compiled.json")
+        compiled = _load(compiled_name)
+        if compiled and "train" in compiled:
+            parts.append(f"### Eager and compiled training: `{compiled_name}`\n\n" + compiled_table(compiled, result))
     dispatch = _load("profile_train_7b_cuda.json")
     if dispatch:
         parts.append("### What a 7B train step launches on the GPU\n\n" + dispatch_table(dispatch))

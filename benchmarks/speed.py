@@ -2,6 +2,7 @@
 
     python -m benchmarks.speed                                   # SmolLM2-135M, CPU, fp32 (the issue's setting)
     python -m benchmarks.speed --preset 7b --device cuda --dtype bf16      # plus the LaVIN-7B projection
+    python -m benchmarks.speed --compile                         # train steps under torch.compile, every variant
 
 Every variant is built once on a copy of the base that shares its frozen weights. One warm-up round, then
 `--rounds` rounds in which every variant runs once, in an order shuffled per round (round-robin, so load changes
@@ -13,6 +14,9 @@ measured in the same round (train: the frozen-base floor; generate: the plain ba
   every layer to the inputs, no weight gets one, and its optimizer steps one dummy scalar.
 * generate = `generate(do_sample=False, use_cache=True)` of exactly `gen_new` tokens after `gen_prompt` tokens,
   tokens/s = batch × gen_new / wall time (prefill included).
+* `--compile`: every variant's model call goes through `torch.compile` (inductor, default mode; the floor's and
+  the image reference's too), the optimizer stays eager, and the warm-up round compiles; train steps only, no
+  memory pass. Results go to `speed_<preset>_<device>_compiled.json`, with the targets of compiled training.
 * image variants (`lavin_image*`) are compared with references that do the unavoidable work of an image
   sample: the same frozen encoder and n visual tokens in front of the text (`floor_image`, `base_image`).
 """
@@ -93,6 +97,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="LaVIN-7B ScienceQA projection and memory at 4 x 512 (default: on for --preset 7b)",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="train steps with every model call under torch.compile (inductor)"
+    )
     parser.add_argument("--out", default=None, help="result JSON (default: results/speed_<preset>_<device>.json)")
     return parser.parse_args(argv)
 
@@ -144,8 +151,9 @@ class Variant:
     ref_cpu: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "generate": []})
 
 
-def _floor_forward(model: nn.Module, inputs: Inputs, prefix: FrozenVisualPrefix | None) -> Callable[[], Any]:
-    embed = model.get_input_embeddings()
+def _floor_forward(model: nn.Module, inputs: Inputs, prefix: FrozenVisualPrefix | None, run: nn.Module | None = None):
+    """The floor's loss; `run` calls the model (`model` itself, or its compiled wrapper)."""
+    embed, run = model.get_input_embeddings(), model if run is None else run
     labels = inputs.ids
     if prefix is not None:
         labels = torch.cat([labels.new_full((labels.shape[0], prefix.tokens), -100), labels], dim=1)
@@ -155,16 +163,18 @@ def _floor_forward(model: nn.Module, inputs: Inputs, prefix: FrozenVisualPrefix 
         if prefix is not None:
             embeds = prefix(inputs.pixel_values, embeds)
         embeds.requires_grad_(True)  # a leaf: gradients flow through every layer to it and stop there
-        return model(inputs_embeds=embeds, labels=labels, use_cache=False).loss
+        return run(inputs_embeds=embeds, labels=labels, use_cache=False).loss
 
     return forward
 
 
-def _peft_forward(name: str, model: nn.Module, inputs: Inputs) -> Callable[[], torch.Tensor]:
+def _peft_forward(name: str, model: nn.Module, inputs: Inputs, run: nn.Module | None = None):
+    """The adapted model's loss; `run` calls the model (`model` itself, or its compiled wrapper)."""
     batch = (
         image_inputs(model, inputs.ids, inputs.pixel_values) if name in IMAGE_VARIANTS else {"input_ids": inputs.ids}
     )
-    return lambda: model(**batch, labels=batch["input_ids"], use_cache=False).loss
+    run = model if run is None else run
+    return lambda: run(**batch, labels=batch["input_ids"], use_cache=False).loss
 
 
 def train_step(
@@ -213,11 +223,15 @@ def build_variants(
     inputs: Inputs,
     kinds: Sequence[str] = ("train", "generate"),
     adamw: dict[str, Any] | None = None,
+    compile_models: bool = False,
 ) -> dict[str, Variant]:
     """One `Variant` per model key, each on a weight-sharing copy of `base`, with calls for `kinds` only (train
-    steps with AdamW's `adamw` kwargs)."""
+    steps with AdamW's `adamw` kwargs; with `compile_models`, the model calls and the image reference's visual
+    prefix through `torch.compile`)."""
     device = base.get_input_embeddings().weight.device
     prefix = FrozenVisualPrefix(preset, base.config.hidden_size, device, base.dtype) if "plain_image" in keys else None
+    if prefix is not None and compile_models:
+        prefix = torch.compile(prefix)
     variants = {}
     for key in keys:
         model = build_model(key, base, preset)
@@ -225,10 +239,11 @@ def build_variants(
         variant = Variant(key, model, {"train": train_name, "generate": gen_name})
         own_prefix = prefix if key == "plain_image" else None
         if train_name and "train" in kinds:
+            run = torch.compile(model) if compile_models else model
             forward = (
-                _floor_forward(model, inputs, own_prefix)
+                _floor_forward(model, inputs, own_prefix, run)
                 if key.startswith("plain")
-                else _peft_forward(train_name, model, inputs)
+                else _peft_forward(train_name, model, inputs, run)
             )
             variant.calls["train"] = train_step(model, forward, adamw)
         if gen_name and "generate" in kinds:
@@ -340,8 +355,8 @@ def summarize(variants: dict[str, Variant], preset: Preset) -> dict[str, dict[st
 # ---------------------------------------------------------------- main
 
 
-def default_out(preset: str, device: torch.device) -> str:
-    return str(RESULTS_DIR / f"speed_{preset}_{device.type}.json")
+def default_out(preset: str, device: torch.device, compiled: bool = False) -> str:
+    return str(RESULTS_DIR / f"speed_{preset}_{device.type}{'_compiled' if compiled else ''}.json")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -363,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "preset": preset.name,
         "dtype": str(dtype).removeprefix("torch."),
         "rounds": args.rounds,
+        "compiled": args.compile,
         "machine": machine_info(device),
         "settings": vars(preset) | {"threads": torch.get_num_threads()},
         # a shared CPU's other processes inflate wall time; one thread's CPU time is what the variant itself costs
@@ -378,10 +394,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
-    variants = build_variants(args.variants or list(MODELS), base, preset, inputs, args.kinds)
+    kinds = ["train"] if args.compile else args.kinds
+    variants = build_variants(args.variants or list(MODELS), base, preset, inputs, kinds, compile_models=args.compile)
     run_rounds(variants, args.rounds, device)
     result |= summarize(variants, preset)
-    if not args.no_memory:
+    if not (args.no_memory or args.compile):
         measure_memories(variants, result["train"], device)
     result["targets"] = check_targets(result)
     if args.projection or (args.projection is None and preset.name == "7b"):
@@ -394,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["projection"] = measure_projection(base, preset, device, dtype)
     result["load_after"] = load_average()
     result["elapsed_s"] = round(time.time() - started, 1)
-    path = write_json(result, args.out or default_out(preset.name, device))
+    path = write_json(result, args.out or default_out(preset.name, device, args.compile))
     print_summary(result)
     print(f"wrote {path}")
     return result

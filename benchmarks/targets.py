@@ -3,7 +3,9 @@ time on a CPU, where other processes' load inflates wall time, and wall time on 
 
 * train step ≤ 1.10 × the floor, and no slower than any PEFT peer (ratio to the floor ≤ every peer's);
 * generation ≥ 0.90 × the plain base unmerged, ≥ 0.97 × with V2 merged, ≥ 0.98 × with LaVIN re-parameterized;
-* peak training memory ≤ PEFT LoRA r8 q,v.
+* peak training memory ≤ PEFT LoRA r8 q,v;
+* compiled (`benchmarks.speed --compile`, issue 14): train step ≤ 1.05 × the compiled floor, and no slower than
+  compiled LoRA q,v and IA3.
 
 Image variants are measured against the image references (`floor_image`, `base_image`: the same frozen encoder
 and visual tokens, no adapter), so each ratio is what the method adds to the work any image model must do.
@@ -16,6 +18,8 @@ from typing import Any
 from .models import PEERS
 
 TRAIN_MAX = 1.10
+COMPILED_TRAIN_MAX = 1.05
+COMPILED_PEERS = ("lora_qv", "ia3")
 GENERATE_MIN = {
     "v2": 0.90,
     "lavin_text": 0.90,
@@ -32,19 +36,19 @@ def _target(name: str, variant: str, metric: str, value, goal: str, met: bool | 
     return {"name": name, "variant": variant, "metric": metric, "value": rounded, "goal": goal, "met": met, **extra}
 
 
-def _train_targets(train: dict[str, dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+def _train_targets(
+    train: dict[str, dict[str, Any]], metric: str, limit: float = TRAIN_MAX, peer_names=PEERS
+) -> list[dict[str, Any]]:
     targets = []
-    peers = {p: train[p][metric] for p in PEERS if p in train and train[p][metric] is not None}
+    peers = {p: train[p][metric] for p in peer_names if p in train and train[p][metric] is not None}
     for name in OURS_TRAIN:
         row = train.get(name)
         if row is None or row[metric] is None:
             continue
         ratio, others = row[metric], {"ratio_wall": row["ratio_wall"], "ratio_cpu": row["ratio_cpu"]}
-        goal = f"<= {TRAIN_MAX}"
+        goal = f"<= {limit}"
         targets.append(
-            _target(
-                f"train step {name} vs {row['reference']}", name, metric, ratio, goal, ratio <= TRAIN_MAX, **others
-            )
+            _target(f"train step {name} vs {row['reference']}", name, metric, ratio, goal, ratio <= limit, **others)
         )
         if peers:
             fastest = min(peers, key=peers.get)
@@ -116,4 +120,6 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target that `result` has the numbers for, with its value, goal and whether it is met."""
     train, generate = result.get("train", {}), result.get("generate", {})
     metric = result.get("decisive_metric", "ratio_wall")
+    if result.get("compiled"):
+        return _train_targets(train, metric, COMPILED_TRAIN_MAX, COMPILED_PEERS)
     return _train_targets(train, metric) + _generate_targets(generate, metric) + _memory_targets(train)

@@ -52,6 +52,31 @@ def test_speed_result_carries_machine_command_and_targets(tiny_result):
     assert all(isinstance(target["met"], bool) for target in tiny_result["targets"])
 
 
+def test_compiled_speed_runs_every_model_call_compiled_and_reports_beside_eager(tiny_result, tmp_path):
+    from benchmarks.report import compiled_table
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out = tmp_path / "compiled.json"
+    variants = ["plain", "ia3", "v2", "lavin_text"]
+    speed.main(["--preset", "tiny", "--rounds", "1", "--compile", "--variants", *variants, "--out", str(out)])
+    result = json.loads(out.read_text())
+    torch._dynamo.reset()
+    assert (
+        result["compiled"] and set(result["train"]) == {"floor", "ia3", "v2", "lavin_text"} and not result["generate"]
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(variants)  # each model call was compiled
+    assert all(row["ratio_cpu"] > 0 and "peak_bytes" not in row for row in result["train"].values())
+    goals = {(t["variant"], t["goal"].split()[1]) for t in result["targets"]}
+    assert ("v2", "1.05") in goals and ("lavin_text", "ia3") in goals  # compiled goals: 1.05, and the compiled peers
+    table = compiled_table(result, tiny_result)
+    row = next(line for line in table.splitlines() if line.startswith("| v2 (÷ floor)"))
+    eager, compiled = (float(cell) for cell in row.split("|")[2:4])
+    assert eager == round(tiny_result["train"]["v2"]["ratio_cpu"], 3) and compiled == round(
+        result["train"]["v2"]["ratio_cpu"], 3
+    )
+
+
 def test_memory_probe_reports_peak_and_saved_activations():
     preset = PRESETS["tiny"]
     base = speed.build_base(preset, torch.device("cpu"), torch.float32)
