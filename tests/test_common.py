@@ -204,8 +204,12 @@ def test_low_cpu_mem_usage_loading_gives_the_same_model(tmp_path, row):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama("gqa", "sdpa"), tmp_path, low_cpu_mem_usage=True).eval()
     assert not any(p.device.type == "meta" for p in loaded.parameters())
+    for name, parameter in model.named_parameters():  # the same weights, bit for bit
+        assert torch.equal(parameter, loaded.get_parameter(name)), name
+    # The logits agree to rounding only: accelerate (1.16) may leave a loaded weight as a view of the file's buffer,
+    # aligned to 8 bytes rather than 64, and the CPU's matmul then takes another kernel (seen: 4e-8 on V2's bridge).
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("autocast", [True, False])
