@@ -4,7 +4,9 @@ The encoder is named in the adapter config and rebuilt from that name on load; i
 into an adapter file. Two families are supported:
 
 * timm models by name, e.g. `CLIP_VIT_L14` (the CLIP ViT-L/14 of both papers, with its QuickGELU), built
-  with `timm.create_model` and read through `forward_features` / `forward_intermediates`;
+  with `timm.create_model` and read through `forward_features` / `forward_intermediates`; a model that timm saved
+  (`save_for_hf`) by its ``"local-dir:<folder>"`` or ``"hf-hub:<repo>"`` name, e.g. the scene encoder
+  (`vision.scene_encoder`);
 * transformers vision towers by local path with an ``"hf:"`` prefix (`CLIPVisionModel`,
   `CLIPVisionModelWithProjection`, `SiglipVisionModel`).
 
@@ -29,6 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 HF_PREFIX = "hf:"
+TIMM_SOURCES = ("local-dir:", "hf-hub:")  # timm names of a saved model: its folder, or its Hub repo
 # OpenAI's CLIP ViT-L/14, the encoder of both papers. timm's QuickGELU variant is the exact one: its plain
 # `vit_large_patch14_clip_224.openai` loads the same weights with exact GELU, which moves logits by ~1e-2.
 CLIP_VIT_L14 = "vit_large_patch14_clip_quickgelu_224.openai"
@@ -61,12 +64,15 @@ def create_vision_model(name: str, pretrained: bool = False, model_kwargs: dict[
         if torch.empty(()).device.type == "meta":  # a skeleton (counting, conversion): the shapes, no weights
             return tower(model_kwargs.get("config") or AutoConfig.from_pretrained(path))
         return tower.from_pretrained(path, **model_kwargs)
-    if not timm.is_model(name):
+    sourced = name.startswith(TIMM_SOURCES)  # a timm folder or Hub repo that holds its own config and weights
+    if not sourced and not timm.is_model(name):
         raise ValueError(
-            f"`vision_model`={name!r} is neither a timm model name nor 'hf:<path to a transformers vision tower>'."
+            f"`vision_model`={name!r} is neither a timm model name (or 'local-dir:<folder>', 'hf-hub:<repo>') nor "
+            "'hf:<path to a transformers vision tower>'."
         )
-    if pretrained:  # load from the local cache when the weights are there, so that no network is asked at all
-        model_kwargs.setdefault("pretrained_cfg_overlay", {}).setdefault("file", _cached_timm_weights(name))
+    overlay = model_kwargs.setdefault("pretrained_cfg_overlay", {}) if pretrained and not sourced else {}
+    if pretrained and not sourced and "file" not in overlay:  # the local cache when the weights are there
+        overlay["file"] = _cached_timm_weights(name)
     return timm.create_model(name, pretrained=pretrained, **model_kwargs)
 
 

@@ -1,0 +1,270 @@
+"""A small ViT pretrained on procedural scenes: a pretrained `vision_model` for machines that cannot download one.
+
+Both papers read a pretrained CLIP encoder; with a randomly initialised one, what a method learns depends on the
+draw of the encoder (issue 13). CLIP learnt to see from images paired with their captions; this encoder learns the
+same way from `peft_mma.data.scenes`: every caption is a few slots (kind, shape, colour, size, position, count, the
+colours of the larger and smaller shape, the printed word), and the encoder's class token, through one linear head
+per slot, is trained to predict the words of each slot (a parallel captioner):
+
+    loss = Σ_slot CE(W_slot · CLS(x), caption slot)        (slots that a scene lacks are left out)
+
+It never sees a question or an answer letter. The heads are thrown away; what is kept is a timm ViT (`ARCH` with
+`MODEL_ARGS`: 64 px images, 16 px patches, so 16 patch tokens and a class token, 4 blocks of width 128, 0.89M
+parameters) saved with timm's `save_for_hf` into the user cache, so that `vision_model=scene_encoder()` (a timm
+``local-dir:`` name) with `vision_pretrained=True` loads it in both methods like any other timm encoder. Its pixel
+values are the scene tensors as they are, in [0, 1] (mean 0, std 1 in its data config).
+
+Recipe (measured on a 2-core Xeon, one thread, `report.json` of each build): AdamW lr 1e-3, 4,000 steps of 32 fresh
+scenes, about 4.7 minutes. Many small steps beat fewer large ones at equal compute (1,200 × 32 reached a lower loss
+than 300 × 128), 16 px patches beat 8 px ones (4× cheaper steps, so 4× the steps: the probe's shape accuracy
+went from 0.71 to 0.98), and the patches' position embedding starts as fixed 2-D sin-cos values (at 8 px patches
+the probe's position accuracy was 0.53-0.96 over four runs without it, 1.0 with it).
+
+The folder is keyed by `VERSION` (bumped whenever the scenes or the recipe change), the seed and the step count;
+`build_scene_encoder` writes it once and `scene_encoder` reuses it after. ``python -m peft_mma.vision.scene_encoder``
+builds it and prints the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.scenes import KINDS, SLOTS, random_scene, scene_dataset
+
+VERSION = 1
+ARCH = "vit_tiny_patch16_224"
+MODEL_ARGS = dict(img_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=4, num_classes=0)
+IMAGE_SIZE = 64
+DEFAULT_STEPS = 4000
+BATCH_SIZE = 32
+LEARNING_RATE = 1e-3
+IGNORE = -100
+
+
+def cache_root() -> Path:
+    """`$PEFT_MMA_CACHE`, default `~/.cache/peft_mma` (where the SmolLM2 folder lives too)."""
+    return Path(os.environ.get("PEFT_MMA_CACHE", Path.home() / ".cache" / "peft_mma"))
+
+
+def scene_encoder_dir(seed: int = 0, steps: int = DEFAULT_STEPS) -> Path:
+    return cache_root() / f"scene-vit-v{VERSION}-seed{seed}-steps{steps}"
+
+
+def scene_encoder(seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = False) -> str:
+    """The timm name (``"local-dir:<folder>"``) of the scene encoder for `seed`, built on first use.
+
+    Pass it as `vision_model` with `vision_pretrained=True` to `LaVINConfig` or `LlamaAdapterV2Config`.
+    """
+    folder = scene_encoder_dir(seed, steps)
+    if not (folder / "model.safetensors").exists():
+        build_scene_encoder(folder, seed=seed, steps=steps, progress=progress)
+    return f"local-dir:{folder}"
+
+
+def _targets(scenes: list, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Per slot, the index of each scene's value, or `IGNORE` where the scene has no such slot: {slot: (B,)}."""
+    return {
+        slot: torch.tensor(
+            [values.index(s.attributes[slot]) if slot in s.attributes else IGNORE for s in scenes], device=device
+        )
+        for slot, values in SLOTS.items()
+    }
+
+
+def _create(seed: int) -> nn.Module:
+    """The untrained encoder: timm's init, with the position embedding of the patches set to fixed 2-D sin-cos
+    values (as MAE starts) so that where a patch lies is readable from the first step; it stays trainable."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(ARCH, pretrained=False, **MODEL_ARGS)
+    side, width = model.patch_embed.grid_size[0], model.embed_dim
+    with torch.no_grad():
+        model.pos_embed[0, model.num_prefix_tokens :] = _sincos_2d(side, width)
+    return model
+
+
+def _sincos_2d(side: int, width: int) -> torch.Tensor:
+    """(side², width): patch (row r, column c) gets [sin(c·ω), cos(c·ω), sin(r·ω), cos(r·ω)],
+    ω_k = 10000^(-k / (width/4))."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))  # (width/4,)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    angles_c, angles_r = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega  # (side², width/4)
+    return torch.cat([angles_c.sin(), angles_c.cos(), angles_r.sin(), angles_r.cos()], dim=1)
+
+
+def _schedule(step: int, steps: int) -> float:
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def pretrain(
+    seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int | None = None, progress: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the encoder for `steps` steps of `batch_size` (default `BATCH_SIZE`) fresh "train"-split scenes;
+    returns (encoder, training report)."""
+    batch_size = BATCH_SIZE if batch_size is None else batch_size
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"`steps` and `batch_size` must be >= 1, got {steps} and {batch_size}.")
+    model = _create(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        heads = nn.ModuleDict({slot: nn.Linear(model.num_features, len(values)) for slot, values in SLOTS.items()})
+    params = [*model.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.98), weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps))
+    rng = random.Random(f"scene-encoder-{seed}")
+    generator = torch.Generator().manual_seed(seed)
+    bar = _progress(steps, "pretraining the scene encoder") if progress else None
+    started, cpu_started, losses = time.perf_counter(), time.process_time(), []
+    model.train()
+    for _ in range(steps):
+        scenes = []
+        while len(scenes) < batch_size:
+            scene = random_scene(rng, KINDS[len(scenes) % len(KINDS)], IMAGE_SIZE)
+            if scene.split == "train":
+                scenes.append(scene)
+        images = torch.stack([scene.draw(generator) for scene in scenes])
+        pooled = model.forward_head(model.forward_features(images), pre_logits=True)  # (B, C): the class token
+        targets = _targets(scenes)
+        loss = sum(F.cross_entropy(heads[slot](pooled), targets[slot], ignore_index=IGNORE) for slot in SLOTS)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval().requires_grad_(False)
+    report = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "train_wall_s": round(time.perf_counter() - started, 1),
+        "train_cpu_s": round(time.process_time() - cpu_started, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return model, report
+
+
+def _progress(total: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="step")
+
+
+def build_scene_encoder(
+    folder: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = False
+) -> dict[str, Any]:
+    """Pretrain, probe and save the encoder into `folder` (timm's `save_for_hf` layout plus `report.json`); the folder
+    appears whole or not at all, so concurrent first uses are safe. Returns the report."""
+    folder = Path(folder)
+    model, report = pretrain(seed=seed, steps=steps, progress=progress)
+    report["linear_probe"] = linear_probe(model, seed=seed)
+    model.pretrained_cfg = dict(
+        model.pretrained_cfg,
+        input_size=(3, IMAGE_SIZE, IMAGE_SIZE),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        crop_pct=1.0,
+        interpolation="bilinear",
+        num_classes=0,
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+    try:
+        timm.models.save_for_hf(model, staging, model_args=MODEL_ARGS, safe_serialization=True)
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(staging, folder)
+    except OSError:
+        if not (folder / "model.safetensors").exists():  # not a concurrent writer that finished first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+@torch.no_grad()
+def class_token_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The normalised class token of each image: (N, C)."""
+    model.eval()
+    chunks = [
+        model.forward_head(model.forward_features(images[i : i + batch_size]), pre_logits=True)
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def linear_probe(model: nn.Module, seed: int = 0, train_size: int = 2048, eval_size: int = 512) -> dict[str, float]:
+    """Held-out accuracy of a linear classifier per caption slot on the frozen class token: fit on "train"-split
+    scenes, scored on "eval"-split scenes (disjoint), both drawn with `seed` + 100 (not the pretraining stream)."""
+    train = scene_dataset(train_size, seed=seed + 100, split="train", image_size=IMAGE_SIZE)
+    held_out = scene_dataset(eval_size, seed=seed + 100, split="eval", image_size=IMAGE_SIZE)
+    x_train = class_token_features(model, torch.stack([s["image"] for s in train]))
+    x_eval = class_token_features(model, torch.stack([s["image"] for s in held_out]))
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
+    accuracy = {}
+    for slot, values in SLOTS.items():
+        y_train, y_eval = (
+            torch.tensor([values.index(s["attributes"][slot]) if slot in s["attributes"] else -1 for s in samples])
+            for samples in (train, held_out)
+        )
+        fit, score = y_train >= 0, y_eval >= 0
+        probe = _fit_probe(x_train[fit], y_train[fit], len(values))
+        accuracy[slot] = float((probe(x_eval[score]).argmax(-1) == y_eval[score]).float().mean())
+    return accuracy
+
+
+def _fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 100) -> nn.Linear:
+    """Multinomial logistic regression (L2 1e-3) by L-BFGS."""
+    probe = nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(x), y) + 1e-3 * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return probe.requires_grad_(False)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m peft_mma.vision.scene_encoder [--seed N] [--steps N]``: build the encoder (or find it in the
+    cache) and print its folder and report: training time and the held-out linear-probe accuracy per slot."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    args = parser.parse_args(argv)
+    name = scene_encoder(seed=args.seed, steps=args.steps, progress=True)
+    report = json.loads((Path(name.removeprefix("local-dir:")) / "report.json").read_text())
+    print(name)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

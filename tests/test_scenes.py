@@ -1,0 +1,161 @@
+"""Procedural scenes (`peft_mma.data.scenes`) and the encoder pretrained on them (`peft_mma.vision.scene_encoder`)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from peft_mma.data.scenes import (
+    COLOURS,
+    KINDS,
+    QUESTIONS,
+    SLOTS,
+    WORDS,
+    random_scene,
+    scene_dataset,
+    scene_qa_dataset,
+)
+from peft_mma.data.templates import OPTION_LETTERS
+from peft_mma.vision import scene_encoder as se
+
+
+def test_scenes_are_seeded_and_splits_are_disjoint():
+    a, b = scene_dataset(24, seed=3), scene_dataset(24, seed=3)
+    assert all(torch.equal(x["image"], y["image"]) and x["caption"] == y["caption"] for x, y in zip(a, b))
+    assert not torch.equal(a[0]["image"], scene_dataset(24, seed=4)[0]["image"])
+    train, held_out = scene_dataset(400, seed=0), scene_dataset(100, seed=0, split="eval")
+    assert {s["scene"].split for s in train} == {"train"} and {s["scene"].split for s in held_out} == {"eval"}
+    assert not {s["scene"].key for s in train} & {s["scene"].key for s in held_out}
+    assert [s["kind"] for s in train[:8]] == [*KINDS, *KINDS]
+    # the split is a hash of the content: about one scene in five is held out
+    rng = random.Random(0)
+    shares = Counter(random_scene(rng, KINDS[i % 4]).split for i in range(2000))
+    assert 0.15 < shares["eval"] / 2000 < 0.25
+
+
+def test_captions_and_slots_describe_the_scene():
+    for sample in scene_dataset(40, seed=1):
+        scene, attributes = sample["scene"], sample["attributes"]
+        assert attributes["kind"] == sample["kind"] and set(attributes) <= set(SLOTS)
+        assert all(attributes[slot] in SLOTS[slot] for slot in attributes)
+        for value in attributes.values():
+            if value != sample["kind"]:
+                assert value in sample["caption"]
+        if sample["kind"] == "count":
+            assert len(scene.shapes) == ("one", "two", "three", "four").index(attributes["count"]) + 1
+        if sample["kind"] == "pair":
+            (_, large, large_half, *_), (_, small, small_half, *_) = scene.shapes
+            assert (large, small) == (attributes["large_colour"], attributes["small_colour"]) and large != small
+            assert large_half > 1.8 * small_half
+
+
+def test_pixels_show_the_scene():
+    """Each shape's centre pixel has its colour (at 80-100 % brightness); a word's pixels are light grey."""
+    for sample in scene_dataset(40, seed=2):
+        image, scene = sample["image"], sample["scene"]
+        assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+        for shape, colour, _half, cx, cy in scene.shapes:
+            y = int(cy + 0.35 * _half) if shape == "triangle" else int(cy)  # a triangle's centroid is below centre
+            rgb, expected = image[:, y, int(cx)], torch.tensor(COLOURS[colour])
+            assert torch.allclose(rgb / rgb.max(), expected / expected.max(), atol=0.02), (shape, colour)
+        if scene.word is not None:
+            assert int((image == 0.9).all(0).sum()) > 40  # the glyphs' pixels
+        else:
+            assert not (image == 0.9).all(0).any()
+
+
+def test_questions_are_answered_by_the_scene_and_balanced():
+    samples = scene_qa_dataset(240, seed=0)
+    assert Counter(s["answer"] for s in samples) == dict.fromkeys("ABCD", 60)
+    assert Counter(s["kind"] for s in samples) == dict.fromkeys(QUESTIONS, 40)
+    slot = {"colour": "colour", "shape": "shape", "position": "position", "count": "count", "larger": "large_colour"}
+    for s in samples:
+        scene_kind, question = QUESTIONS[s["kind"]]
+        assert s["scene"].kind == scene_kind and s["question"] == question and len(s["options"]) == 4
+        truth = s["scene"].attributes[slot.get(s["kind"], "word")]
+        assert s["options"][OPTION_LETTERS.index(s["answer"])] == truth
+        if s["kind"] == "word":
+            assert set(s["options"]) <= set(WORDS) and len(set(s["options"])) == 4
+    held_out = scene_qa_dataset(40, seed=0, split="eval")
+    assert {s["scene"].split for s in held_out} == {"eval"}
+    assert not {s["scene"].key for s in samples} & {s["scene"].key for s in held_out}
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="split"):
+        scene_dataset(2, split="test")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        scene_qa_dataset(2, image_size=28)
+    with pytest.raises(ValueError, match="questions"):
+        scene_qa_dataset(2, questions=["size"])
+    with pytest.raises(ValueError, match="kinds"):
+        scene_dataset(2, kinds=[])
+    with pytest.raises(ValueError, match="steps"):
+        se.pretrain(steps=0)
+
+
+def test_linear_probe_fits_separable_features():
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (200,))
+    x = torch.nn.functional.one_hot(y, 4).float() + 0.05 * torch.randn(200, 4)
+    probe = se._fit_probe(x, y, 4)
+    assert (probe(x).argmax(-1) == y).all()
+
+
+def test_scene_encoder_is_built_once_cached_and_loads_as_a_timm_encoder(tmp_path, monkeypatch):
+    """A short build (3 steps) lands in the cache as a timm folder; the second call reuses it; both methods load it
+    by name with `vision_pretrained=True` and see exactly the saved weights, and an adapter on it reloads."""
+    from peft import PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_mma import LaVINConfig, LlamaAdapterV2Config
+    from peft_mma.vision.backbone import VisionBackbone
+
+    monkeypatch.setenv("PEFT_MMA_CACHE", str(tmp_path))
+    monkeypatch.setattr(se, "BATCH_SIZE", 8)
+    monkeypatch.setattr(se, "linear_probe", lambda model, seed=0: {"colour": 0.5})
+    name = se.scene_encoder(seed=1, steps=3)
+    folder = se.scene_encoder_dir(seed=1, steps=3)
+    assert name == f"local-dir:{folder}" and folder.parent == tmp_path
+    report = json.loads((folder / "report.json").read_text())
+    assert report["steps"] == 3 and report["linear_probe"] == {"colour": 0.5}
+    monkeypatch.setattr(se, "build_scene_encoder", lambda *a, **k: pytest.fail("rebuilt a cached encoder"))
+    assert se.scene_encoder(seed=1, steps=3) == name
+
+    loaded = VisionBackbone(name, pretrained=True).encoder
+    fresh = se._create(1)  # the untrained initialisation: pretraining moved every block
+    assert not torch.equal(loaded.blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
+    assert tuple(loaded.pretrained_cfg["mean"]) == (0.0, 0.0, 0.0) and len(loaded.blocks) == se.MODEL_ARGS["depth"]
+
+    llama = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    images = torch.stack([s["image"] for s in scene_dataset(2, seed=0)])
+    for config in (
+        LaVINConfig(vision_model=name, vision_pretrained=True, vision_feature_every=1),
+        LlamaAdapterV2Config(vision_model=name, vision_pretrained=True, visual_width=32, visual_depth=1),
+    ):
+        torch.manual_seed(0)
+        model = get_peft_model(LlamaForCausalLM(llama), config)
+        backbone = next(m for m in model.modules() if isinstance(m, VisionBackbone))
+        assert torch.equal(backbone.encoder.pos_embed, loaded.pos_embed)  # the saved weights, not a random draw
+        model.save_pretrained(tmp_path / type(config).__name__)
+        reloaded = PeftModel.from_pretrained(LlamaForCausalLM(llama), tmp_path / type(config).__name__)
+        assert reloaded.peft_config["default"].vision_model == name
+        again = next(m for m in reloaded.modules() if isinstance(m, VisionBackbone))
+        assert torch.equal(again.encoder.pos_embed, loaded.pos_embed)
+        assert backbone.check_pixel_values(images) is None
+
+    # PIL images through the collator's timm transform: the encoder's own data config, the scene tensors as they are
+    from PIL import Image
+
+    from peft_mma.data.collator import timm_image_transform
+
+    transform, size = timm_image_transform(name)
+    pixels = (images[0] * 255).round().byte()
+    assert size == 64
+    torch.testing.assert_close(transform(Image.fromarray(pixels.permute(1, 2, 0).numpy())), pixels.float() / 255)
