@@ -3,11 +3,13 @@
     python -m benchmarks.quality                                  # every experiment, all methods
     python -m benchmarks.quality --experiment vqa --methods lavin --lr 5e-3 --steps 300
 
-* ``vqa``: the procedural visual QA (`peft_mma.data.procedural.visual_qa_dataset`, 4 options, chance 25 %) with a
-  frozen, randomly initialised timm ViT (`quality_methods`). Held-out accuracy (the answer letter's logit among
-  A-D, teacher-forced) every `--eval-every` steps, with the training wall and CPU time (`time.process_time`) spent
-  so far; tuned on image questions alone. Before and after tuning, the language-modelling loss on held-out
-  English prose (`general_text`, from Python's own documentation, text only).
+* ``vqa``: visual QA about procedural scenes (`peft_mma.data.scenes.scene_qa_dataset`: colour, shape, position,
+  count, which is larger, read the word; 4 options, chance 25 %), every method reading the same frozen encoder:
+  the scene encoder pretrained on captions (`--encoder scenes`, `peft_mma.vision.scene_encoder`) or the same ViT
+  randomly initialised (`--encoder random`). Held-out accuracy (the answer letter's logit among A-D,
+  teacher-forced), overall and per question kind, every `--eval-every` steps, with the training wall and CPU time
+  (`time.process_time`) spent so far; tuned on image questions alone. Before and after tuning, the
+  language-modelling loss on held-out English prose (`general_text`, from Python's own documentation, text only).
 * ``retention``: the same, tuned as LaVIN's ScienceQA recipe is, where about half the questions have no image: a
   share `--text-share` (default 0.5) of the tuning samples is text only (procedural instructions). The MMA claim
   is that routing keeps language ability: the prose loss after tuning within +2 % of before.
@@ -33,13 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, prompt_and_response
-from peft_mma.data.procedural import QUESTIONS, instruction_dataset, visual_qa_dataset
+from peft_mma.data.procedural import instruction_dataset
+from peft_mma.data.scenes import QUESTIONS, scene_qa_dataset
 from peft_mma.data.templates import OPTION_LETTERS, scienceqa_answer
 
 from .common import RESULTS_DIR, load_average, machine_info, write_json
-from .quality_methods import IMAGE_SIZE, TEXT_METHODS, VISION_KWARGS, VISION_MODEL, VQA_METHODS, Method, build_method
+from .quality_methods import ENCODERS, TEXT_METHODS, VQA_METHODS, Method, build_method, encoder
 
-DEFAULT_LR = {"lavin": 2e-3, "v2": 2e-3, "lora_projector": 2e-3, "v2_bias_scale": 5e-3, "lora_qv": 2e-3}
+DEFAULT_LR = {"lavin": 2e-3, "v2": 2e-3, "lora_projector": 2e-3, "blind": 2e-3, "v2_bias_scale": 5e-3, "lora_qv": 2e-3}
 TEXT_LOSS_GOAL = 0.02  # the prose loss may rise by at most 2 % after multimodal tuning
 RETENTION_TEXT_SHARE = 0.5  # ScienceQA: about half of the questions have no image
 ACCURACY_GOAL, CPU_MINUTES_GOAL = 0.95, 10.0
@@ -57,6 +60,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument(
         "--text-share", type=float, default=None, help="share of text-only tuning samples (vqa 0, retention 0.5)"
+    )
+    parser.add_argument("--encoder", choices=ENCODERS, default="scenes", help="the frozen encoder of visual QA")
+    parser.add_argument(
+        "--questions", nargs="*", choices=list(QUESTIONS), default=list(QUESTIONS), help="visual QA question kinds"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -95,7 +102,7 @@ def vqa_accuracy(
     method: Method, samples: list[dict], collator, letters: tuple[list[int], int], batch: int
 ) -> dict[str, float]:
     """Share of held-out samples whose answer letter scores highest among A-D at its position: overall, and per
-    question ("position", "colour")."""
+    question kind (`accuracy_<kind>`)."""
     ids, offset = letters
     method.eval()
     hits: list[bool] = []
@@ -111,8 +118,8 @@ def vqa_accuracy(
         truth = torch.tensor([OPTION_LETTERS.index(s["answer"]) for s in chunk])
         hits += (scores.argmax(-1) == truth).tolist()
     out = {"accuracy": sum(hits) / len(hits)}
-    for kind, question in QUESTIONS.items():
-        picked = [hit for hit, sample in zip(hits, samples) if sample["question"] == question]
+    for kind in QUESTIONS:
+        picked = [hit for hit, sample in zip(hits, samples) if sample["kind"] == kind]
         if picked:
             out[f"accuracy_{kind}"] = sum(picked) / len(picked)
     return out
@@ -241,19 +248,23 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
     text_share = text_share if args.text_share is None else args.text_share
     if not 0 <= text_share < 1:
         raise ValueError(f"`--text-share` must be in [0, 1), got {text_share}.")
-    train_set = visual_qa_dataset(args.train_size, seed=args.seed, image_size=IMAGE_SIZE)
+    vision = encoder(args.encoder, seed=args.seed)
+    questions = args.questions
+    train_set = scene_qa_dataset(args.train_size, seed=args.seed, image_size=vision.image_size, questions=questions)
     text_count = round(args.train_size * text_share / (1 - text_share))
     train_set += instruction_dataset(text_count, seed=args.seed, split="train") if text_count else []
-    held_out = visual_qa_dataset(args.eval_size, seed=args.seed + 1, image_size=IMAGE_SIZE, split="eval")
+    held_out = scene_qa_dataset(
+        args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=questions
+    )
     prose = general_text(tokenizer)
-    collator = CausalLMCollator(tokenizer, max_length=128, padding_side="left", image_size=IMAGE_SIZE)
+    collator = CausalLMCollator(tokenizer, max_length=128, padding_side="left", image_size=vision.image_size)
     if not collator.bos and tokenizer.bos_token:  # SmolLM2 adds no BOS: give the [BOS, image, text] layout
         collator.prompt_fn = bos_first(tokenizer.bos_token)
     letters = letter_ids(tokenizer)
     steps = args.steps or 240
     runs = {}
     for name in args.methods or VQA_METHODS:
-        method = build_method(name, base, multimodal=True, seed=args.seed)
+        method = build_method(name, base, multimodal=True, seed=args.seed, vision=vision)
         before = prose_loss(method, prose, args.batch_size)
         lr = args.lr or DEFAULT_LR[name]
 
@@ -271,9 +282,12 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
             "train_size": args.train_size,
             "text_only_train_samples": text_count,
             "eval_size": args.eval_size,
-            "vision_model": VISION_MODEL,
-            "vision_kwargs": VISION_KWARGS,
-            "image_size": IMAGE_SIZE,
+            "questions": questions,
+            "encoder": vision.name,
+            "vision_model": vision.vision_model,
+            "vision_pretrained": vision.pretrained,
+            "vision_kwargs": vision.kwargs,
+            "image_size": vision.image_size,
             "prose_eval_tokens": prose.numel(),
         },
         "runs": runs,

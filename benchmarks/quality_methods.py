@@ -1,15 +1,19 @@
 """The methods the quality benchmark trains, behind one interface: `logits(batch, keep)` and `text_logits`.
 
-Multimodal (visual QA), all reading the same frozen, randomly initialised timm ViT:
-  * ``lavin``: LaVIN (MM-adapters in the LLM and the encoder, projector of the CLS tokens after every 2nd block);
+Multimodal (visual QA), all reading the same frozen encoder (`Encoder`: the pretrained scene encoder by default,
+or a randomly initialised ViT):
+  * ``lavin``: LaVIN (MM-adapters in the LLM and the encoder, projector of the encoder's intermediate CLS tokens);
   * ``v2``: LLaMA-Adapter V2 (bias/scale/norms, gated prompts, a small visual bridge fused into the prompts);
   * ``lora_projector``: PEFT LoRA r8 on q,v plus a trainable Linear from the encoder's final CLS token to
-    `SOFT_TOKENS` soft tokens placed in front of the text.
+    `SOFT_TOKENS` soft tokens placed in front of the text;
+  * ``blind``: PEFT LoRA r8 on q,v trained on the same questions without their images: what the questions and
+    options alone give away.
 Text-only (procedural instructions): ``v2_bias_scale`` (no prompts), ``v2`` and ``lora_qv``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,17 +26,44 @@ from peft_mma.vision.backbone import VisionBackbone
 
 from .common import share_weights_copy
 
-# A ViT-Ti/16 layout (12 blocks, width 192) at 28 px with 7 px patches: 16 patches + CLS; random weights, frozen.
-# `weight_init="jax"` (xavier linears, the original ViT's scheme) instead of timm's default (std 0.02): with std 0.02
-# the intermediate CLS tokens LaVIN reads have norms of 2-5 with little image-dependent spread, and LaVIN stayed at
-# chance for 240 steps; with xavier they are 14-40, as a trained encoder's are, and it learns. The final normalised
-# CLS token that the LoRA + projector baseline reads is the same size under both (norm 13).
-VISION_MODEL = "vit_tiny_patch16_224"
-VISION_KWARGS = dict(img_size=28, patch_size=7, num_classes=0, weight_init="jax")
-IMAGE_SIZE = 28
 SOFT_TOKENS = 4
-VQA_METHODS = ("lavin", "v2", "lora_projector")
+VQA_METHODS = ("lavin", "v2", "lora_projector", "blind")
 TEXT_METHODS = ("v2_bias_scale", "v2", "lora_qv")
+ENCODERS = ("scenes", "random")
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """The frozen encoder every multimodal method reads, and how LaVIN samples its class tokens."""
+
+    name: str
+    vision_model: str
+    pretrained: bool
+    image_size: int
+    lavin_every: int  # LaVIN reads the class token after every `lavin_every`-th block
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        """The config fields of a peft_mma method that name this encoder."""
+        return dict(vision_model=self.vision_model, vision_pretrained=self.pretrained, vision_model_kwargs=self.kwargs)
+
+
+def encoder(name: str = "scenes", seed: int = 0) -> Encoder:
+    """``"scenes"``: the scene encoder pretrained on captions (`peft_mma.vision.scene_encoder`, built on first use);
+    ``"random"``: the same architecture, randomly initialised. Both read 64 px images; LaVIN reads the class token
+    after each of their 4 blocks.
+
+    The random one uses `weight_init="jax"` (xavier linears, the original ViT's scheme) instead of timm's default
+    (std 0.02): with std 0.02 the intermediate CLS tokens LaVIN reads have little image-dependent spread, and LaVIN
+    stayed at chance on an earlier task; with xavier their norms are closer to a trained encoder's.
+    """
+    from peft_mma.vision.scene_encoder import ARCH, IMAGE_SIZE, MODEL_ARGS, scene_encoder
+
+    if name == "scenes":
+        return Encoder(name, scene_encoder(seed=seed, progress=True), True, IMAGE_SIZE, 1)
+    if name == "random":
+        return Encoder(name, ARCH, False, IMAGE_SIZE, 1, {**MODEL_ARGS, "weight_init": "jax"})
+    raise ValueError(f"Unknown encoder {name!r}; choose from {ENCODERS}.")
 
 
 def _lora_qv() -> LoraConfig:
@@ -72,10 +103,10 @@ class LoRAProjector(Method):
     """LoRA r8 q,v + Linear(CLS of the frozen encoder → `SOFT_TOKENS` × C) soft tokens before the text; a
     text-only sample's soft tokens are masked out."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, vision: Encoder) -> None:
         super().__init__("lora_projector", model)
         with torch.random.fork_rng(devices=[]):
-            self.backbone = VisionBackbone(VISION_MODEL, False, VISION_KWARGS)
+            self.backbone = VisionBackbone(vision.vision_model, vision.pretrained, vision.kwargs)
         width = model.config.hidden_size
         self.proj = nn.Linear(self.backbone.width, SOFT_TOKENS * width)
         nn.init.normal_(self.proj.weight, std=0.02), nn.init.zeros_(self.proj.bias)
@@ -107,21 +138,27 @@ class LoRAProjector(Method):
         return out.logits
 
 
-def build_method(name: str, base: nn.Module, multimodal: bool, seed: int = 0, **overrides: Any) -> Method:
+def build_method(
+    name: str, base: nn.Module, multimodal: bool, seed: int = 0, vision: Encoder | None = None, **overrides: Any
+) -> Method:
     """Method `name` (see the module docstring) on a weight-sharing copy of `base`, adapters seeded by `seed`;
-    `multimodal` gives V2 its visual path; `overrides` go into the config of a peft_mma method."""
+    `multimodal` gives V2 its visual path, reading `vision` (default: `encoder("scenes")`); `overrides` go into the
+    config of a peft_mma method."""
+    if multimodal and vision is None:
+        vision = encoder("scenes")
     torch.manual_seed(seed)
     model = share_weights_copy(base)
-    vision = dict(vision_model=VISION_MODEL, vision_pretrained=False, vision_model_kwargs=VISION_KWARGS)
     if name == "lavin":
-        config = LaVINConfig(**{**vision, "vision_feature_every": 2, **overrides})  # 6 visual tokens, LaVIN's count
+        config = LaVINConfig(**{**vision.settings(), "vision_feature_every": vision.lavin_every, **overrides})
         return Method(name, get_peft_model(model, config), multimodal=True)
     if name == "v2" and multimodal:
         small_bridge = dict(visual_width=192, visual_depth=2, visual_heads=3)
-        config = LlamaAdapterV2Config(**{**vision, **small_bridge, **overrides})
+        config = LlamaAdapterV2Config(**{**vision.settings(), **small_bridge, **overrides})
         return Method(name, get_peft_model(model, config), multimodal=True)
     if name == "lora_projector":
-        return LoRAProjector(get_peft_model(model, _lora_qv()))
+        return LoRAProjector(get_peft_model(model, _lora_qv()), vision)
+    if name == "blind":
+        return Method(name, get_peft_model(model, _lora_qv()))  # not multimodal: the images are never read
     configs = {
         "v2": LlamaAdapterV2Config(),
         "v2_bias_scale": LlamaAdapterV2Config(prompt_layers=0),

@@ -169,6 +169,13 @@ def dispatch_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _encoder(settings: dict[str, Any]) -> str:
+    """The frozen encoder of a visual-QA run, in words."""
+    if settings.get("encoder") == "scenes":
+        return "frozen scene encoder pretrained on captions (`peft_mma.vision.scene_encoder`)"
+    return f"frozen random `{settings['vision_model']}` {settings['vision_kwargs']}"
+
+
 def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | None) -> str:
     lines = []
     for vqa in vqas:
@@ -178,19 +185,18 @@ def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | Non
             f"Command: `{vqa['command']}`  ",
             f"Machine: {_machine(vqa)}.  ",
             f"Visual QA: {settings['steps']} steps × batch {settings['batch_size']}, held-out {settings['eval_size']} "
-            f"questions, frozen random `{settings['vision_model']}` {settings['vision_kwargs']}; "
-            f"{text_only} of the {settings['train_size'] + text_only} "
+            f"questions, {_encoder(settings)}; {text_only} of the {settings['train_size'] + text_only} "
             "tuning samples are text only. Prose loss: held-out English prose, text only (goal ≤ +2 %).",
             "",
-            "| method | lr | trainable | accuracy by step (colour / position at the end) | best | ≥ 95 % at step "
+            "| method | lr | trainable | accuracy by step | at the end, per question | best | ≥ 95 % at step "
             "(CPU min) | prose loss before → after |",
-            "|---|---:|---:|---|---:|---|---|",
+            "|---|---:|---:|---|---|---:|---|---|",
         ]
         for name, run in vqa["runs"].items():
             curve = " ".join(f"{p['step']}:{p['accuracy']:.2f}" for p in run["curve"])
             last = run["curve"][-1]
-            colour, position = last.get("accuracy_colour", float("nan")), last.get("accuracy_position", float("nan"))
-            curve += f" ({colour:.2f} / {position:.2f})"
+            kinds = [k.removeprefix("accuracy_") for k in last if k.startswith("accuracy_")]
+            curve += " | " + ", ".join(f"{kind} {last['accuracy_' + kind]:.2f}" for kind in kinds)
             reached = (
                 f"{run['reached_goal_at_step']} ({run['reached_goal_at_cpu_min']:.1f})"
                 if run["reached_goal_at_step"] is not None

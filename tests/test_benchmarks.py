@@ -176,3 +176,26 @@ def test_7b_layout_has_the_7b_layers_heads_and_vocabulary():
         assert layout[key] == full[key]
     assert layout["hidden_size"] < full["hidden_size"]
     assert layout["intermediate_size"] / layout["hidden_size"] == full["intermediate_size"] / full["hidden_size"]
+
+
+def test_blind_baseline_never_reads_the_image_and_lavin_does():
+    """The visual-QA baselines: `blind` gives the same logits whatever the image, LaVIN's change with it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.quality_methods import build_method, encoder
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, bos_token_id=1
+    )
+    base = LlamaForCausalLM(config).eval()
+    vision = encoder("random")
+    assert (vision.image_size, vision.pretrained, vision.lavin_every) == (64, False, 1)
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "has_image": torch.tensor([True, True])}
+    images = [torch.rand(2, 3, 64, 64) for _ in range(2)]
+    for name, reads in (("blind", False), ("lavin", True)):
+        method = build_method(name, base, multimodal=True, vision=vision).eval()
+        with torch.no_grad():
+            a, b = (method.logits(batch | {"pixel_values": image}, 2) for image in images)
+        assert torch.equal(a, b) is not reads, name
