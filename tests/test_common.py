@@ -19,8 +19,10 @@ from conftest import (
     batch_for,
     config_for,
     greedy_without_cache,
+    logits_of,
     model_for,
     tiny_llama,
+    token_ids,
 )
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -258,6 +260,21 @@ def test_a_second_merge_warns_and_changes_nothing(row):
         model.base_model.merge_adapter()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, merged, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_deleting_every_adapter_leaves_the_base_model(row):
+    """PEFT's `_test_delete_adapter`: a second adapter and the first deleted; the base model then runs as it was."""
+    base = tiny_llama("gqa", "sdpa")
+    ids = token_ids()
+    expected = logits_of(base, input_ids=ids)
+    model = model_for(row, base=base)
+    model.add_adapter("other", config_for(row))
+    for name in ("other", "default"):
+        model.delete_adapter(name)
+        assert name not in model.peft_config
+    assert model.active_adapters == [] and not any(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(logits_of(model.base_model, input_ids=ids), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("row", ["v2-image", "lavin-image"])

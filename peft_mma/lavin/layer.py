@@ -178,6 +178,8 @@ class MMAdapter(nn.Module, LaVINLayer):
             return self.base_layer(hidden_states, *args, **kwargs)
         # the call's `LaVINCall`: attention passes it on to the attention function; `mlp` takes no keywords
         call = kwargs.get(STATE_KWARG) if self.keyword_call else kwargs.pop(STATE_KWARG, None)
+        if not any(name in self.mma_lavin_down for name in self.active_adapters):  # none active (all deleted)
+            return self.base_layer(hidden_states, *args, **kwargs)
         if self.keyword_call and call is None:
             raise ValueError(
                 "LaVIN's adapters need the call's modality token: call the model through its `PeftModel` (or "
