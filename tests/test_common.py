@@ -263,6 +263,21 @@ def test_a_second_merge_warns_and_changes_nothing(row):
 
 
 @pytest.mark.parametrize("row", ROWS)
+def test_safe_merge_refuses_nan_adapters_with_peft_s_message(row):
+    """PEFT's `_test_merge_layers_nan`: a broken adapter is refused with PEFT's words, the base left unmerged."""
+    model = model_for(row).eval()
+    base_weights = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.fill_(float("nan"))
+    message = "NaNs detected in the merged weights. The adapter default seems to be broken"  # PEFT's own
+    with pytest.raises(ValueError, match=message):
+        model.base_model.merge_adapter(safe_merge=True)
+    assert all(torch.equal(p, base_weights[n]) for n, p in model.named_parameters() if n in base_weights)
+
+
+@pytest.mark.parametrize("row", ROWS)
 def test_deleting_every_adapter_leaves_the_base_model(row):
     """PEFT's `_test_delete_adapter`: a second adapter and the first deleted; the base model then runs as it was."""
     base = tiny_llama("gqa", "sdpa")

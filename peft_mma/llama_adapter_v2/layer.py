@@ -34,7 +34,7 @@ class LlamaAdapterV2Layer(MMATunerLayer):
     def _safe_assign(self, tensors: dict[str, torch.Tensor], safe_merge: bool, adapter: str) -> None:
         """Check every merged tensor, then assign them all: a failed merge changes nothing."""
         if safe_merge and not all(torch.isfinite(t).all() for t in tensors.values()):
-            raise ValueError(f"NaNs detected in the merged weights; the adapter {adapter} seems to be broken.")
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         base = self.get_base_layer()
         for name, tensor in tensors.items():
             if name == "weight":
