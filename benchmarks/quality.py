@@ -24,7 +24,6 @@ only the last positions go through the LM head (left padding, `logits_to_keep`),
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -38,6 +37,7 @@ from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, prompt_and_re
 from peft_mma.data.procedural import instruction_dataset
 from peft_mma.data.scenes import QUESTIONS, scene_qa_dataset
 from peft_mma.data.templates import OPTION_LETTERS, scienceqa_answer
+from peft_mma.utils import warmup_cosine
 
 from .common import RESULTS_DIR, load_average, machine_info, write_json
 from .quality_methods import ENCODERS, TEXT_METHODS, VQA_METHODS, Method, build_method, encoder
@@ -177,14 +177,6 @@ def prose_loss(method: Method, chunks: torch.Tensor, batch: int) -> float:
 # ---------------------------------------------------------------- training
 
 
-def schedule(step: int, steps: int) -> float:
-    """Learning-rate factor: linear warm-up over 5 % of the steps, then cosine to 0."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def train(
     method: Method,
     train_set: list[dict],
@@ -200,7 +192,7 @@ def train(
     wall and CPU seconds spent so far (evaluation itself not counted)."""
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps))
     order = list(range(len(train_set)))
     random.Random(seed).shuffle(order)
     curve = [{"step": 0, "train_wall_s": 0.0, "train_cpu_s": 0.0, "train_loss": None, **evaluate()}]

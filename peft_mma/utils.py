@@ -1,6 +1,9 @@
-"""Checks shared by both methods: which base models are supported, and how their decoder is laid out."""
+"""Checks shared by both methods (which base models are supported, how their decoder is laid out), and the
+learning-rate schedule of the package's own training loops."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -53,3 +56,12 @@ def declare_merged_biases(model: nn.Module) -> None:
                 weight = linear.weight
                 linear.bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)
         setattr(model.config, flag, True)
+
+
+def warmup_cosine(step: int, steps: int) -> float:
+    """Learning-rate factor at `step` of `steps`: linear warm-up over 5 % of the steps, then cosine to 0 (for
+    `torch.optim.lr_scheduler.LambdaLR`)."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import load_example, tiny_llama
 from peft import LoraConfig
 from stand_in_tokenizer import word_tokenizer
 
@@ -17,15 +15,10 @@ from peft_mma.data.collator import CausalLMCollator
 from peft_mma.data.procedural import instruction_dataset
 from peft_mma.data.templates import format_prompt
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
-
 
 @pytest.fixture(scope="module")
 def finetune():
-    spec = importlib.util.spec_from_file_location("finetune_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("finetune")
 
 
 def tokenizer_for(samples):

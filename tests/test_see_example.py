@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import load_example, tiny_llama
 from stand_in_tokenizer import word_tokenizer
 
 from peft_mma import LaVINConfig, LlamaAdapterV2Config
-from peft_mma.data.collator import prompt_and_response
 from peft_mma.data.scenes import COLOURS, POSITIONS, QUESTIONS, SHAPES, WORDS
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "see.py"
 TINY_SCENE_VIT = dict(img_size=64, patch_size=16, depth=2, embed_dim=32, num_heads=4, num_classes=0)
 
 
 @pytest.fixture(scope="module")
 def see():
-    spec = importlib.util.spec_from_file_location("see_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("see")
 
 
 def test_answers_are_scored_by_their_letter(see):
@@ -62,7 +54,6 @@ def test_job_trains_saves_reloads_bitwise_and_draws_answers(see, tmp_path, metho
     else:
         config = LlamaAdapterV2Config(**vision, visual_width=16, visual_depth=1, visual_heads=2, prompt_length=3)
     base = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256)
-    assert all(prompt_and_response({"question": "q", "options": ["a"], "answer": "A"}))
     result = see.run(base, tokenizer, config, args, image_size=64)
 
     assert result["reload_max_diff"] == 0.0

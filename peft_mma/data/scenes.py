@@ -198,8 +198,8 @@ def _check(split: str, image_size: int) -> None:
         raise ValueError(f"`image_size` must be a multiple of 32 (>= 32), got {image_size}.")
 
 
-def _scenes(rng: random.Random, kinds: Sequence[str], n: int, split: str, image_size: int) -> list[Scene]:
-    """`n` scenes of `split`, kinds in turn; scenes of the other split are skipped."""
+def draw_scenes(rng: random.Random, kinds: Sequence[str], n: int, split: str, image_size: int) -> list[Scene]:
+    """`n` scenes of `split` drawn from `rng`, kinds in turn; scenes of the other split are skipped."""
     out: list[Scene] = []
     attempts = 0
     while len(out) < n:
@@ -231,7 +231,7 @@ def scene_dataset(
             "kind": scene.kind,
             "scene": scene,
         }
-        for scene in _scenes(rng, kinds, n, split, image_size)
+        for scene in draw_scenes(rng, kinds, n, split, image_size)
     ]
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from .cache import cache_root, write_folder
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -38,16 +38,15 @@ def cached_smollm2_dir() -> Path:
     keyed by the GGUF file's size and modification time; converted on first use."""
     gguf = Path(smollm2_dir(), GGUF_NAME)
     stat = gguf.stat()
-    root = Path(os.environ.get("PEFT_MMA_CACHE", Path.home() / ".cache" / "peft_mma"))
-    folder = root / f"smollm2-135m-instruct-v{CACHE_VERSION}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = cache_root() / f"smollm2-135m-instruct-v{CACHE_VERSION}-{stat.st_size}-{int(stat.st_mtime)}"
     if not (folder / "config.json").exists():
         _convert_gguf(gguf, folder)
     return folder
 
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:
-    """Dequantize the GGUF into a fp32 `LlamaForCausalLM` and save it with its tokenizer; the folder appears whole
-    or not at all (written next to it, then renamed), so concurrent first uses are safe."""
+    """Dequantize the GGUF into a fp32 `LlamaForCausalLM` and save it with its tokenizer (`cache.write_folder`: the
+    folder appears whole or not at all)."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gguf_model.config
@@ -55,17 +54,12 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         del config.quantization_config
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, folder)
-    except OSError:
-        if not (folder / "config.json").exists():  # not a concurrent writer that finished first
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_folder(folder, write, marker="config.json")
 
 
 def load_smollm2(

@@ -70,9 +70,10 @@ def create_vision_model(name: str, pretrained: bool = False, model_kwargs: dict[
             f"`vision_model`={name!r} is neither a timm model name (or 'local-dir:<folder>', 'hf-hub:<repo>') nor "
             "'hf:<path to a transformers vision tower>'."
         )
-    overlay = model_kwargs.setdefault("pretrained_cfg_overlay", {}) if pretrained and not sourced else {}
-    if pretrained and not sourced and "file" not in overlay:  # the local cache when the weights are there
-        overlay["file"] = _cached_timm_weights(name)
+    if pretrained and not sourced:  # the local cache when the weights are there, so that no network is asked at all
+        overlay = model_kwargs.setdefault("pretrained_cfg_overlay", {})
+        if "file" not in overlay:
+            overlay["file"] = _cached_timm_weights(name)
     return timm.create_model(name, pretrained=pretrained, **model_kwargs)
 
 

@@ -28,11 +28,7 @@ builds it and prints the report.
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.scenes import KINDS, SLOTS, random_scene, scene_dataset
+from ..data.cache import cache_root, write_folder
+from ..data.scenes import KINDS, SLOTS, draw_scenes, scene_dataset
+from ..utils import warmup_cosine
 
 VERSION = 1
 ARCH = "vit_tiny_patch16_224"
@@ -52,11 +50,6 @@ DEFAULT_STEPS = 4000
 BATCH_SIZE = 32
 LEARNING_RATE = 1e-3
 IGNORE = -100
-
-
-def cache_root() -> Path:
-    """`$PEFT_MMA_CACHE`, default `~/.cache/peft_mma` (where the SmolLM2 folder lives too)."""
-    return Path(os.environ.get("PEFT_MMA_CACHE", Path.home() / ".cache" / "peft_mma"))
 
 
 def scene_encoder_dir(seed: int = 0, steps: int = DEFAULT_STEPS) -> Path:
@@ -105,13 +98,6 @@ def _sincos_2d(side: int, width: int) -> torch.Tensor:
     return torch.cat([angles_c.sin(), angles_c.cos(), angles_r.sin(), angles_r.cos()], dim=1)
 
 
-def _schedule(step: int, steps: int) -> float:
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def pretrain(
     seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int | None = None, progress: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -126,18 +112,14 @@ def pretrain(
         heads = nn.ModuleDict({slot: nn.Linear(model.num_features, len(values)) for slot, values in SLOTS.items()})
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.98), weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps))
     rng = random.Random(f"scene-encoder-{seed}")
     generator = torch.Generator().manual_seed(seed)
     bar = _progress(steps, "pretraining the scene encoder") if progress else None
     started, cpu_started, losses = time.perf_counter(), time.process_time(), []
     model.train()
     for _ in range(steps):
-        scenes = []
-        while len(scenes) < batch_size:
-            scene = random_scene(rng, KINDS[len(scenes) % len(KINDS)], IMAGE_SIZE)
-            if scene.split == "train":
-                scenes.append(scene)
+        scenes = draw_scenes(rng, KINDS, batch_size, "train", IMAGE_SIZE)
         images = torch.stack([scene.draw(generator) for scene in scenes])
         pooled = model.forward_head(model.forward_features(images), pre_logits=True)  # (B, C): the class token
         targets = _targets(scenes)
@@ -188,17 +170,12 @@ def build_scene_encoder(
         interpolation="bilinear",
         num_classes=0,
     )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
-    try:
+
+    def write(staging: Path) -> None:
         timm.models.save_for_hf(model, staging, model_args=MODEL_ARGS, safe_serialization=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(staging, folder)
-    except OSError:
-        if not (folder / "model.safetensors").exists():  # not a concurrent writer that finished first
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_folder(folder, write, marker="model.safetensors")
     return report
 
 
@@ -223,12 +200,10 @@ def linear_probe(model: nn.Module, seed: int = 0, train_size: int = 2048, eval_s
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
     accuracy = {}
+    targets_train, targets_eval = (_targets([s["scene"] for s in samples]) for samples in (train, held_out))
     for slot, values in SLOTS.items():
-        y_train, y_eval = (
-            torch.tensor([values.index(s["attributes"][slot]) if slot in s["attributes"] else -1 for s in samples])
-            for samples in (train, held_out)
-        )
-        fit, score = y_train >= 0, y_eval >= 0
+        y_train, y_eval = targets_train[slot], targets_eval[slot]
+        fit, score = y_train != IGNORE, y_eval != IGNORE
         probe = _fit_probe(x_train[fit], y_train[fit], len(values))
         accuracy[slot] = float((probe(x_eval[score]).argmax(-1) == y_eval[score]).float().mean())
     return accuracy

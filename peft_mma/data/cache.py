@@ -1,0 +1,33 @@
+"""The user cache of built artefacts (the converted SmolLM2 folder, the scene encoder): where it is, and how a folder
+is written there so that it appears whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """`$PEFT_MMA_CACHE`, default `~/.cache/peft_mma`."""
+    return Path(os.environ.get("PEFT_MMA_CACHE", Path.home() / ".cache" / "peft_mma"))
+
+
+def write_folder(folder: Path, write: Callable[[Path], None], marker: str) -> None:
+    """Run `write(staging)` on a fresh folder next to `folder`, then rename it to `folder`.
+
+    Concurrent first uses are safe: when the rename fails because another writer finished first (its `folder` holds
+    `marker`), that folder is kept; any other failure is raised. The staging folder never outlives the call.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+    try:
+        write(staging)
+        os.replace(staging, folder)
+    except OSError:
+        if not (folder / marker).exists():  # not a concurrent writer that finished first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
