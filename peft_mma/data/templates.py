@@ -49,14 +49,18 @@ def expert_context(experts: Mapping[str, str] | str) -> str:
     return "\n".join(f"{name}: {text.strip()}" for name, text in experts.items() if text and text.strip())
 
 
+def context_with_experts(experts: Mapping[str, str] | str, context: str | None = None) -> str | None:
+    """The expert context followed by an existing `context`, separated by a blank line (None when both are empty)."""
+    return "\n\n".join(part for part in (expert_context(experts), context or "") if part) or None
+
+
 def expert_context_prompt(instruction: str, experts: Mapping[str, str] | str, input: str | None = None) -> str:
     """The Alpaca prompt with expert-model outputs (caption, OCR, ...) as the `### Input:` context.
 
     Spec/llama_adapter_v2.md §6: experts are prompt-level composition at inference, nothing in the tuner changes.
     An existing `input` comes after the expert context, separated by a blank line.
     """
-    context = "\n\n".join(part for part in (expert_context(experts), input or "") if part)
-    return format_prompt(instruction, context or None)
+    return format_prompt(instruction, context_with_experts(experts, input))
 
 
 def format_options(options: Sequence[str]) -> str:
