@@ -92,12 +92,14 @@ def plot_quality(result: dict[str, Any], out: Path) -> Path:
     key = "accuracy" if vqa else "held_out_loss"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"v2": "-", "lavin": "--", "v2_bias_scale": "-."}  # ours share a colour; the line tells them apart
-    for name, run in result["runs"].items():
+    arms = result.get("benchmark") in ("quality_joint", "quality_expert")  # arms of one method: a colour each
+    for i, (name, run) in enumerate(result["runs"].items()):
         steps = [p["step"] for p in run["curve"]]
         minutes = [p["train_cpu_s"] / 60 for p in run["curve"]]
         values = [p[key] for p in run["curve"]]
         label = f"{name} (lr {run['lr']:g})"
-        style = dict(marker="o", markersize=3, label=label, color=_colour(name), linestyle=styles.get(name, "-"))
+        colour = f"C{i}" if arms else _colour(name)
+        style = dict(marker="o", markersize=3, label=label, color=colour, linestyle=styles.get(name, "-"))
         axes[0].plot(steps, values, **style)
         axes[1].plot(minutes, values, **style)
     for ax, xlabel in zip(axes, ("training steps", "training CPU minutes")):
@@ -108,7 +110,19 @@ def plot_quality(result: dict[str, Any], out: Path) -> Path:
             ax.axhline(0.25, color="grey", linewidth=0.5)
         ax.legend()
     title = "procedural instructions"
-    if vqa:
+    benchmark = result.get("benchmark")
+    if benchmark == "quality_joint":  # the right panel: what the instruction group learnt
+        axes[1].clear()
+        for name, run in result["runs"].items():
+            steps = [p["step"] for p in run["curve"]]
+            axes[1].plot(steps, [p["instruction_loss"] for p in run["curve"]], marker="o", markersize=3, label=name)
+        axes[1].set_xlabel("training steps")
+        axes[1].set_ylabel("held-out instruction loss")
+        axes[1].legend()
+        title = f"V2 joint / staged / all: visual QA ({', '.join(result['settings']['questions'])}) and instructions"
+    elif benchmark == "quality_expert":
+        title = "V2 with and without the OCR expert's reading as context: which word is written (4-way)"
+    elif vqa:
         text_only = result["settings"].get("text_only_train_samples", 0)
         share = text_only / (result["settings"]["train_size"] + text_only)
         title = f"procedural visual QA (4-way), {share:.0%} of the tuning samples text only"

@@ -13,6 +13,15 @@
 * ``retention``: the same, tuned as LaVIN's ScienceQA recipe is, where about half the questions have no image: a
   share `--text-share` (default 0.5) of the tuning samples is text only (procedural instructions). The MMA claim
   is that routing keeps language ability: the prose loss after tuning within +2 % of before.
+* ``joint``: LLaMA-Adapter V2's two parameter groups (`llama_adapter_v2.joint`) at equal steps, on image
+  questions and procedural instructions: ``joint`` (the paper's §4.2: one run on the mixed data, image samples
+  update only the visual group, text samples only the instruction group), ``staged`` (the official code: the first
+  half of the steps on image questions for the visual group, the second half on instructions for the other) and
+  ``all`` (every parameter on every mixed batch). Visual QA accuracy, the instructions' held-out loss and the prose
+  loss, as above.
+* ``expert``: LLaMA-Adapter V2's expert models (`peft_mma.data.experts`): V2 on "which word is written" questions,
+  with the Tesseract OCR expert's reading of each image as the prompt's context (``with_ocr``) and without
+  (``without``), at equal steps; the OCR's own held-out exact-match rate beside them. Needs the `tesseract` program.
 * ``instruction``: the procedural instruction set; V2 bias/scale (no prompts) and V2 default against PEFT LoRA
   r8 q,v at equal steps: held-out loss curve and greedy exact match at the end.
 
@@ -24,19 +33,23 @@ only the last positions go through the LM head (left padding, `logits_to_keep`),
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, prompt_and_response
+from peft_mma.data.experts import TesseractOCR, with_experts
 from peft_mma.data.procedural import instruction_dataset
 from peft_mma.data.scenes import QUESTIONS, scene_qa_dataset
 from peft_mma.data.templates import OPTION_LETTERS, scienceqa_answer
+from peft_mma.llama_adapter_v2.joint import joint_parameter_groups, modality_parts, training_only
 from peft_mma.utils import warmup_cosine
 
 from .common import RESULTS_DIR, load_average, machine_info, write_json
@@ -50,9 +63,13 @@ ACCURACY_GOAL, CPU_MINUTES_GOAL = 0.95, 10.0
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", choices=("vqa", "retention", "instruction", "all"), default="all")
+    parser.add_argument(
+        "--experiment", choices=("vqa", "retention", "joint", "expert", "instruction", "all"), default="all"
+    )
     parser.add_argument("--methods", nargs="*", default=None, help="default: every method of the experiment")
-    parser.add_argument("--steps", type=int, default=None, help="default: 240 (vqa, retention), 150 (instruction)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="default: 240 (vqa, retention, joint), 120 (expert), 150 (instruction)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="default: per method, `DEFAULT_LR`")
     parser.add_argument("--eval-every", type=int, default=20)
@@ -65,10 +82,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--questions", nargs="*", choices=list(QUESTIONS), default=list(QUESTIONS), help="visual QA question kinds"
     )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config fields of the peft_mma methods of vqa and retention, VALUE as JSON (e.g. temperature=1.0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default: results/quality_<experiment>.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.overrides = {}
+    for item in args.set:
+        field_name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes FIELD=VALUE, got {item!r}")
+        try:
+            args.overrides[field_name] = json.loads(value)
+        except json.JSONDecodeError:
+            args.overrides[field_name] = value  # a plain string
+    return args
 
 
 # ---------------------------------------------------------------- loss and metrics
@@ -187,9 +221,14 @@ def train(
     seed: int,
     evaluate,
     eval_every: int,
+    split: Callable[[dict], list[tuple[str | None, dict]]] | None = None,
+    groups: dict[str, list[torch.nn.Parameter]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train `steps` steps; every `eval_every` steps (and at 0 and the end) record `evaluate()` with the training
-    wall and CPU seconds spent so far (evaluation itself not counted)."""
+    wall and CPU seconds spent so far (evaluation itself not counted).
+
+    `split` cuts each batch into parts (group, part), each part's loss reaching only `groups[group]` (every trainable
+    parameter where group is None); by default the batch is one part for every parameter."""
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps))
@@ -203,15 +242,20 @@ def train(
         method.train()
         picks = [order[(step * batch + i) % len(order)] for i in range(batch)]
         data = collator([train_set[i] for i in picks])
-        labels = data.pop("labels")
-        loss = response_loss(method.logits(data, keep_length(labels)), labels)
-        loss.backward()
+        parts = split(data) if split else [(None, data)]
+        loss = 0.0
+        for group, part in parts:
+            labels = part.pop("labels")
+            with training_only(groups, group) if group else nullcontext():
+                part_loss = response_loss(method.logits(part, keep_length(labels)), labels)
+                part_loss.backward()
+            loss += float(part_loss.detach()) / len(parts)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         wall += time.perf_counter() - start_wall
         cpu += time.process_time() - start_cpu
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         if step % eval_every == 0 or step == steps:
             point = {"step": step, "train_wall_s": wall, "train_cpu_s": cpu, "train_loss": sum(losses) / len(losses)}
             curve.append(point | evaluate())
@@ -234,6 +278,15 @@ def bos_first(bos: str):
     return prompt_fn
 
 
+def vqa_collator(tokenizer, vision) -> CausalLMCollator:
+    """The collator of the visual QA experiments: left padding, `vision`'s image size, and a BOS in front of every
+    prompt where the tokenizer adds none (SmolLM2): the [BOS, image, text] layout."""
+    collator = CausalLMCollator(tokenizer, max_length=128, padding_side="left", image_size=vision.image_size)
+    if not collator.bos and tokenizer.bos_token:
+        collator.prompt_fn = bos_first(tokenizer.bos_token)
+    return collator
+
+
 def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) -> dict[str, Any]:
     """Visual QA accuracy by step and the prose loss before/after, tuned with a share `text_share` of text-only
     samples (`--text-share` overrides it)."""
@@ -249,19 +302,18 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
         args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=questions
     )
     prose = general_text(tokenizer)
-    collator = CausalLMCollator(tokenizer, max_length=128, padding_side="left", image_size=vision.image_size)
-    if not collator.bos and tokenizer.bos_token:  # SmolLM2 adds no BOS: give the [BOS, image, text] layout
-        collator.prompt_fn = bos_first(tokenizer.bos_token)
+    collator = vqa_collator(tokenizer, vision)
     letters = letter_ids(tokenizer)
     steps = args.steps or 240
     runs = {}
     for name in args.methods or VQA_METHODS:
-        method = build_method(name, base, multimodal=True, seed=args.seed, vision=vision)
+        overrides = args.overrides if name in ("lavin", "v2") else {}
+        method = build_method(name, base, multimodal=True, seed=args.seed, vision=vision, **overrides)
         before = prose_loss(method, prose, args.batch_size)
         lr = args.lr or DEFAULT_LR[name]
 
         def evaluate(method=method) -> dict[str, float]:
-            return vqa_accuracy(method, held_out, collator, letters, 16)
+            return vqa_accuracy(method, held_out, collator, letters, 16) | routing_summary(method)
 
         curve = train(method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every)
         after = prose_loss(method, prose, args.batch_size)
@@ -279,10 +331,158 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
             "vision_model": vision.vision_model,
             "vision_pretrained": vision.pretrained,
             "vision_kwargs": vision.kwargs,
+            "config_overrides": args.overrides,
             "image_size": vision.image_size,
             "prose_eval_tokens": prose.numel(),
         },
         "runs": runs,
+    }
+
+
+def run_joint(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
+    """V2's parameter groups trained jointly, staged and together at equal steps (the module docstring)."""
+    vision = encoder(args.encoder, seed=args.seed)
+    questions = args.questions
+    images = scene_qa_dataset(args.train_size, seed=args.seed, image_size=vision.image_size, questions=questions)
+    texts = instruction_dataset(args.train_size, seed=args.seed, split="train")
+    held_out = scene_qa_dataset(
+        args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=questions
+    )
+    held_out_texts = instruction_dataset(48, seed=args.seed, split="eval")
+    prose = general_text(tokenizer)
+    collator = vqa_collator(tokenizer, vision)
+    letters = letter_ids(tokenizer)
+    steps = args.steps or 240
+    lr = args.lr or DEFAULT_LR["v2"]
+    runs = {}
+    for arm in args.methods or ("joint", "staged", "all"):
+        if arm not in ("joint", "staged", "all"):
+            raise ValueError(f"`--methods` of the joint experiment are joint, staged and all; got {arm!r}.")
+        method = build_method("v2", base, multimodal=True, seed=args.seed, vision=vision)
+        method.name = f"v2 {arm}"
+        groups = joint_parameter_groups(method.model)
+        before = prose_loss(method, prose, args.batch_size), text_loss(method, held_out_texts, collator, 16)
+
+        def evaluate(method=method) -> dict[str, float]:
+            instruction = text_loss(method, held_out_texts, collator, 16)
+            return vqa_accuracy(method, held_out, collator, letters, 16) | {"instruction_loss": instruction}
+
+        common = (collator, args.batch_size, lr, args.seed, evaluate, args.eval_every)
+        if arm == "staged":  # the visual group on images, then the instruction group on texts: two optimizers
+            half = steps // 2
+            curve = train(method, images, collator, half, *common[1:], lambda d: [("visual", d)], groups)
+            second = train(method, texts, collator, steps - half, *common[1:], lambda d: [("instruction", d)], groups)
+            curve += [continued(point, curve[-1]) for point in second[1:]]
+        else:
+            mixed = images + texts
+            split = modality_parts if arm == "joint" else None
+            curve = train(method, mixed, collator, steps, *common[1:], split, groups)
+        after = prose_loss(method, prose, args.batch_size)
+        runs[arm] = summarize_vqa(arm, lr, curve, before[0], after, count_trainable(method))
+        runs[arm] |= {"instruction_loss_before": before[1], "instruction_loss_after": curve[-1]["instruction_loss"]}
+        runs[arm]["group_sizes"] = {name: sum(p.numel() for p in params) for name, params in groups.items()}
+        del method
+    return {
+        "settings": {
+            "method": "v2",
+            "steps": steps,
+            "batch_size": args.batch_size,
+            "image_train_samples": len(images),
+            "text_train_samples": len(texts),
+            "eval_size": args.eval_size,
+            "instruction_eval_size": len(held_out_texts),
+            "questions": questions,
+            "encoder": vision.name,
+            "vision_model": vision.vision_model,
+            "image_size": vision.image_size,
+        },
+        "runs": runs,
+    }
+
+
+def run_expert(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
+    """V2 on "which word is written" questions with and without the OCR expert's reading as context, at equal steps
+    (`peft_mma.data.experts`; the module docstring)."""
+    ocr = TesseractOCR()
+    vision = encoder(args.encoder, seed=args.seed)
+    steps = args.steps or 120
+    count = min(args.train_size, steps * args.batch_size)  # the samples the steps draw, each read once by the OCR
+    plain = scene_qa_dataset(count, seed=args.seed, image_size=vision.image_size, questions=["word"])
+    held_out = scene_qa_dataset(
+        args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=["word"]
+    )
+    started = time.perf_counter()
+    read, held_out_read = with_experts(plain, {"OCR": ocr}), with_experts(held_out, {"OCR": ocr})
+    ocr_wall_s = time.perf_counter() - started  # Tesseract runs in its own processes
+    right = [s["context"].upper() == f"OCR: {s['scene'].attributes['word']}" for s in held_out_read if s["context"]]
+    prose, collator, letters = general_text(tokenizer), vqa_collator(tokenizer, vision), letter_ids(tokenizer)
+    lr = args.lr or DEFAULT_LR["v2"]
+    runs = {}
+    arms = {"without": (plain, held_out), "with_ocr": (read, held_out_read)}
+    unknown = set(args.methods or ()) - set(arms)
+    if unknown:
+        raise ValueError(f"`--methods` of the expert experiment are {list(arms)}; got {sorted(unknown)}.")
+    for arm, (train_set, eval_set) in arms.items():
+        if args.methods and arm not in args.methods:
+            continue
+        method = build_method("v2", base, multimodal=True, seed=args.seed, vision=vision)
+        method.name = f"v2 {arm}"
+        before = prose_loss(method, prose, args.batch_size)
+
+        def evaluate(method=method, eval_set=eval_set) -> dict[str, float]:
+            return vqa_accuracy(method, eval_set, collator, letters, 16)
+
+        curve = train(method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every)
+        after = prose_loss(method, prose, args.batch_size)
+        runs[arm] = summarize_vqa(arm, lr, curve, before, after, count_trainable(method))
+        del method
+    return {
+        "settings": {
+            "method": "v2",
+            "steps": steps,
+            "batch_size": args.batch_size,
+            "train_size": count,
+            "eval_size": args.eval_size,
+            "questions": ["word"],
+            "encoder": vision.name,
+            "expert": f"Tesseract ({' '.join(ocr.command[1:])}), min height {ocr.min_height} px",
+        },
+        "ocr_exact_held_out": sum(right) / len(held_out_read),
+        "ocr_wall_s": ocr_wall_s,
+        "lift": runs["with_ocr"]["final_accuracy"] - runs["without"]["final_accuracy"] if len(runs) == 2 else None,
+        "runs": runs,
+    }
+
+
+def continued(point: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """A point of a second stage's curve, counted on from the first stage's `last` point."""
+    counters = ("step", "train_wall_s", "train_cpu_s")
+    return point | {key: point[key] + last[key] for key in counters}
+
+
+@torch.no_grad()
+def routing_summary(method: Method) -> dict[str, float]:
+    """LaVIN's routing per modality (`LaVINModel.modality_routing`), averaged over its decoder adapters: the weight
+    of the first up-path for the text and the image token, their largest gap over the adapters, and how far the two
+    up-paths have grown apart, ‖B − D‖ / (‖B‖ + ‖D‖) over all adapters (0 while they are equal). {} for other
+    methods."""
+    model = method.model.base_model
+    if not hasattr(model, "modality_routing"):
+        return {}
+    weights = torch.stack(list(model.modality_routing().values())).float()  # (adapters, 2 modalities, 2 paths)
+    apart, size = 0.0, 0.0
+    for module in model.modules():
+        if hasattr(module, "mma_lavin_up0") and getattr(module, "routing", None) == "sample":
+            for adapter in module.mma_lavin_up0:
+                up0, up1 = module.mma_lavin_up0[adapter], module.mma_lavin_up1[adapter]
+                for a, b in ((up0.weight, up1.weight), (up0.bias, up1.bias)):
+                    apart += float((a - b).float().pow(2).sum())
+                    size += float(a.float().pow(2).sum().sqrt() + b.float().pow(2).sum().sqrt()) ** 2
+    return {
+        "route_text_w0": float(weights[:, 0, 0].mean()),
+        "route_image_w0": float(weights[:, 1, 0].mean()),
+        "route_gap_max": float((weights[:, 1, 0] - weights[:, 0, 0]).abs().max()),
+        "up_paths_apart": (apart / size) ** 0.5 if size else 0.0,
     }
 
 
@@ -376,10 +576,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     experiments = {
         "vqa": run_vqa,
         "retention": lambda *a: run_vqa(*a, text_share=RETENTION_TEXT_SHARE),
+        "joint": run_joint,
+        "expert": run_expert,
         "instruction": run_instruction,
     }
     for experiment, run in experiments.items():
         if args.experiment not in (experiment, "all"):
+            continue
+        if experiment == "expert" and args.experiment == "all" and not TesseractOCR.available():
+            print("skipping the expert experiment: the `tesseract` program is not installed", file=sys.stderr)
             continue
         started = time.time()
         result = {"benchmark": f"quality_{experiment}", "command": command.strip(), "machine": machine_info("cpu")}

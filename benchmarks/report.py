@@ -230,6 +230,48 @@ def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | Non
     return "\n".join(lines)
 
 
+def joint_table(result: dict[str, Any]) -> str:
+    """LLaMA-Adapter V2's joint training against the staged one (`benchmarks.quality --experiment joint`)."""
+    settings = result["settings"]
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {_machine(result)}.  ",
+        f"V2, {settings['steps']} steps × batch {settings['batch_size']}: {settings['image_train_samples']} image "
+        f"questions ({', '.join(settings['questions'])}) and {settings['text_train_samples']} instructions; "
+        f"held-out {settings['eval_size']} questions and {settings['instruction_eval_size']} instructions.",
+        "",
+        "| arm | visual QA accuracy by step | instruction loss by step | prose loss before → after |",
+        "|---|---|---|---|",
+    ]
+    for name, run in result["runs"].items():
+        accuracy = " ".join(f"{p['step']}:{p['accuracy']:.2f}" for p in run["curve"])
+        instruction = " ".join(f"{p['step']}:{p['instruction_loss']:.2f}" for p in run["curve"])
+        change = f"{run['text_loss_before']:.3f} → {run['text_loss_after']:.3f} ({run['text_loss_change']:+.1%})"
+        lines.append(f"| {name} | {accuracy} | {instruction} | {change} |")
+    return "\n".join(lines)
+
+
+def expert_table(result: dict[str, Any]) -> str:
+    """V2 with and without the OCR expert's reading as context (`benchmarks.quality --experiment expert`)."""
+    settings = result["settings"]
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {_machine(result)}.  ",
+        f'V2 on "which word is written" questions, {settings["steps"]} steps × batch {settings["batch_size"]} '
+        f"({settings['train_size']} training questions, {settings['eval_size']} held out); expert: "
+        f"{settings['expert']}, which reads {result['ocr_exact_held_out']:.0%} of the held-out words exactly "
+        f"({result['ocr_wall_s']:.0f} s for all the images)."
+        + (f" Lift at the end: {result['lift']:+.2f}." if result["lift"] is not None else ""),
+        "",
+        "| arm | accuracy by step | final |",
+        "|---|---|---:|",
+    ]
+    for name, run in result["runs"].items():
+        accuracy = " ".join(f"{p['step']}:{p['accuracy']:.2f}" for p in run["curve"])
+        lines.append(f"| {name} | {accuracy} | {run['final_accuracy']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> str:
     parts = []
     for name in ("speed_smollm2_cpu.json", "speed_7b_cuda.json"):
@@ -255,6 +297,13 @@ def main() -> str:
         names = [p.stem for p in sorted(RESULTS_DIR.glob("quality_*.json"))]
         plots = "".join(f"![{n}](results/{n}.png)\n" for n in names)
         parts.append("### Learning quality\n\n" + plots + "\n" + quality_tables(vqas, instruction))
+    for name, title, table in (
+        ("quality_joint.json", "V2's joint training against staged training", joint_table),
+        ("quality_expert.json", "V2 with an OCR expert", expert_table),
+    ):
+        result = _load(name)
+        if result:
+            parts.append(f"### {title}: `{name}`\n\n" + table(result))
     ablation = _load("ablation_v2_merged_generate.json")
     if ablation:
         rows = "\n".join(

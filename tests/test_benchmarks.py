@@ -199,3 +199,36 @@ def test_blind_baseline_never_reads_the_image_and_lavin_does():
         with torch.no_grad():
             a, b = (method.logits(batch | {"pixel_values": image}, 2) for image in images)
         assert torch.equal(a, b) is not reads, name
+
+
+def test_routing_summary_reads_lavins_routes_and_how_far_its_up_paths_are_apart():
+    """`quality.routing_summary`, the retention diagnostic: at init (both up-paths zero) the paths are not apart at
+    all; the text and image rows are LaVIN's own `modality_routing`; other methods give nothing."""
+    from conftest import config_for, model_for
+
+    from benchmarks import quality
+    from benchmarks.quality_methods import Method
+
+    model = model_for("lavin-image", init_weights=True)
+    summary = quality.routing_summary(Method("lavin", model, multimodal=True))
+    routes = torch.stack(list(model.base_model.modality_routing().values()))  # (adapters, modality, path)
+    assert summary["up_paths_apart"] == 0.0
+    assert summary["route_text_w0"] == pytest.approx(float(routes[:, 0, 0].mean()))
+    assert summary["route_image_w0"] == pytest.approx(float(routes[:, 1, 0].mean()))
+    assert summary["route_gap_max"] == pytest.approx(float((routes[:, 1, 0] - routes[:, 0, 0]).abs().max()))
+    apart = quality.routing_summary(Method("lavin", model_for("lavin-image"), multimodal=True))["up_paths_apart"]
+    assert 0 < apart < 2  # random non-identity paths differ
+    assert quality.routing_summary(Method("v2", model_for("v2-image"), multimodal=True)) == {}
+    assert config_for("lavin-image").temperature == 10.0  # the official 7B value the retention runs compare with
+
+
+def test_a_second_stage_counts_on_from_the_first():
+    from benchmarks import quality
+
+    last = {"step": 80, "train_wall_s": 10.0, "train_cpu_s": 9.0, "accuracy": 0.5}
+    point = {"step": 40, "train_wall_s": 4.0, "train_cpu_s": 3.0, "accuracy": 0.7}
+    assert quality.continued(point, last) == {"step": 120, "train_wall_s": 14.0, "train_cpu_s": 12.0, "accuracy": 0.7}
+    args = quality.parse_args(["--set", "temperature=1.0", "adapter_dim=4", "vision_model=abc"])
+    assert args.overrides == {"temperature": 1.0, "adapter_dim": 4, "vision_model": "abc"}
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--set", "temperature"])

@@ -3,6 +3,7 @@ the instruction group, in one `Trainer` run (`peft_mma.llama_adapter_v2.joint`).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import config_for, tiny_llama
 from peft import get_peft_model
@@ -10,7 +11,7 @@ from stand_in_tokenizer import word_tokenizer
 from transformers import TrainerCallback, TrainingArguments
 
 from peft_mma.data.collator import CausalLMCollator
-from peft_mma.llama_adapter_v2.joint import JointTrainer, joint_parameter_groups
+from peft_mma.llama_adapter_v2.joint import JointTrainer, joint_parameter_groups, modality_parts, training_only
 
 
 def tiny_v2():
@@ -81,3 +82,29 @@ def test_each_group_moves_only_on_its_kind_of_sample(tmp_path):
     assert moved(0) == visual  # image samples: the whole visual group, nothing else
     assert moved(1) == set(recorder.states[0]) - visual  # text samples: the whole instruction group
     assert moved(2) == set(recorder.states[0])  # a mixed batch: both, each from its own samples
+
+
+def test_the_helpers_give_a_custom_loop_the_same_split(tmp_path):
+    """`modality_parts` + `training_only`, as the module docstring's custom loop uses them: each part's gradient
+    reaches its own group only, and the frozen group is trainable again after the block, also after an error."""
+    model = tiny_v2()
+    texts = ["What is shown ?", "a cat", "Say hello .", "hello"]
+    image = {"prompt": texts[0], "response": texts[1], "image": torch.randn(3, 28, 28)}
+    text = {"prompt": texts[2], "response": texts[3]}
+    batch = CausalLMCollator(word_tokenizer(texts=texts, add_bos=True), image_size=28)([text, image, text])
+    parts = modality_parts(batch)
+    assert [group for group, _ in parts] == ["visual", "instruction"]
+    assert len(parts[0][1]["input_ids"]) == 1 and len(parts[1][1]["input_ids"]) == 2
+    assert "pixel_values" not in parts[1][1] and "has_image" not in parts[1][1]
+    groups = joint_parameter_groups(model)
+    for group, part in parts:
+        model.zero_grad(set_to_none=True)
+        with training_only(groups, group):
+            model(**part).loss.backward()
+        other = "instruction" if group == "visual" else "visual"
+        assert all(p.grad is not None for p in groups[group]), group
+        assert all(p.grad is None for p in groups[other]), group
+    with pytest.raises(RuntimeError, match="boom"), training_only(groups, "visual"):
+        assert not any(p.requires_grad for p in groups["instruction"])
+        raise RuntimeError("boom")
+    assert all(p.requires_grad for params in groups.values() for p in params)

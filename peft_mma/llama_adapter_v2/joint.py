@@ -8,14 +8,24 @@ runs the two as sequential stages instead; `JointTrainer` runs them in one `Trai
     trainer = JointTrainer(model=model, args=args, train_dataset=mixed, data_collator=collator)
     trainer.train()
 
-Each micro-batch is split into its image samples and its text-only samples (`has_image`), and each part's backward
-reaches only its own group (the other group's `requires_grad` is off for that part). A group that saw no data in an
-optimizer step has no gradient and does not move at all (AdamW skips it). One process; several processes are not
-tested with it yet.
+Each micro-batch is split into its image samples and its text-only samples (`modality_parts`), and each part's
+backward reaches only its own group (`training_only`: the other group's `requires_grad` is off for that part). A
+group that saw no data in an optimizer step has no gradient and does not move at all (AdamW skips it). A custom
+training loop does the same with the two helpers:
+
+    groups = joint_parameter_groups(model)
+    for group, part in modality_parts(batch):
+        with training_only(groups, group):
+            model(**part).loss.backward()
+    optimizer.step()
+
+One process; several processes are not tested with it yet.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,6 +54,38 @@ def joint_parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     }
 
 
+def modality_parts(inputs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A collated batch split by `has_image`: ("visual", its image samples) and ("instruction", its text-only
+    samples, without image inputs), each present only where the batch has such samples. A batch without `has_image`
+    is all image samples when it has `pixel_values`, else all text."""
+    flags = inputs.get("has_image")
+    if flags is None:
+        flags = torch.full((len(inputs["input_ids"]),), "pixel_values" in inputs)
+    parts = []
+    for group, rows in (("visual", flags.bool()), ("instruction", ~flags.bool())):
+        if not bool(rows.any()):
+            continue
+        part = {k: v[rows.to(v.device)] if _per_sample(v, rows) else v for k, v in inputs.items()}
+        if group == "instruction":  # text-only samples: no images at all
+            part = {k: v for k, v in part.items() if k not in ("pixel_values", "has_image")}
+        parts.append((group, part))
+    return parts
+
+
+@contextmanager
+def training_only(groups: dict[str, list[nn.Parameter]], group: str) -> Iterator[None]:
+    """Inside the block only `group` of `groups` (`joint_parameter_groups`) requires gradients; the other group is
+    frozen, and unfrozen again on leaving, also on an error."""
+    frozen = [p for name, params in groups.items() if name != group for p in params]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 class JointTrainer(Trainer):
     """A `transformers.Trainer` for `joint_parameter_groups`: image samples update the visual group, text-only
     samples the instruction group, in one run (module docstring)."""
@@ -52,30 +94,12 @@ class JointTrainer(Trainer):
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
         groups = joint_parameter_groups(model)
-        flags = inputs.get("has_image")
-        if flags is None:
-            flags = torch.full((len(inputs["input_ids"]),), "pixel_values" in inputs)
         loss = None
-        for group, rows in (("visual", flags.bool()), ("instruction", ~flags.bool())):
-            if not bool(rows.any()):
-                continue
-            part = {k: v[rows.to(v.device)] if _per_sample(v, rows) else v for k, v in inputs.items()}
-            if group == "instruction":  # text-only samples: no images at all
-                part = {k: v for k, v in part.items() if k not in ("pixel_values", "has_image")}
-            loss_part = self._step_on(model, groups, group, part, num_items_in_batch)
+        for group, part in modality_parts(inputs):
+            with training_only(groups, group):
+                loss_part = super().training_step(model, part, num_items_in_batch)
             loss = loss_part if loss is None else loss + loss_part
         return loss
-
-    def _step_on(self, model, groups, group: str, inputs: dict, num_items_in_batch) -> torch.Tensor:
-        """`Trainer.training_step` on `inputs` with only `group`'s parameters requiring gradients."""
-        frozen = groups["instruction" if group == "visual" else "visual"]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
 
 
 def _per_sample(value: Any, rows: torch.Tensor) -> bool:
