@@ -367,16 +367,16 @@ def run_joint(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
             instruction = text_loss(method, held_out_texts, collator, 16)
             return vqa_accuracy(method, held_out, collator, letters, 16) | {"instruction_loss": instruction}
 
-        common = (collator, args.batch_size, lr, args.seed, evaluate, args.eval_every)
+        common = (args.batch_size, lr, args.seed, evaluate, args.eval_every)
         if arm == "staged":  # the visual group on images, then the instruction group on texts: two optimizers
             half = steps // 2
-            curve = train(method, images, collator, half, *common[1:], lambda d: [("visual", d)], groups)
-            second = train(method, texts, collator, steps - half, *common[1:], lambda d: [("instruction", d)], groups)
+            curve = train(method, images, collator, half, *common, lambda d: [("visual", d)], groups)
+            second = train(method, texts, collator, steps - half, *common, lambda d: [("instruction", d)], groups)
             curve += [continued(point, curve[-1]) for point in second[1:]]
         else:
             mixed = images + texts
             split = modality_parts if arm == "joint" else None
-            curve = train(method, mixed, collator, steps, *common[1:], split, groups)
+            curve = train(method, mixed, collator, steps, *common, split, groups)
         after = prose_loss(method, prose, args.batch_size)
         runs[arm] = summarize_vqa(arm, lr, curve, before[0], after, count_trainable(method))
         runs[arm] |= {"instruction_loss_before": before[1], "instruction_loss_after": curve[-1]["instruction_loss"]}

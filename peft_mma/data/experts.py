@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, ImageStat
 
 from .templates import context_with_experts
 
@@ -68,7 +68,7 @@ class TesseractOCR:
     def page(self, image: Any) -> Image.Image:
         """The greyscale page Tesseract reads (dark text on white)."""
         grey = _grey(image)
-        if sorted(grey.getdata())[grey.width * grey.height // 2] < 128:  # a dark background: light text
+        if ImageStat.Stat(grey).median[0] < 128:  # a dark background: light text
             grey = ImageOps.invert(grey)
         scale = max(1, -(-self.min_height // grey.height))  # ceil
         grey = grey.resize((grey.width * scale, grey.height * scale), Image.Resampling.BICUBIC)
