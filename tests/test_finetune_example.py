@@ -33,7 +33,8 @@ def small_args(finetune, tmp_path, *extra):
 
 def test_parse_args_defaults(finetune):
     args = finetune.parse_args([])
-    assert (args.method, args.steps, args.batch_size, args.output_dir) == ("adapter-v2", 30, 4, "out/adapter-v2")
+    assert (args.method, args.steps, args.batch_size, args.output_dir) == ("adapter-v2", 80, 8, "out/adapter-v2")
+    assert args.tasks == ["last_word", "reverse", "sort"] and args.lr == 3e-3
 
 
 def test_evaluate_loss_is_the_token_mean_cross_entropy(finetune):
@@ -99,3 +100,13 @@ def test_job_with_llama_adapter_v2_on_smollm2(finetune, smollm2, tmp_path):
     args = small_args(finetune, tmp_path, "--steps", "4", "--train-size", "16", "--max-length", "96")
     result = finetune.run(copy.deepcopy(base), tokenizer, finetune.build_peft_config("adapter-v2"), args)
     assert result["loss_after"] < result["loss_before"] and result["reload_max_diff"] <= 1e-5
+
+
+def test_the_tasks_option_picks_the_procedural_tasks(finetune):
+    from peft_mma.data.procedural import TASKS
+
+    train, held_out = finetune.build_datasets(12, 6, tasks=["reverse", "sort"])
+    wanted = {TASKS["reverse"][0], TASKS["sort"][0]}
+    assert {s["instruction"] for s in train} == wanted and {s["instruction"] for s in held_out} == wanted
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--tasks", "no_such_task"])
