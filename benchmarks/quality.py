@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ from peft_mma.llama_adapter_v2.joint import joint_parameter_groups, modality_par
 from peft_mma.utils import warmup_cosine
 
 from .common import RESULTS_DIR, load_average, machine_info, write_json
-from .quality_methods import ENCODERS, TEXT_METHODS, VQA_METHODS, Method, build_method, encoder
+from .quality_methods import ENCODERS, TEXT_METHODS, VQA_METHODS, Encoder, Method, build_method, encoder
 
 DEFAULT_LR = {"lavin": 2e-3, "v2": 2e-3, "lora_projector": 2e-3, "blind": 2e-3, "v2_bias_scale": 5e-3, "lora_qv": 2e-3}
 TEXT_LOSS_GOAL = 0.02  # the prose loss may rise by at most 2 % after multimodal tuning
@@ -278,13 +279,28 @@ def bos_first(bos: str):
     return prompt_fn
 
 
-def vqa_collator(tokenizer, vision) -> CausalLMCollator:
-    """The collator of the visual QA experiments: left padding, `vision`'s image size, and a BOS in front of every
-    prompt where the tokenizer adds none (SmolLM2): the [BOS, image, text] layout."""
+@dataclass
+class VisualQA:
+    """What every visual QA experiment measures with: the frozen encoder, the held-out questions, the held-out prose,
+    the collator (left padding, the encoder's image size, and a BOS in front of every prompt where the tokenizer adds
+    none, as SmolLM2: the [BOS, image, text] layout) and the answer letters."""
+
+    vision: Encoder
+    held_out: list[dict]
+    prose: torch.Tensor
+    collator: CausalLMCollator
+    letters: tuple[list[int], int]
+
+
+def visual_qa(tokenizer, args: argparse.Namespace, questions: Sequence[str]) -> VisualQA:
+    vision = encoder(args.encoder, seed=args.seed)
+    held_out = scene_qa_dataset(
+        args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=questions
+    )
     collator = CausalLMCollator(tokenizer, max_length=128, padding_side="left", image_size=vision.image_size)
     if not collator.bos and tokenizer.bos_token:
         collator.prompt_fn = bos_first(tokenizer.bos_token)
-    return collator
+    return VisualQA(vision, held_out, general_text(tokenizer), collator, letter_ids(tokenizer))
 
 
 def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) -> dict[str, Any]:
@@ -293,17 +309,12 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
     text_share = text_share if args.text_share is None else args.text_share
     if not 0 <= text_share < 1:
         raise ValueError(f"`--text-share` must be in [0, 1), got {text_share}.")
-    vision = encoder(args.encoder, seed=args.seed)
     questions = args.questions
+    qa = visual_qa(tokenizer, args, questions)
+    vision, held_out, prose, collator, letters = qa.vision, qa.held_out, qa.prose, qa.collator, qa.letters
     train_set = scene_qa_dataset(args.train_size, seed=args.seed, image_size=vision.image_size, questions=questions)
     text_count = round(args.train_size * text_share / (1 - text_share))
     train_set += instruction_dataset(text_count, seed=args.seed, split="train") if text_count else []
-    held_out = scene_qa_dataset(
-        args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=questions
-    )
-    prose = general_text(tokenizer)
-    collator = vqa_collator(tokenizer, vision)
-    letters = letter_ids(tokenizer)
     steps = args.steps or 240
     runs = {}
     for name in args.methods or VQA_METHODS:
@@ -341,17 +352,12 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
 
 def run_joint(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
     """V2's parameter groups trained jointly, staged and together at equal steps (the module docstring)."""
-    vision = encoder(args.encoder, seed=args.seed)
     questions = args.questions
+    qa = visual_qa(tokenizer, args, questions)
+    vision, held_out, prose, collator, letters = qa.vision, qa.held_out, qa.prose, qa.collator, qa.letters
     images = scene_qa_dataset(args.train_size, seed=args.seed, image_size=vision.image_size, questions=questions)
     texts = instruction_dataset(args.train_size, seed=args.seed, split="train")
-    held_out = scene_qa_dataset(
-        args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=questions
-    )
     held_out_texts = instruction_dataset(48, seed=args.seed, split="eval")
-    prose = general_text(tokenizer)
-    collator = vqa_collator(tokenizer, vision)
-    letters = letter_ids(tokenizer)
     steps = args.steps or 240
     lr = args.lr or DEFAULT_LR["v2"]
     runs = {}
@@ -404,18 +410,15 @@ def run_expert(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
     """V2 on "which word is written" questions with and without the OCR expert's reading as context, at equal steps
     (`peft_mma.data.experts`; the module docstring)."""
     ocr = TesseractOCR()
-    vision = encoder(args.encoder, seed=args.seed)
+    qa = visual_qa(tokenizer, args, ["word"])
+    vision, held_out, prose, collator, letters = qa.vision, qa.held_out, qa.prose, qa.collator, qa.letters
     steps = args.steps or 120
     count = min(args.train_size, steps * args.batch_size)  # the samples the steps draw, each read once by the OCR
     plain = scene_qa_dataset(count, seed=args.seed, image_size=vision.image_size, questions=["word"])
-    held_out = scene_qa_dataset(
-        args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=["word"]
-    )
     started = time.perf_counter()
     read, held_out_read = with_experts(plain, {"OCR": ocr}), with_experts(held_out, {"OCR": ocr})
     ocr_wall_s = time.perf_counter() - started  # Tesseract runs in its own processes
     right = [s["context"].upper() == f"OCR: {s['scene'].attributes['word']}" for s in held_out_read if s["context"]]
-    prose, collator, letters = general_text(tokenizer), vqa_collator(tokenizer, vision), letter_ids(tokenizer)
     lr = args.lr or DEFAULT_LR["v2"]
     runs = {}
     arms = {"without": (plain, held_out), "with_ocr": (read, held_out_read)}
@@ -464,8 +467,8 @@ def continued(point: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
 def routing_summary(method: Method) -> dict[str, float]:
     """LaVIN's routing per modality (`LaVINModel.modality_routing`), averaged over its decoder adapters: the weight
     of the first up-path for the text and the image token, their largest gap over the adapters, and how far the two
-    up-paths have grown apart, ‖B − D‖ / (‖B‖ + ‖D‖) over all adapters (0 while they are equal). {} for other
-    methods."""
+    up-paths have grown apart, √(Σ ‖B − D‖²) / √(Σ (‖B‖ + ‖D‖)²) summed over every adapter's weights and biases (0
+    while they are equal). {} for other methods."""
     model = method.model.base_model
     if not hasattr(model, "modality_routing"):
         return {}

@@ -20,6 +20,11 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _provenance(result: dict[str, Any], after_command: str = "") -> list[str]:
+    """The two lines above every table: the command that made `result` (then `after_command`) and its machine."""
+    return [f"Command: `{result['command']}`{after_command}  ", f"Machine: {_machine(result)}.  "]
+
+
 def _machine(result: dict[str, Any]) -> str:
     m = result["machine"]
     load = f"load average {m['load_average']} at start, {result.get('load_after')} at the end"
@@ -42,8 +47,7 @@ def speed_tables(result: dict[str, Any]) -> str:
     metric = result.get("decisive_metric", "ratio_wall")
     spread = metric.replace("ratio_", "ratios_")
     lines = [
-        f"Command: `{result['command']}`  ",
-        f"Machine: {_machine(result)}.  ",
+        *_provenance(result),
         f"Setting: {result['preset']}, {result['dtype']}, batch {result['settings']['batch']} × "
         f"{result['settings']['seq_len']} tokens (train), {result['settings']['gen_prompt']} prompt + "
         f"{result['settings']['gen_new']} new tokens (generate), {result['rounds']} rounds. Ratios are medians of "
@@ -84,8 +88,7 @@ def compiled_table(compiled: dict[str, Any], eager: dict[str, Any] | None) -> st
     metric = compiled.get("decisive_metric", "ratio_wall")
     spread = metric.replace("ratio_", "ratios_")
     lines = [
-        f"Command: `{compiled['command']}`" + (f" (eager: `{eager['command']}`)" if eager else "") + "  ",
-        f"Machine: {_machine(compiled)}.  ",
+        *_provenance(compiled, f" (eager: `{eager['command']}`)" if eager else ""),
         f"Each ratio divides by the floor run the same way (eager ÷ eager floor, compiled ÷ compiled floor); "
         f"`{metric}`, medians of A-B-A paired ratios over {compiled['rounds']} rounds; the compiling warm-up round "
         "is not timed.",
@@ -148,8 +151,7 @@ def dispatch_table(result: dict[str, Any]) -> str:
     models = result["models"]
     floor = models.get("plain")
     lines = [
-        f"Command: `{result['command']}`  ",
-        f"Machine: {_machine(result)}.  ",
+        *_provenance(result),
         "One train step each, run alone (not interleaved, so wall ratios are noisier than the speed tables'); "
         "ratios ÷ the floor (`plain`).",
         "",
@@ -182,8 +184,7 @@ def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | Non
         settings = vqa["settings"]
         text_only = settings.get("text_only_train_samples", 0)
         lines += [
-            f"Command: `{vqa['command']}`  ",
-            f"Machine: {_machine(vqa)}.  ",
+            *_provenance(vqa),
             f"Visual QA: {settings['steps']} steps × batch {settings['batch_size']}, held-out {settings['eval_size']} "
             f"questions, {_encoder(settings)}; {text_only} of the {settings['train_size'] + text_only} "
             "tuning samples are text only. Prose loss: held-out English prose, text only (goal ≤ +2 %).",
@@ -212,8 +213,7 @@ def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | Non
         settings = instruction["settings"]
         lines += [
             "",
-            f"Command: `{instruction['command']}`  ",
-            f"Machine: {_machine(instruction)}.  ",
+            *_provenance(instruction),
             f"Instructions: {settings['steps']} steps × batch {settings['batch_size']}, "
             f"held-out {settings['eval_size']}.",
             "",
@@ -234,8 +234,7 @@ def joint_table(result: dict[str, Any]) -> str:
     """LLaMA-Adapter V2's joint training against the staged one (`benchmarks.quality --experiment joint`)."""
     settings = result["settings"]
     lines = [
-        f"Command: `{result['command']}`  ",
-        f"Machine: {_machine(result)}.  ",
+        *_provenance(result),
         f"V2, {settings['steps']} steps × batch {settings['batch_size']}: {settings['image_train_samples']} image "
         f"questions ({', '.join(settings['questions'])}) and {settings['text_train_samples']} instructions; "
         f"held-out {settings['eval_size']} questions and {settings['instruction_eval_size']} instructions.",
@@ -255,8 +254,7 @@ def expert_table(result: dict[str, Any]) -> str:
     """V2 with and without the OCR expert's reading as context (`benchmarks.quality --experiment expert`)."""
     settings = result["settings"]
     lines = [
-        f"Command: `{result['command']}`  ",
-        f"Machine: {_machine(result)}.  ",
+        *_provenance(result),
         f'V2 on "which word is written" questions, {settings["steps"]} steps × batch {settings["batch_size"]} '
         f"({settings['train_size']} training questions, {settings['eval_size']} held out); expert: "
         f"{settings['expert']}, which reads {result['ocr_exact_held_out']:.0%} of the held-out words exactly "
