@@ -8,18 +8,14 @@ sample from its own normalised input at that token:
     w_l(m) = softmax((W_m t_l(m) + b_m) / τ)    # (2,) per layer, per modality
 
 Here the token is position 0 of the same model call (`lavin.inputs`): other tokens see it as padding, and its own
-attention row is `modality_token_attention`, so it costs no extra pass through the decoder.
+attention row is `modality_token_attention`, so it costs no extra pass through the decoder. The weights are computed
+inside each adapter's autograd node, `lavin.function.RoutedAdapter`, which routes the vision encoder's adapters per
+token from the same equation.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-
-def route(router: nn.Linear, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    """w = softmax(router(t) / τ): (..., C) → (..., 2)."""
-    return torch.softmax(router(t) / temperature, dim=-1)
 
 
 def modality_token_attention(output: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

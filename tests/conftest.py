@@ -253,3 +253,13 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def top_level_ops(fn) -> list[str]:
+    """The aten ops `fn()` dispatches that no other aten op called (what a GPU host launches one by one)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    return [e.name for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import lavin_batch, tiny_lavin, tiny_llama
+from conftest import lavin_batch, tiny_lavin, tiny_llama, top_level_ops
 from peft import get_peft_model
 from reference.lavin_ref import adapter_tensors, dense_up, official_logits, vision_tokens
 
@@ -151,11 +151,13 @@ def test_vision_tokens_match_reference_and_do_not_couple_images():
     torch.testing.assert_close(alone[0], batched[1], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("routed", [True, False], ids=["routed-from-the-token", "given-weights"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])
+@pytest.mark.parametrize("routed", [True, False], ids=["routed", "given-weights"])
 @pytest.mark.parametrize("scale, p", [(1.0, 0.0), (0.5, 0.3)])
-def test_routed_adapter_node_has_the_gradients_of_its_formula(routed, scale, p):
+def test_routed_adapter_node_has_the_gradients_of_its_formula(per_token, routed, scale, p):
     """`RoutedAdapter`'s hand-written backward against finite differences (float64, `torch.autograd.gradcheck`),
-    with and without dropout (the same mask in every evaluation), and its value against the plain formula."""
+    with and without dropout (the same mask in every evaluation), routing each sample from its modality token x[:, 0]
+    or each token from itself, and its value against the plain formula."""
     from peft_mma.lavin.function import RoutedAdapter
 
     generator = torch.Generator().manual_seed(0)
@@ -166,17 +168,59 @@ def test_routed_adapter_node_has_the_gradients_of_its_formula(routed, scale, p):
     x, down_w, down_b = rand(2, 5, 8), rand(4, 8), rand(4)
     ups = [rand(2, 4, 2), rand(8), rand(2, 4, 2), rand(8)]  # B, b, D, d with g = 2 groups: (2, 4, 2) each
     router_w, router_b = rand(2, 8, std=2.0), rand(2)
-    given = None if routed else torch.tensor([[0.3, 0.7], [0.9, 0.1]], dtype=torch.float64)
+    given = None
+    if not routed:
+        given = torch.rand(2, 5, 2, generator=generator, dtype=torch.float64) if per_token else torch.rand(2, 2)
+        given = given / given.sum(-1, keepdim=True)
 
     def adapter(*inputs):
         torch.manual_seed(1)  # the same dropout mask in every evaluation
-        return RoutedAdapter.apply(*inputs, 5.0, scale, p, given)[0]
+        return RoutedAdapter.apply(*inputs, 5.0, scale, p, per_token, given)[0]
 
     inputs = (x, down_w, down_b, *ups, router_w, router_b)
     assert torch.autograd.gradcheck(adapter, inputs, eps=1e-6, atol=1e-6)
     if p == 0:
-        w = torch.softmax((x[:, 0] @ router_w.T + router_b) / 5.0, -1) if routed else given
+        t = x if per_token else x[:, :1]  # (2, 5 or 1, 8)
+        w = torch.softmax((t @ router_w.T + router_b) / 5.0, -1) if routed else given.view(2, -1, 2).double()
         z = x @ down_w.T + down_b
         paths = [z @ dense_up(ups[i]).T + ups[i + 1] for i in (0, 2)]
-        expected = x + scale * (w[:, None, :1] * paths[0] + w[:, None, 1:] * paths[1])
+        expected = x + scale * (w[..., :1] * paths[0] + w[..., 1:] * paths[1])
         torch.testing.assert_close(adapter(*inputs), expected, atol=1e-12, rtol=0)
+
+
+def test_routed_adapter_packs_and_unpacks_its_paths():
+    """`paths` writes B, b, D, d as the two (h + 1, C) matrices [B_denseᵀ; bᵀ], [D_denseᵀ; dᵀ]; `path_grads` reads
+    the parameters' entries back (g = 4 groups of 3 × 2 blocks, C = 12, h = 8)."""
+    from peft_mma.lavin.function import path_grads, paths
+
+    up0_w, up0_b, up1_w, up1_b = torch.randn(4, 3, 2), torch.randn(12), torch.randn(4, 3, 2), torch.randn(12)
+    packed, scatter = paths(up0_w, up0_b, up1_w, up1_b)
+    assert packed.shape == (2, 9 * 12)
+    for got, (weight, bias) in zip(packed.view(2, 9, 12), [(up0_w, up0_b), (up1_w, up1_b)]):
+        torch.testing.assert_close(got, torch.cat([dense_up(weight).T, bias[None]]), atol=0, rtol=0)
+    back = path_grads(packed, scatter, up0_w.shape)
+    for got, want in zip(back, (up0_w, up0_b, up1_w, up1_b)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])
+def test_routed_adapter_node_dispatches_few_ops(per_token):
+    """One decoder adapter in training (routing, dropout) is 14 ops forward and 27 backward, an encoder adapter
+    (per-token routing) 17 and 30: on a GPU a step costs what it dispatches (`benchmarks/README.md`, "Ops per train
+    step"), and these counts are what the decoder's 59 ops per layer are made of."""
+    from peft_mma.lavin.function import RoutedAdapter
+
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    shapes = [(4, 8), (4,), (2, 4, 2), (8,), (2, 4, 2), (8,), (2, 8), (2,)]  # A, a, B, b, D, d, W_m, b_m
+    params = [torch.randn(shape, requires_grad=True) for shape in shapes]
+
+    def run():
+        outputs["out"] = RoutedAdapter.apply(x, *params, 10.0, 1.0, 0.1, per_token, None)[0]
+
+    outputs = {}
+    run()  # builds the paths' index tensors once (cached per shape and device)
+    forward = top_level_ops(run)
+    grad = torch.ones_like(x)
+    backward = top_level_ops(lambda: torch.autograd.grad(outputs["out"], [x, *params], grad))
+    assert len(forward) <= (17 if per_token else 14), forward
+    assert len(backward) <= (30 if per_token else 27), backward  # nothing for the 8 gradients' `detach`

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import V2_VISION, tiny_llama, token_ids
+from conftest import V2_VISION, tiny_llama, token_ids, top_level_ops
 from peft import get_peft_model
 from reference.llama_adapter_v2_ref import reference_logits_from_model, reference_visual_bridge
 
@@ -182,16 +182,6 @@ def test_scaled_linear_node_has_the_gradients_of_its_formula(output_side, with_b
     torch.testing.assert_close(layer(*inputs), expected, atol=1e-12, rtol=0)
 
 
-def _top_level_ops(fn) -> list[str]:
-    """The aten ops `fn()` dispatches that no other aten op called (what a GPU host launches one by one)."""
-    from torch.profiler import profile
-
-    with profile() as prof:
-        fn()
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
-    return [e.name for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
-
-
 def test_the_tuned_norm_costs_one_op_over_the_base_norm_and_equals_its_formula():
     """(w + Δ) ⊙ n(x) on LlamaRMSNorm's own normalisation: at most one op (w + Δ) over the base norm's forward (fewer
     where the base casts to its own dtype), one more for a second adapter (Δ₁ + Δ₂, no `0 + Δ`), and the formula's
@@ -200,11 +190,11 @@ def test_the_tuned_norm_costs_one_op_over_the_base_norm_and_equals_its_formula()
     norm = next(m for m in model.modules() if isinstance(m, Norm))
     base = norm.get_base_layer()
     x = torch.randn(2, 5, base.weight.shape[0], requires_grad=True)
-    one = _top_level_ops(lambda: norm(x))
-    assert len(one) <= len(_top_level_ops(lambda: base(x))) + 1 and one.count("aten::add") == 2  # ε, w + Δ
+    one = top_level_ops(lambda: norm(x))
+    assert len(one) <= len(top_level_ops(lambda: base(x))) + 1 and one.count("aten::add") == 2  # ε, w + Δ
     model.add_adapter("other", LlamaAdapterV2Config(init_weights=False))
     model.base_model.set_adapter(["default", "other"])
     deltas = norm.mma_adapter_v2_norm["default"] + norm.mma_adapter_v2_norm["other"]
-    assert len(_top_level_ops(lambda: norm(x))) == len(one) + 1
+    assert len(top_level_ops(lambda: norm(x))) == len(one) + 1
     expected = (base.weight + deltas) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + base.variance_epsilon)
     torch.testing.assert_close(norm(x), expected, atol=1e-6, rtol=1e-6)

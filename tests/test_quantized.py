@@ -47,8 +47,24 @@ def quantized_state(model) -> dict[str, torch.Tensor]:
 
 
 def logits(model, **kwargs) -> torch.Tensor:
+    kwargs.setdefault("input_ids", IDS.to(model.device))
     with torch.no_grad():
-        return model(input_ids=IDS.to(model.device), **kwargs).logits.cpu()
+        return model(**kwargs).logits.cpu()
+
+
+def logits_as_lavin_calls(model) -> torch.Tensor:
+    """The base's logits on `IDS` with one more position in front, masked as padding, and the text's own positions:
+    how LaVIN calls the LLaMA (its modality token, `lavin.inputs`). Other tokens never see that position, yet the
+    base's kernels round by sequence length (≈1e-7 between an 8- and a 9-position call, 4-bit or fp32), so LaVIN's
+    identity at init is exact against this call, not against the plain 8-position one."""
+    ids = torch.cat([torch.full((len(IDS), 1), 3), IDS], dim=1)
+    mask = torch.ones_like(ids)
+    mask[:, 0] = 0
+    positions = torch.cat([torch.zeros(len(IDS), 1, dtype=torch.long), torch.arange(IDS.shape[1]).expand_as(IDS)], 1)
+    device = model.device
+    return logits(model, input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))[
+        :, 1:
+    ]
 
 
 def fp32_quantization_error(base_dir: str, kind: str, device: str = "cpu") -> float:
@@ -70,7 +86,7 @@ def test_identity_train_and_reload(base_dir, tmp_path, kind, method, device):
     base = prepare_model_for_kbit_training(load_quantized(base_dir, kind, device), use_gradient_checkpointing=False)
     model = get_peft_model(base, CONFIGS[method]()).eval()
     with model.disable_adapter():
-        expected = logits(model)
+        expected = logits(model) if method == "v2" else logits_as_lavin_calls(model)
     assert (logits(model) - expected).abs().max().item() == 0.0
 
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

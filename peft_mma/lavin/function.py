@@ -1,78 +1,142 @@
-"""The decoder MM-adapter with per-sample routing as one autograd node (`lavin_mma.md` §2, §3; DESIGN decision 9).
+"""The MM-adapter with its routing as one autograd node (`lavin_mma.md` §2, §3; DESIGN decision 9).
 
-    w   = softmax((W_m x₀ + b_m) / τ)                  x₀ = x[:, 0], the modality token; w: (B, 2)
+    w   = softmax((W_m t + b_m) / τ)                   t: the routing input (below); w: (B, 2) or (B, T, 2)
     z   = Dropout(A x + a)                             (B, T, h)
     out = x + s·w0·(B z + b) + s·w1·(D z + d)          B, D: block-diagonal, g groups of (C/g × h/g)
 
-computed as out = x + c_b + z U_b with the paths mixed in weight space per sample, U_b = s·(w0·B + w1·D) written out
-as a dense (h, C) block-diagonal matrix (one batched matmul; at h = 8 the zero blocks cost less than regrouping z) and
-c_b = s·(w0·b + w1·d), and differentiated by hand. Autograd would record some twenty nodes per layer for this; on a
-GPU a training step is bound by dispatching ops, so one node with a short backward is what the adapter costs. The
-values and gradients are those of the plain formula (tests compare them with autograd's).
+Routing input t: the modality token x[:, 0] of each sample in the decoder (one weight pair per sample), every token
+x itself in the vision encoder (one pair per token).
+
+Both paths written as one (h + 1, C) matrix each, P_i = [B_denseᵀ; bᵀ] and [D_denseᵀ; dᵀ] (the block-diagonal matrix
+with the bias as its last row), and z with a column of ones, z̄ = [z, 1] (B, T, h + 1):
+
+    out = x + s·w0·(z̄ P_0) + s·w1·(z̄ P_1)
+
+    per sample:  out = x + z̄ U_b,        U_b = s·(w0·P_0 + w1·P_1)   mixed in weight space, one batched matmul
+    per token:   out = x + [s·w0·z̄, s·w1·z̄] [P_0; P_1]               mixed in activation space, one matmul
+
+P = (P_0, P_1) is gathered from the four parameters in one `take` (`paths`), and its gradient scattered back in one
+(`path_grads`). Autograd would record some twenty nodes per adapter for this; on a GPU a training step is bound by
+dispatching ops, so one node with a short, hand-written backward is what the adapter costs. The values and gradients
+are those of the plain formula (tests compare them with autograd's and with finite differences).
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 
-class RoutedAdapter(torch.autograd.Function):
-    """`RoutedAdapter.apply(x, A, a, B, b, D, d, W_m, b_m, τ, s, p, given)` → (out (B, T, C), w (B, 2)); shapes as in
-    the module docstring, B and D grouped as (g, C/g, h/g), p the dropout probability in training (0: none).
+@lru_cache(maxsize=64)
+def _layout(
+    groups: int, part: int, width: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index tensors between the packed parameters and P, for g groups of (C/g × h/g) blocks, h = g·part.
 
-    `given` (B, 2): routing weights to use instead of routing from x[:, 0] (decoding steps, which hold no modality
-    token); then W_m and b_m get no gradient. `w` is returned for the call to keep, and is not differentiable.
+    The packed source is src = [B.flatten(), D.flatten(), b, d, 0] (length 2n + 2C + 1, n = C·h/g, B's entries):
+    `gather` (2, (h + 1)·C) picks P's entries from it (the last, zero, entry for the off-diagonal blocks);
+    `scatter` (2n + 2C,) is where each parameter entry sits in the flattened P, so ∂src = ∂P.take(scatter);
+    `zero` (1,) is src's last entry.
+    """
+    hidden, rows = groups * part, width // groups
+    n = groups * rows * part
+    group, row, k = torch.meshgrid(torch.arange(groups), torch.arange(rows), torch.arange(part), indexing="ij")
+    weight_at = (group * part + k) * width + group * rows + row  # W[g, j, k] sits at P[g·part + k, g·C/g + j]
+    size = (hidden + 1) * width
+    bias_at = hidden * width + torch.arange(width)  # b sits in P's last row
+    scatter = torch.cat([weight_at.flatten(), size + weight_at.flatten(), bias_at, size + bias_at])
+    gather = torch.full((2 * size,), 2 * n + 2 * width, dtype=torch.long)
+    gather[scatter] = torch.arange(2 * n + 2 * width)
+    return gather.view(2, size).to(device), scatter.to(device), torch.zeros(1, device=device, dtype=dtype)
+
+
+def paths(up0_w, up0_b, up1_w, up1_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, scatter): P = (P_0, P_1) flattened, (2, (h + 1)·C), from B, b, D, d; `scatter` for `path_grads`."""
+    groups, rows, part = up0_w.shape
+    gather, scatter, zero = _layout(groups, part, groups * rows, up0_w.device, up0_w.dtype)
+    return torch.cat([up0_w.flatten(), up1_w.flatten(), up0_b, up1_b, zero]).take(gather), scatter
+
+
+def path_grads(g_paths: torch.Tensor, scatter: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+    """∂B, ∂b, ∂D, ∂d from ∂P (2, (h + 1)·C): the entries of P that are parameters, in `paths`' order."""
+    n, width = shape.numel(), g_paths.shape[1] // (shape[0] * shape[2] + 1)
+    g_up0, g_up1, g_b0, g_b1 = g_paths.take(scatter).split([n, n, width, width])
+    return g_up0.view(shape), g_b0, g_up1.view(shape), g_b1
+
+
+class RoutedAdapter(torch.autograd.Function):
+    """`RoutedAdapter.apply(x, A, a, B, b, D, d, W_m, b_m, τ, s, p, per_token, given)` → (out (B, T, C), w); shapes
+    as in the module docstring, B and D grouped as (g, C/g, h/g), p the dropout probability in training (0: none).
+
+    `per_token`: route every token from itself (w: (B, T, 2)), else each sample from x[:, 0] (w: (B, 2)).
+    `given`: routing weights to use instead of routing (decoding steps, which hold no modality token); then W_m and
+    b_m get no gradient. `w` is returned for the call to keep, and is not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, x, down_w, down_b, up0_w, up0_b, up1_w, up1_b, router_w, router_b, tau, scale, p, given):
+    def forward(ctx, x, down_w, down_b, up0_w, up0_b, up1_w, up1_b, router_w, router_b, tau, scale, p, per_token,
+                given):  # fmt: skip
         batch, length, width = x.shape
-        groups, _, part = up0_w.shape
-        t = x[:, 0]  # (B, C): the modality token
-        if given is None:  # route from it
-            w = torch.softmax(F.linear(t, router_w, router_b) / tau, dim=-1)  # (B, 2)
+        t = x if per_token else x[:, 0]  # the routing input: (B, T, C) or (B, C)
+        if given is None:
+            w = torch.softmax(F.linear(t, router_w, router_b) / tau, dim=-1)
         else:
             w = given if given.dtype == x.dtype else given.to(x.dtype)
         z = F.linear(x, down_w, down_b)  # (B, T, h)
         keep = None
         if p > 0:
             z, keep = torch.native_dropout(z, p, True)
-        ups, biases = torch.stack([up0_w, up1_w]), torch.stack([up0_b, up1_b])  # (2, g, C/g, h/g), (2, C)
+        z1 = F.pad(z, (0, 1), value=1.0)  # z̄ = [z, 1]: (B, T, h + 1)
+        packed, scatter = paths(up0_w, up0_b, up1_w, up1_b)  # (2, (h + 1)·C)
         ws = w * scale if scale != 1.0 else w
-        mixed = (ws @ ups.flatten(1)).view(batch, groups, -1, part)  # U_b's blocks: (B, g, C/g, h/g)
-        dense = x.new_zeros(batch, groups, part, groups, width // groups)  # U_b: (B, h, C), blocks on the diagonal
-        dense.diagonal(dim1=1, dim2=3).copy_(mixed.permute(0, 3, 2, 1))
-        dense = dense.view(batch, groups * part, width)
-        c = ws @ biases  # c_b: (B, C)
-        ctx.save_for_backward(x, t, z, keep, w, ws, dense, ups, biases, down_w, router_w)
-        ctx.tau, ctx.scale, ctx.p, ctx.routed = tau, scale, p, given is None
+        if per_token:
+            mixed = (ws.unsqueeze(-1) * z1.unsqueeze(-2)).flatten(-2)  # [s·w0·z̄, s·w1·z̄]: (B, T, 2(h + 1))
+            stacked = packed.view(-1, width)  # [P_0; P_1]: (2(h + 1), C)
+            out = x + mixed @ stacked
+            saved = (mixed, stacked)
+        else:
+            mixed = (ws @ packed).view(batch, -1, width)  # U_b: (B, h + 1, C)
+            out = torch.baddbmm(x, z1, mixed)
+            saved = (mixed, packed)
+        ctx.save_for_backward(x, t, z1, keep, w, ws, *saved, scatter, down_w, router_w)
+        ctx.set_materialize_grads(False)  # `w` gets no gradient: no zeros for it
+        ctx.tau, ctx.scale, ctx.p, ctx.per_token, ctx.routed = tau, scale, p, per_token, given is None
+        ctx.up_shape = up0_w.shape
         ctx.mark_non_differentiable(w)
-        return torch.baddbmm(x + c[:, None], z, dense), w
+        return out, w
 
     @staticmethod
     def backward(ctx, grad, _):
-        x, t, z, keep, w, ws, dense, ups, biases, down_w, router_w = ctx.saved_tensors
-        batch, length, width = x.shape
-        groups, rows, part = ups.shape[1:]
-        g_dense = torch.bmm(z.transpose(1, 2), grad)  # (B, h, C)
-        g_mixed = g_dense.view(batch, groups, part, groups, rows).diagonal(dim1=1, dim2=3).permute(0, 3, 2, 1)
-        g_mixed = g_mixed.reshape(batch, -1)  # the diagonal blocks, (B, g·C/g·h/g)
-        g_z = torch.bmm(grad, dense.transpose(1, 2))  # (B, T, h)
+        if grad is None:  # `out` took no part in the loss
+            return (None,) * 14
+        x, t, z1, keep, w, ws, mixed, packed, scatter, down_w, router_w = ctx.saved_tensors
+        hidden = down_w.shape[0]
+        if ctx.per_token:  # mixed: [s·w0·z̄, s·w1·z̄] (B, T, 2(h + 1)); packed: [P_0; P_1] (2(h + 1), C)
+            g_packed = (mixed.flatten(0, 1).T @ grad.flatten(0, 1)).view(2, -1)
+            g_mixed = (grad @ packed.T).unflatten(-1, (2, -1))  # (B, T, 2, h + 1)
+            g_z = (g_mixed * ws.unsqueeze(-1)).sum(-2)[..., :hidden]
+            g_ws = (g_mixed * z1.unsqueeze(-2)).sum(-1) if ctx.routed else None  # (B, T, 2)
+        else:  # mixed: U_b (B, h + 1, C); packed: (P_0, P_1) (2, (h + 1)·C)
+            g_mixed = torch.bmm(z1.transpose(1, 2), grad).flatten(1)  # (B, (h + 1)·C)
+            g_packed = ws.T @ g_mixed
+            g_z = torch.bmm(grad, mixed[:, :hidden].transpose(1, 2))  # (B, T, h)
+            g_ws = g_mixed @ packed.T if ctx.routed else None  # (B, 2)
         if keep is not None:
             g_z = torch.ops.aten.native_dropout_backward(g_z, keep, 1.0 / (1.0 - ctx.p))
-        g_c = grad.sum(1)  # (B, C)
-        g_ups = (ws.T @ g_mixed).view(ups.shape)  # (2, g, C/g, h/g)
-        g_biases = ws.T @ g_c  # (2, C)
-        g_x = grad + torch.matmul(g_z, down_w)  # (B, T, C): the identity path and A
+        g_x = grad + g_z @ down_w  # (B, T, C): the identity path and A
         g_router_w = g_router_b = None
         if ctx.routed:
-            g_ws = g_mixed @ ups.flatten(1).T + g_c @ biases.T  # (B, 2)
             g_w = g_ws * ctx.scale if ctx.scale != 1.0 else g_ws
-            g_r = torch._softmax_backward_data(g_w, w, -1, w.dtype) / ctx.tau  # (B, 2): the router's logits
-            g_x[:, 0] += g_r @ router_w  # the modality token feeds the router
-            g_router_w, g_router_b = g_r.T @ t, g_r.sum(0)
-        g_up0, g_up1 = g_ups.unbind(0)
-        g_b0, g_b1 = g_biases.unbind(0)
-        g_down_w, g_down_b = g_z.flatten(0, 1).T @ x.flatten(0, 1), g_z.sum((0, 1))
-        return g_x, g_down_w, g_down_b, g_up0, g_b0, g_up1, g_b1, g_router_w, g_router_b, None, None, None, None
+            g_r = torch._softmax_backward_data(g_w, w, -1, w.dtype) / ctx.tau  # the router's logits
+            if ctx.per_token:
+                g_x = g_x + g_r @ router_w  # every token feeds its own router
+                g_router_w, g_router_b = torch.tensordot(g_r, t, ([0, 1], [0, 1])), g_r.sum((0, 1))
+            else:
+                g_x.select(1, 0).add_(g_r @ router_w)  # the modality token feeds the router
+                g_router_w, g_router_b = g_r.T @ t, g_r.sum(0)
+        g_down_w, g_down_b = torch.tensordot(g_z, x, ([0, 1], [0, 1])), g_z.sum((0, 1))  # Σ over (B, T)
+        g_up0, g_b0, g_up1, g_b1 = path_grads(g_packed, scatter, ctx.up_shape)
+        return (g_x, g_down_w, g_down_b, g_up0, g_b0, g_up1, g_b1, g_router_w, g_router_b,
+                None, None, None, None, None)  # fmt: skip

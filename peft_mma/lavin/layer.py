@@ -11,7 +11,6 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..attention import STATE_KWARG
-from ..router import route
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
 from .function import RoutedAdapter
 from .inputs import LaVINCall
@@ -114,14 +113,10 @@ class LaVINLayer(MMATunerLayer):
         its modality token, x[:, 0], and record the weights in `call`; on a decoding step (the call's input no
         longer holds the token) they reuse them. Both go through one autograd node, `lavin.function.RoutedAdapter`.
         """
-        if self.routing == "token":
-            w = route(self.mma_lavin_router[name], x, self.temperature[name])  # (B, T, 2)
-            z = self.mma_lavin_dropout[name](self.mma_lavin_down[name](x))  # (B, T, h)
-            up0, up1 = self.mma_lavin_up0[name], self.mma_lavin_up1[name]
-            return x + self.scale[name] * (w[..., :1] * up0(z) + w[..., 1:] * up1(z))
+        per_token = self.routing == "token"
         key = f"{self.lavin_key}.{name}"
-        given = None if call is None or call.modality_token else call.routing.get(key)
-        if call is not None and not call.modality_token and given is None:
+        given = None if per_token or call is None or call.modality_token else call.routing.get(key)
+        if not per_token and call is not None and not call.modality_token and given is None:
             raise ValueError(
                 f"No routing weights for `{key}`: the call's first forward held no modality token. Call the model "
                 "through its `PeftModel` (or `base_model`), which puts the token in front of every sequence."
@@ -132,9 +127,9 @@ class LaVINLayer(MMATunerLayer):
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         out, w = RoutedAdapter.apply(
             x, down.weight, down.bias, up0.weight, up0.bias, up1.weight, up1.bias, router.weight, router.bias,
-            self.temperature[name], self.scale[name], p, given,
+            self.temperature[name], self.scale[name], p, per_token, given,
         )  # fmt: skip
-        if call is not None and given is None:
+        if not per_token and call is not None and given is None:
             call.routing[key] = w
         return out
 
