@@ -92,6 +92,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory pass")
     parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the peak-memory pass of each train step, no timing: results/memory_<preset>_<device>.json",
+    )
+    parser.add_argument(
         "--projection",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -394,8 +399,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
-    kinds = ["train"] if args.compile else args.kinds
+    kinds = ["train"] if args.compile or args.memory_only else args.kinds
     variants = build_variants(args.variants or list(MODELS), base, preset, inputs, kinds, compile_models=args.compile)
+    if args.memory_only:
+        out = args.out or str(RESULTS_DIR / f"memory_{preset.name}_{device.type}.json")
+        return memory_only(result, variants, device, out)
     run_rounds(variants, args.rounds, device)
     result |= summarize(variants, preset)
     if not (args.no_memory or args.compile):
@@ -414,6 +422,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     path = write_json(result, args.out or default_out(preset.name, device, args.compile))
     print_summary(result)
     print(f"wrote {path}")
+    return result
+
+
+def memory_only(result: dict[str, Any], variants: dict[str, Variant], device: torch.device, out: str) -> dict:
+    """Peak training memory of every variant (after a warm-up step, which creates the optimizer state), and each
+    one's peak over its floor's, without timing anything."""
+    for variant in variants.values():
+        variant.calls["train"]()
+    result["train"] = {variant.names["train"]: {} for variant in variants.values()}
+    measure_memories(variants, result["train"], device)
+    for name, row in result["train"].items():
+        reference = result["train"].get(IMAGE_REFERENCE["train"] if name in IMAGE_VARIANTS else REFERENCE["train"])
+        if reference and row["peak_bytes"] is not None and reference["peak_bytes"] is not None:
+            row["peak_over_floor_mib"] = round((row["peak_bytes"] - reference["peak_bytes"]) / 2**20, 1)
+        peak = row["peak_bytes"] and row["peak_bytes"] / 2**20
+        print(f"  {name:20s} peak {peak} MiB, over its floor {row.get('peak_over_floor_mib')} MiB")
+    result["load_after"] = load_average()
+    print(f"wrote {write_json(result, out)}")
     return result
 
 

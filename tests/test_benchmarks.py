@@ -87,6 +87,18 @@ def test_memory_probe_reports_peak_and_saved_activations():
     assert memory["peak_bytes"] is None or memory["peak_bytes"] >= memory["before_bytes"] > 0
 
 
+def test_memory_only_reports_each_peak_over_its_floor_without_timing(tmp_path):
+    out = tmp_path / "memory.json"
+    result = speed.main(["--preset", "tiny", "--memory-only", "--variants", "plain", "v2", "--out", str(out)])
+    assert json.loads(out.read_text())["train"].keys() == {"floor", "v2"} and "generate" not in result
+    floor, v2 = result["train"]["floor"], result["train"]["v2"]
+    assert v2["saved_activation_bytes"] > floor["saved_activation_bytes"] > 0
+    if floor["peak_bytes"] is not None:  # the CPU timeline is a private profiler API: None where it is missing
+        assert floor["peak_over_floor_mib"] == 0 and v2["peak_over_floor_mib"] == round(
+            (v2["peak_bytes"] - floor["peak_bytes"]) / 2**20, 1
+        )
+
+
 def test_projection_simulates_the_recipe_from_step_times():
     text = {128: 1.0, 512: 4.0}  # seconds per micro-batch of 4
     image = {128: 2.0, 512: 5.0}

@@ -198,3 +198,25 @@ def test_the_tuned_norm_costs_one_op_over_the_base_norm_and_equals_its_formula()
     assert len(top_level_ops(lambda: norm(x))) == len(one) + 1
     expected = (base.weight + deltas) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + base.variance_epsilon)
     torch.testing.assert_close(norm(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_tuned_norm_node_keeps_its_input_not_the_normalised_one():
+    """`TunedRMSNorm`: the gradients of its formula (float64 gradcheck), LlamaRMSNorm's value and autograd's
+    gradients in fp32, and for backward it keeps only x (which the base norm keeps too), r (one value per token) and
+    w, not n(x), which would be one more tensor of the residual stream's size per norm."""
+    from peft_mma.llama_adapter_v2.function import TunedRMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: TunedRMSNorm.apply(x, w, 1e-5), (x, w))
+
+    x, w = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    y = TunedRMSNorm.apply(x, w, 1e-5)
+    expected = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.equal(y, expected)
+    saved = y.grad_fn.saved_tensors
+    assert [tuple(t.shape) for t in saved] == [(2, 5, 8), (2, 5, 1), (8,)] and saved[0].data_ptr() == x.data_ptr()
+    grad = torch.randn(y.shape, generator=generator)
+    for got, want in zip(torch.autograd.grad(y, (x, w), grad), torch.autograd.grad(expected, (x, w), grad)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -77,3 +77,34 @@ class OutputScale(torch.autograd.Function):
         grad_z = grad * s if ctx.needs_input_grad[0] else None
         grad_s = (grad * y).sum(dim=tuple(range(grad.ndim - 1))) / s if ctx.needs_input_grad[1] else None
         return grad_z, grad_s
+
+
+class TunedRMSNorm(torch.autograd.Function):
+    """`TunedRMSNorm.apply(x, w, ε)` → y = w ⊙ n(x),  n(x) = x / √(mean(x²) + ε): LlamaRMSNorm's own computation (in
+    fp32, or fp64 for fp64 x; n cast back to x's dtype) with a trainable weight w = w₀ + Δ (spec §2c).
+
+    Autograd would keep n(x) for ∂L/∂w, a tensor of the residual stream's size per norm that no other op keeps. This
+    node keeps x (which the norm's own backward needs anyway) and 1 / √(mean(x²) + ε), one value per token, and
+    recomputes n(x) with one product in backward:
+
+        ∂L/∂w = Σ_tokens g ⊙ n,    ∂L/∂x = r ⊙ (g_n − n ⊙ mean(g_n ⊙ n)),   g_n = g ⊙ w,  r = 1 / √(mean(x²) + ε)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        h = _cast(x, torch.promote_types(x.dtype, torch.float32))
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (…, 1)
+        ctx.save_for_backward(x, r, weight)
+        return _cast(weight * _cast(h * r, x.dtype), x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, r, weight = ctx.saved_tensors
+        n = _cast(x, r.dtype) * r  # n(x) in fp32, recomputed
+        g_weight = None
+        if ctx.needs_input_grad[1]:
+            g_weight = (_cast(grad, r.dtype) * _cast(n, x.dtype)).sum(tuple(range(grad.ndim - 1)))  # summed in fp32
+            g_weight = _cast(g_weight, weight.dtype)
+        g_n = _cast(grad * weight, r.dtype)
+        g_x = r * (g_n - n * (g_n * n).mean(-1, keepdim=True))
+        return _cast(g_x, x.dtype), g_weight, None

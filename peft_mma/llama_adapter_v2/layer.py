@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from ..attention import gated_prompt_key_value, prompt_attention
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
 from .config import LlamaAdapterV2Config
-from .function import OutputScale, ScaledLinear, _cast
+from .function import OutputScale, ScaledLinear, TunedRMSNorm, _cast
 
 PREFIX = "mma_adapter_v2_"
 _LLAMA_RMS_NORM = LlamaRMSNorm.forward  # the computation `Norm` reproduces with the tuned weight
@@ -408,12 +408,10 @@ class Norm(nn.Module, LlamaAdapterV2Layer):
         if type(base).forward is _LLAMA_RMS_NORM and not (base._forward_hooks or base._forward_pre_hooks or args):
             # LlamaRMSNorm's own computation, w ⊙ n, plus Δ ⊙ n on the same n: one normalisation, not two. Δ is not
             # rounded into a half-precision w, so a small Δ still counts in a bf16 forward.
-            h = _cast(x, torch.float32)
-            n = _cast(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + base.variance_epsilon), x.dtype)
             weight = base.weight + deltas[active[0]]  # in fp32 where Δ is: a small Δ still counts
             for a in active[1:]:  # (not `sum()`: its 0 + Δ would be one more op per norm, forward and backward)
                 weight = weight + deltas[a]
-            return _cast(weight * n, x.dtype)
+            return TunedRMSNorm.apply(x, weight, base.variance_epsilon)  # keeps x, not n(x), for backward
         y, n = base(x, *args, **kwargs), self._normalized(x)
         for a in active:
             y = y + deltas[a].to(n.dtype) * n
