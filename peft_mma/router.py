@@ -31,8 +31,7 @@ def modality_token_attention(output: torch.Tensor, value: torch.Tensor) -> torch
         value: (B, H_kv, S_kv, d), with the modality token at key position 0.
     """
     heads, kv_heads = output.shape[2], value.shape[1]
-    own = value[:, :, :1]  # (B, H_kv, 1, d)
+    own = value[:, :, 0]  # (B, H_kv, d)
     if heads != kv_heads:
-        own = own.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, 1, d)
-    own = own.transpose(1, 2)  # (B, 1, H, d)
-    return torch.cat([own if own.dtype == output.dtype else own.to(output.dtype), output[:, 1:]], dim=1)
+        own = own.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, d)
+    return output.select_scatter(own if own.dtype == output.dtype else own.to(output.dtype), 1, 0)  # row 0 ← own
