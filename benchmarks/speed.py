@@ -430,10 +430,11 @@ def memory_only(result: dict[str, Any], variants: dict[str, Variant], device: to
     one's peak over its floor's, without timing anything."""
     for variant in variants.values():
         variant.calls["train"]()
-    result["train"] = {variant.names["train"]: {} for variant in variants.values()}
-    measure_memories(variants, result["train"], device)
-    for name, row in result["train"].items():
-        reference = result["train"].get(IMAGE_REFERENCE["train"] if name in IMAGE_VARIANTS else REFERENCE["train"])
+    rows = result["train"] = {variant.names["train"]: {} for variant in variants.values()}
+    measure_memories(variants, rows, device)
+    for variant in variants.values():
+        name, floor = variant.names["train"], variants.get(reference_key(variant, "train"))
+        row, reference = rows[name], floor and rows[floor.names["train"]]
         if reference and row["peak_bytes"] is not None and reference["peak_bytes"] is not None:
             row["peak_over_floor_mib"] = round((row["peak_bytes"] - reference["peak_bytes"]) / 2**20, 1)
         peak = row["peak_bytes"] and row["peak_bytes"] / 2**20
