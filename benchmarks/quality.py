@@ -468,7 +468,7 @@ def routing_summary(method: Method) -> dict[str, float]:
     """LaVIN's routing per modality (`LaVINModel.modality_routing`), averaged over its decoder adapters: the weight
     of the first up-path for the text and the image token, their largest gap over the adapters, and how far the two
     up-paths have grown apart, √(Σ ‖B − D‖²) / √(Σ (‖B‖ + ‖D‖)²) summed over every adapter's weights and biases (0
-    while they are equal). {} for other methods."""
+    while they are equal; weights alone with `adapter_bias=False`). {} for other methods."""
     model = method.model.base_model
     if not hasattr(model, "modality_routing"):
         return {}
@@ -479,6 +479,8 @@ def routing_summary(method: Method) -> dict[str, float]:
             for adapter in module.mma_lavin_up0:
                 up0, up1 = module.mma_lavin_up0[adapter], module.mma_lavin_up1[adapter]
                 for a, b in ((up0.weight, up1.weight), (up0.bias, up1.bias)):
+                    if a is None:  # `adapter_bias=False`: no biases
+                        continue
                     apart += float((a - b).float().pow(2).sum())
                     size += float(a.float().pow(2).sum().sqrt() + b.float().pow(2).sum().sqrt()) ** 2
     return {

@@ -230,6 +230,13 @@ def test_routing_summary_reads_lavins_routes_and_how_far_its_up_paths_are_apart(
     assert summary["route_gap_max"] == pytest.approx(float((routes[:, 1, 0] - routes[:, 0, 0]).abs().max()))
     apart = quality.routing_summary(Method("lavin", model_for("lavin-image"), multimodal=True))["up_paths_apart"]
     assert 0 < apart < 2  # random non-identity paths differ
+    no_bias = model_for("lavin-image", adapter_bias=False)  # up-paths without biases: their weights alone
+    ups = [m for m in no_bias.modules() if getattr(m, "routing", None) == "sample"]
+    pairs = [(m.mma_lavin_up0["default"].weight, m.mma_lavin_up1["default"].weight) for m in ups]
+    expected = sum(float((a - b).pow(2).sum()) for a, b in pairs) ** 0.5
+    expected /= sum(float(a.norm() + b.norm()) ** 2 for a, b in pairs) ** 0.5
+    got = quality.routing_summary(Method("lavin", no_bias, multimodal=True))["up_paths_apart"]
+    assert got == pytest.approx(expected, rel=1e-6) and got > 0
     assert quality.routing_summary(Method("v2", model_for("v2-image"), multimodal=True)) == {}
     assert config_for("lavin-image").temperature == 10.0  # the official 7B value the retention runs compare with
 

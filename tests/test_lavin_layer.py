@@ -154,10 +154,12 @@ def test_vision_tokens_match_reference_and_do_not_couple_images():
 @pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])
 @pytest.mark.parametrize("routed", [True, False], ids=["routed", "given-weights"])
 @pytest.mark.parametrize("scale, p", [(1.0, 0.0), (0.5, 0.3)])
-def test_routed_adapter_node_has_the_gradients_of_its_formula(per_token, routed, scale, p):
+@pytest.mark.parametrize("bias", [True, False], ids=["biases", "no-biases"])
+def test_routed_adapter_node_has_the_gradients_of_its_formula(per_token, routed, scale, p, bias):
     """`RoutedAdapter`'s hand-written backward against finite differences (float64, `torch.autograd.gradcheck`),
     with and without dropout (the same mask in every evaluation), routing each sample from its modality token x[:, 0]
-    or each token from itself, and its value against the plain formula."""
+    or each token from itself, with up-path biases or without (`adapter_bias=False`), and its value against the
+    plain formula."""
     from peft_mma.lavin.function import RoutedAdapter
 
     generator = torch.Generator().manual_seed(0)
@@ -167,6 +169,8 @@ def test_routed_adapter_node_has_the_gradients_of_its_formula(per_token, routed,
 
     x, down_w, down_b = rand(2, 5, 8), rand(4, 8), rand(4)
     ups = [rand(2, 4, 2), rand(8), rand(2, 4, 2), rand(8)]  # B, b, D, d with g = 2 groups: (2, 4, 2) each
+    if not bias:
+        ups[1] = ups[3] = None
     router_w, router_b = rand(2, 8, std=2.0), rand(2)
     given = None
     if not routed:
@@ -183,7 +187,7 @@ def test_routed_adapter_node_has_the_gradients_of_its_formula(per_token, routed,
         t = x if per_token else x[:, :1]  # (2, 5 or 1, 8)
         w = torch.softmax((t @ router_w.T + router_b) / 5.0, -1) if routed else given.view(2, -1, 2).double()
         z = x @ down_w.T + down_b
-        paths = [z @ dense_up(ups[i]).T + ups[i + 1] for i in (0, 2)]
+        paths = [z @ dense_up(ups[i]).T + (ups[i + 1] if bias else 0.0) for i in (0, 2)]
         expected = x + scale * (w[..., :1] * paths[0] + w[..., 1:] * paths[1])
         torch.testing.assert_close(adapter(*inputs), expected, atol=1e-12, rtol=0)
 
@@ -201,6 +205,12 @@ def test_routed_adapter_packs_and_unpacks_its_paths():
     back = path_grads(packed, scatter, up0_w.shape)
     for got, want in zip(back, (up0_w, up0_b, up1_w, up1_b)):
         assert torch.equal(got, want)
+    # without biases (`adapter_bias=False`) P's last row is zero and the biases get no gradient
+    packed, scatter = paths(up0_w, None, up1_w, None)
+    for got, weight in zip(packed.view(2, 9, 12), (up0_w, up1_w)):
+        torch.testing.assert_close(got, torch.cat([dense_up(weight).T, torch.zeros(1, 12)]), atol=0, rtol=0)
+    g_up0, g_b0, g_up1, g_b1 = path_grads(packed, scatter, up0_w.shape)
+    assert torch.equal(g_up0, up0_w) and torch.equal(g_up1, up1_w) and g_b0 is None and g_b1 is None
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import LAVIN_VISION, lavin_batch, tiny_lavin, tiny_llama
+from conftest import train_steps as conftest_train_steps
 from peft import PeftModel, PeftModelForCausalLM, get_peft_model
 from stand_in_tokenizer import word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -296,3 +297,37 @@ def test_frozen_encoder_follows_the_base_dtype_and_adapters_stay_fp32():
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_adapters_without_up_biases_train_save_and_merge(tmp_path):
+    """`adapter_bias=False`: the up-projections B, D have no biases (2·C fewer parameters per adapter, none saved),
+    the adapter trains through its other parameters, and the saved adapter reloads and merges to the same logits."""
+    official = get_peft_model(tiny_llama(), LaVINConfig(**LAVIN_VISION))
+    up_biases = {n: p.numel() for n, p in official.named_parameters() if ".mma_lavin_up" in n and n.endswith(".bias")}
+    assert len(up_biases) == 2 * (4 + 4)  # two paths in each of 4 decoder layers and 4 encoder blocks
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LaVINConfig(adapter_bias=False, adapter_dropout=0.0, **LAVIN_VISION))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(".mma_lavin_up" in n and n.endswith(".bias") for n in names)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count == sum(p.numel() for p in official.parameters() if p.requires_grad) - sum(up_biases.values())
+
+    batch = lavin_batch(model)
+    ups = {n: p.detach().clone() for n, p in model.named_parameters() if ".mma_lavin_up" in n}
+    losses = conftest_train_steps(model, batch, 5)
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(p, ups[n]) for n, p in model.named_parameters() if n in ups)  # every path moved
+
+    model.eval()
+    with torch.no_grad():
+        trained = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert reloaded.peft_config["default"].adapter_bias is False
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, trained, atol=0, rtol=0)
+    text = {"input_ids": batch["input_ids"][1:, :7]}  # the text-only sample: merged, every sample routes as text
+    with torch.no_grad():
+        routed = reloaded(**text).logits
+        merged = reloaded.merge_and_unload()(**text).logits
+    torch.testing.assert_close(merged, routed, atol=1e-5, rtol=0)

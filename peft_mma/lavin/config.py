@@ -45,6 +45,11 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
             The scale s in `out = x + s·w0·(B z + b) + s·w1·(D z + d)` (1 officially).
         adapter_dropout (`float`):
             Dropout on the hidden activation z (0.1 officially).
+        adapter_bias (`bool`):
+            Give the up-projections their biases b and d (True, as the official code and its 3.8M parameters do).
+            False drops them (b = d = 0): the adapter can then no longer add one learnt vector to every token's
+            attention input, which is where most of the prose loss of tuning on narrow text comes from (README,
+            "Does the router separate the modalities?"). Official checkpoints need True.
         temperature (`float`):
             τ in `w = softmax(router(t)/τ)`: 10 for LaVIN-7B, 5 for LaVIN-13B and the chatbot (§2).
         adapter_placement (`str`):
@@ -102,6 +107,7 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
     adapter_groups: int = field(default=2, metadata={"help": "Groups of the block-diagonal up-projections."})
     adapter_scale: float = field(default=1.0, metadata={"help": "Adapter scale s."})
     adapter_dropout: float = field(default=0.1, metadata={"help": "Dropout probability on the adapter hidden z."})
+    adapter_bias: bool = field(default=True, metadata={"help": "Up-projection biases b, d (official: True)."})
     temperature: float = field(default=10.0, metadata={"help": "Router softmax temperature τ."})
     adapter_placement: str = field(default="attn", metadata={"help": "'attn' or 'block'."})
     vision_model: str | None = field(default=None, metadata={"help": "Frozen image encoder name; None = text only."})

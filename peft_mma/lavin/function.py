@@ -8,7 +8,7 @@ Routing input t: the modality token x[:, 0] of each sample in the decoder (one w
 x itself in the vision encoder (one pair per token).
 
 Both paths written as one (h + 1, C) matrix each, P_i = [B_denseᵀ; bᵀ] and [D_denseᵀ; dᵀ] (the block-diagonal matrix
-with the bias as its last row), and z with a column of ones, z̄ = [z, 1] (B, T, h + 1):
+with the bias as its last row, zero without biases), and z with a column of ones, z̄ = [z, 1] (B, T, h + 1):
 
     out = x + s·w0·(z̄ P_0) + s·w1·(z̄ P_1)
 
@@ -31,44 +31,54 @@ import torch.nn.functional as F
 
 @lru_cache(maxsize=64)
 def _layout(
-    groups: int, part: int, width: int, device: torch.device, dtype: torch.dtype
+    groups: int, part: int, width: int, bias: bool, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index tensors between the packed parameters and P, for g groups of (C/g × h/g) blocks, h = g·part.
 
-    The packed source is src = [B.flatten(), D.flatten(), b, d, 0] (length 2n + 2C + 1, n = C·h/g, B's entries):
-    `gather` (2, (h + 1)·C) picks P's entries from it (the last, zero, entry for the off-diagonal blocks);
-    `scatter` (2n + 2C,) is where each parameter entry sits in the flattened P, so ∂src = ∂P.take(scatter);
-    `zero` (1,) is src's last entry.
+    The packed source is src = [B.flatten(), D.flatten(), b, d, 0] (length 2n + 2C + 1, n = C·h/g, B's entries;
+    without biases [B.flatten(), D.flatten(), 0], and P's last row is zero): `gather` (2, (h + 1)·C) picks P's
+    entries from it (the last, zero, entry for the off-diagonal blocks); `scatter` (2n [+ 2C],) is where each
+    parameter entry sits in the flattened P, so ∂src = ∂P.take(scatter); `zero` (1,) is src's last entry.
     """
     hidden, rows = groups * part, width // groups
-    n = groups * rows * part
     group, row, k = torch.meshgrid(torch.arange(groups), torch.arange(rows), torch.arange(part), indexing="ij")
     weight_at = (group * part + k) * width + group * rows + row  # W[g, j, k] sits at P[g·part + k, g·C/g + j]
     size = (hidden + 1) * width
     bias_at = hidden * width + torch.arange(width)  # b sits in P's last row
-    scatter = torch.cat([weight_at.flatten(), size + weight_at.flatten(), bias_at, size + bias_at])
-    gather = torch.full((2 * size,), 2 * n + 2 * width, dtype=torch.long)
-    gather[scatter] = torch.arange(2 * n + 2 * width)
+    parts = [weight_at.flatten(), size + weight_at.flatten()] + ([bias_at, size + bias_at] if bias else [])
+    scatter = torch.cat(parts)
+    gather = torch.full((2 * size,), len(scatter), dtype=torch.long)
+    gather[scatter] = torch.arange(len(scatter))
     return gather.view(2, size).to(device), scatter.to(device), torch.zeros(1, device=device, dtype=dtype)
 
 
 def paths(up0_w, up0_b, up1_w, up1_b) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, scatter): P = (P_0, P_1) flattened, (2, (h + 1)·C), from B, b, D, d; `scatter` for `path_grads`."""
+    """(P, scatter): P = (P_0, P_1) flattened, (2, (h + 1)·C), from B, b, D, d (b, d may be None: zero);
+    `scatter` for `path_grads`."""
     groups, rows, part = up0_w.shape
-    gather, scatter, zero = _layout(groups, part, groups * rows, up0_w.device, up0_w.dtype)
-    return torch.cat([up0_w.flatten(), up1_w.flatten(), up0_b, up1_b, zero]).take(gather), scatter
+    bias = up0_b is not None
+    gather, scatter, zero = _layout(groups, part, groups * rows, bias, up0_w.device, up0_w.dtype)
+    src = [up0_w.flatten(), up1_w.flatten()] + ([up0_b, up1_b] if bias else []) + [zero]
+    return torch.cat(src).take(gather), scatter
 
 
-def path_grads(g_paths: torch.Tensor, scatter: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, ...]:
-    """∂B, ∂b, ∂D, ∂d from ∂P (2, (h + 1)·C): the entries of P that are parameters, in `paths`' order."""
-    n, width = shape.numel(), g_paths.shape[1] // (shape[0] * shape[2] + 1)
-    g_up0, g_up1, g_b0, g_b1 = g_paths.take(scatter).split([n, n, width, width])
+def path_grads(g_paths: torch.Tensor, scatter: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor | None, ...]:
+    """∂B, ∂b, ∂D, ∂d from ∂P (2, (h + 1)·C): the entries of P that are parameters, in `paths`' order (∂b and ∂d
+    None where P has no biases)."""
+    n = shape.numel()
+    width = g_paths.shape[1] // (shape[0] * shape[2] + 1)
+    flat = g_paths.take(scatter)
+    if len(scatter) == 2 * n:  # no biases
+        g_up0, g_up1 = flat.split([n, n])
+        return g_up0.view(shape), None, g_up1.view(shape), None
+    g_up0, g_up1, g_b0, g_b1 = flat.split([n, n, width, width])
     return g_up0.view(shape), g_b0, g_up1.view(shape), g_b1
 
 
 class RoutedAdapter(torch.autograd.Function):
     """`RoutedAdapter.apply(x, A, a, B, b, D, d, W_m, b_m, τ, s, p, per_token, given)` → (out (B, T, C), w); shapes
-    as in the module docstring, B and D grouped as (g, C/g, h/g), p the dropout probability in training (0: none).
+    as in the module docstring, B and D grouped as (g, C/g, h/g), b and d None for an adapter without them, p the
+    dropout probability in training (0: none).
 
     `per_token`: route every token from itself (w: (B, T, 2)), else each sample from x[:, 0] (w: (B, 2)).
     `given`: routing weights to use instead of routing (decoding steps, which hold no modality token); then W_m and

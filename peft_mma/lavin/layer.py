@@ -19,21 +19,23 @@ from .inputs import LaVINCall
 class GroupedLinear(nn.Module):
     """A block-diagonal Linear h → C with g groups (the official `Conv1d(h, C, 1, groups=g)`, §2).
 
-    y[..., gC/g + j] = Σ_k W[g, j, k] · z[..., g·h/g + k] + b;  W: (g, C/g, h/g), b: (C,). Output group g reads only
-    hidden group g.
+    y[..., gC/g + j] = Σ_k W[g, j, k] · z[..., g·h/g + k] + b;  W: (g, C/g, h/g), b: (C,) or None (`bias=False`).
+    Output group g reads only hidden group g.
     """
 
-    def __init__(self, in_features: int, out_features: int, groups: int, device=None, dtype=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, groups: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__()
         self.groups = groups
         kw = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.zeros(groups, out_features // groups, in_features // groups, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         grouped = z.unflatten(-1, (self.groups, -1))  # (..., g, h/g)
-        y = torch.einsum("...gk,gjk->...gj", grouped, self.weight)  # (..., g, C/g)
-        return y.flatten(-2) + self.bias  # (..., C)
+        y = torch.einsum("...gk,gjk->...gj", grouped, self.weight).flatten(-2)  # (..., C)
+        return y if self.bias is None else y + self.bias
 
     def dense(self) -> torch.Tensor:
         """The (C, h) block-diagonal matrix."""
@@ -47,8 +49,9 @@ class LaVINLayer(MMATunerLayer):
 
     x: (…, C) the norm's output. A = `mma_lavin_down` (C → h, xavier, bias 0, shared by both paths);
     B, D = `mma_lavin_up0`, `mma_lavin_up1` (h → C block-diagonal with g groups, weight and bias 0, so the adapter
-    starts as the identity); router = `mma_lavin_router` (C → 2, PyTorch default init). No nonlinearity: the adapter
-    is linear, and folds into the consumers of its output (see `merge`). All four are trainable.
+    starts as the identity; no biases with `adapter_bias=False`); router = `mma_lavin_router` (C → 2, PyTorch
+    default init). No nonlinearity: the adapter is linear, and folds into the consumers of its output (see `merge`).
+    All four are trainable.
 
     Routing input t (`routing`):
       * ``"sample"`` (decoder): the adapter's own input at position 0, the modality token (`lavin.inputs`), giving
@@ -81,8 +84,8 @@ class LaVINLayer(MMATunerLayer):
             raise ValueError(f"`adapter_groups`={g} must divide the adapted width {c}; pick a divisor of {c}.")
         kw = adapter_parameter_kwargs(self.get_base_layer())
         self.mma_lavin_down[adapter_name] = nn.Linear(c, h, **kw)
-        self.mma_lavin_up0[adapter_name] = GroupedLinear(h, c, g, **kw)
-        self.mma_lavin_up1[adapter_name] = GroupedLinear(h, c, g, **kw)
+        self.mma_lavin_up0[adapter_name] = GroupedLinear(h, c, g, bias=config.adapter_bias, **kw)
+        self.mma_lavin_up1[adapter_name] = GroupedLinear(h, c, g, bias=config.adapter_bias, **kw)
         self.mma_lavin_router[adapter_name] = nn.Linear(c, 2, **kw)
         p = config.adapter_dropout
         self.mma_lavin_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
@@ -100,9 +103,11 @@ class LaVINLayer(MMATunerLayer):
         nn.init.zeros_(down.bias)
         for up in (self.mma_lavin_up0[adapter_name], self.mma_lavin_up1[adapter_name]):
             if init_weights:
-                nn.init.zeros_(up.weight), nn.init.zeros_(up.bias)
+                nn.init.zeros_(up.weight)
             else:
-                nn.init.normal_(up.weight, std=0.5), nn.init.normal_(up.bias, std=0.1)
+                nn.init.normal_(up.weight, std=0.5)
+            if up.bias is not None:
+                nn.init.zeros_(up.bias) if init_weights else nn.init.normal_(up.bias, std=0.1)
         if not init_weights:
             nn.init.normal_(self.mma_lavin_router[adapter_name].weight, std=1.0)
 
@@ -136,13 +141,15 @@ class LaVINLayer(MMATunerLayer):
     def fold(self, name: str, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, V, c) in float64 with out(x) = (I + U V) x + c for fixed routing weights (2,), dropout off.
 
-        U = s·(w0·B + w1·D): (C, h);  V = A: (h, C);  c = U a + s·(w0·b + w1·d): (C,).
+        U = s·(w0·B + w1·D): (C, h);  V = A: (h, C);  c = U a + s·(w0·b + w1·d): (C,) (b = d = 0 without biases).
         """
         w0, w1 = weights.double().tolist()
         s = self.scale[name]
         down, up0, up1 = self.mma_lavin_down[name], self.mma_lavin_up0[name], self.mma_lavin_up1[name]
         u = s * (w0 * up0.dense().double() + w1 * up1.dense().double())
-        c = u @ down.bias.double() + s * (w0 * up0.bias.double() + w1 * up1.bias.double())
+        c = u @ down.bias.double()
+        if up0.bias is not None:
+            c = c + s * (w0 * up0.bias.double() + w1 * up1.bias.double())
         return u, down.weight.double(), c
 
 
