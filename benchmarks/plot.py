@@ -51,6 +51,10 @@ def plot_speed(result: dict[str, Any], out: Path) -> Path:
     ]
     for ax, (kind, title, goal) in zip(axes, panels):
         rows = result.get(kind, {})
+        if not rows:  # e.g. `--compile` times training only
+            ax.set_title(f"{title}\nnot measured in this run")
+            ax.set_axis_off()
+            continue
         names = list(rows)
         values = [rows[n][metric] or 0 for n in names]
         spread = [rows[n].get(metric.replace("ratio_", "ratios_")) or [v] for n, v in zip(names, values)]
@@ -138,7 +142,8 @@ def main() -> list[Path]:
     for path in sorted(Path(RESULTS_DIR).glob("*.json")):
         result = json.loads(path.read_text())
         kind = result.get("benchmark", "")
-        if kind == "speed" and "train" in result:
+        timed = any(_metric(result) in row for row in result.get("train", {}).values())
+        if kind == "speed" and timed:  # a `--memory-only` run has no timings to plot
             written.append(plot_speed(result, path.with_suffix(".png")))
         elif kind.startswith("quality_"):
             written.append(plot_quality(result, path.with_suffix(".png")))

@@ -251,3 +251,24 @@ def test_a_second_stage_counts_on_from_the_first():
     assert args.overrides == {"temperature": 1.0, "adapter_dim": 4, "vision_model": "abc"}
     with pytest.raises(SystemExit):
         quality.parse_args(["--set", "temperature"])
+
+
+def test_plot_skips_memory_only_runs_and_draws_train_only_ones(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="benchmarks.plot needs matplotlib (the `bench` extra)")
+    from benchmarks import plot
+
+    row = {"ratio_cpu": 1.1, "ratios_cpu": [1.0, 1.2]}
+    runs = {
+        "memory": {"benchmark": "speed", "train": {"floor": {"peak_over_floor_mib": 0.0}}},  # --memory-only
+        "compiled": {"benchmark": "speed", "decisive_metric": "ratio_cpu", "train": {"floor": row, "v2": row}},
+    }
+    header = {
+        "preset": "tiny",
+        "dtype": "fp32",
+        "machine": {"device_name": "cpu", "torch_threads": 1, "load_average": 1},
+    }
+    for name, result in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({**header, **result}))
+    monkeypatch.setattr(plot, "RESULTS_DIR", tmp_path)
+    assert plot.main() == [tmp_path / "compiled.png"]  # no generation panel to draw: it says so
+    assert (tmp_path / "compiled.png").stat().st_size > 0 and not (tmp_path / "memory.png").exists()
