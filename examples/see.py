@@ -19,7 +19,8 @@ The job:
 
 LaVIN is the default: its adapters start as the identity and its projector reads a handful of the encoder's class
 tokens, so it learns the scenes in the fewest steps; LLaMA-Adapter V2 (`--method adapter-v2`) reads every token
-through a small visual bridge and needs more steps (see the README's learning-quality table).
+through a small visual bridge whose tokens are added to every prompted layer's prompts, as the official code does
+(the paper's early fusion into one layer learns far slower here: see the README's learning-quality table).
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def build_peft_config(method: str, vision_model: str, pretrained: bool = True, **vision_kwargs) -> PeftConfig:
     """The method's config on the encoder `vision_model`: LaVIN reads the class token after every encoder block;
-    V2 gets a visual bridge sized to the small encoder (width 192, 2 blocks) instead of the 7B one."""
+    V2 gets a visual bridge sized to the small encoder (width 192, 2 blocks) instead of the 7B one, fused into every
+    prompted layer (`visual_fusion="all"`, the official code's; the paper's one-layer early fusion learns slower)."""
     vision = dict(vision_model=vision_model, vision_pretrained=pretrained, vision_model_kwargs=vision_kwargs or None)
     if method == "lavin":
         return LaVINConfig(**vision, vision_feature_every=1)
-    return LlamaAdapterV2Config(**vision, visual_width=192, visual_depth=2, visual_heads=3)
+    return LlamaAdapterV2Config(**vision, visual_width=192, visual_depth=2, visual_heads=3, visual_fusion="all")
 
 
 def collator_for(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, image_size: int, **kwargs):

@@ -195,13 +195,13 @@ def test_several_active_adapters_are_refused_and_change_nothing():
 
 
 @pytest.mark.parametrize(
-    "preset, width, layers, ffn, heads, expected",
+    "preset, width, layers, ffn, heads, expected, without_up_biases",
     [
-        ("lavin-7b", 4096, 32, 11008, 32, 3_781_296),
-        ("lavin-13b", 5120, 40, 13824, 40, 5_390_080),
+        ("lavin-7b", 4096, 32, 11008, 32, 3_781_296, 3_781_296 - 2 * (32 * 4096 + 24 * 1024)),
+        ("lavin-13b", 5120, 40, 13824, 40, 5_390_080, 5_390_080 - 2 * (40 * 5120 + 24 * 1024)),
     ],
 )
-def test_trainable_parameter_counts_match_the_paper(preset, width, layers, ffn, heads, expected):
+def test_trainable_parameter_counts_match_the_paper(preset, width, layers, ffn, heads, expected, without_up_biases):
     config = LlamaConfig(
         hidden_size=width, num_hidden_layers=layers, intermediate_size=ffn, num_attention_heads=heads, vocab_size=32000
     )
@@ -211,6 +211,10 @@ def test_trainable_parameter_counts_match_the_paper(preset, width, layers, ffn, 
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == expected
     assert (model.peft_config["default"].image_token_id, model.peft_config["default"].num_image_tokens) == (32000, 6)
+    with torch.device("meta"):  # b and d gone: 2·C per decoder layer and 2·1024 per ViT-L block
+        base = LlamaForCausalLM(config)
+    config = LaVINConfig.from_preset(preset, vision_pretrained=False, adapter_bias=False)
+    assert get_peft_model(base, config).get_nb_trainable_parameters()[0] == without_up_biases
 
 
 def test_peft_is_not_patched_and_no_call_state_is_left_on_modules():

@@ -30,6 +30,7 @@ def test_configs_read_the_scene_encoder(see):
     lavin, v2 = see.build_peft_config("lavin", "local-dir:/x"), see.build_peft_config("adapter-v2", "local-dir:/x")
     assert isinstance(lavin, LaVINConfig) and lavin.vision_feature_every == 1 and lavin.vision_pretrained
     assert isinstance(v2, LlamaAdapterV2Config) and (v2.visual_width, v2.visual_depth) == (192, 2)
+    assert v2.visual_fusion == "all"  # every prompted layer gets the visual tokens, as in the official code
     assert lavin.vision_model == v2.vision_model == "local-dir:/x"
 
 
