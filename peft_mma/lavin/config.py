@@ -49,7 +49,7 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
             Give the up-projections their biases b and d (True, as the official code and its 3.8M parameters do).
             False drops them (b = d = 0): the adapter can then no longer add one learnt vector to every token's
             attention input, which is where most of the prose loss of tuning on narrow text comes from (README,
-            "Does the router separate the modalities?"). Official checkpoints need True.
+            Benchmarks: "Is it the text half?"). Official checkpoints need True.
         temperature (`float`):
             τ in `w = softmax(router(t)/τ)`: 10 for LaVIN-7B, 5 for LaVIN-13B and the chatbot (§2).
         adapter_placement (`str`):
