@@ -232,7 +232,7 @@ def test_routing_summary_reads_lavins_routes_and_how_far_its_up_paths_are_apart(
     assert 0 < apart < 2  # random non-identity paths differ
     no_bias = model_for("lavin-image", adapter_bias=False)  # up-paths without biases: their weights alone
     ups = [m for m in no_bias.modules() if getattr(m, "routing", None) == "sample"]
-    pairs = [(m.mma_lavin_up0["default"].weight, m.mma_lavin_up1["default"].weight) for m in ups]
+    pairs = [(m.mma_lavin_up0["default"].weight.detach(), m.mma_lavin_up1["default"].weight.detach()) for m in ups]
     expected = sum(float((a - b).pow(2).sum()) for a, b in pairs) ** 0.5
     expected /= sum(float(a.norm() + b.norm()) ** 2 for a, b in pairs) ** 0.5
     got = quality.routing_summary(Method("lavin", no_bias, multimodal=True))["up_paths_apart"]
