@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LAVIN_VISION, lavin_batch, tiny_lavin, tiny_llama
-from conftest import train_steps as conftest_train_steps
+from conftest import LAVIN_VISION, lavin_batch, tiny_lavin, tiny_llama, train_steps
 from peft import PeftModel, PeftModelForCausalLM, get_peft_model
 from stand_in_tokenizer import word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -213,8 +212,8 @@ def test_trainable_parameter_counts_match_the_paper(preset, width, layers, ffn, 
     assert (model.peft_config["default"].image_token_id, model.peft_config["default"].num_image_tokens) == (32000, 6)
     with torch.device("meta"):  # b and d gone: 2·C per decoder layer and 2·1024 per ViT-L block
         base = LlamaForCausalLM(config)
-    config = LaVINConfig.from_preset(preset, vision_pretrained=False, adapter_bias=False)
-    assert get_peft_model(base, config).get_nb_trainable_parameters()[0] == without_up_biases
+    no_bias = LaVINConfig.from_preset(preset, vision_pretrained=False, adapter_bias=False)
+    assert get_peft_model(base, no_bias).get_nb_trainable_parameters()[0] == without_up_biases
 
 
 def test_peft_is_not_patched_and_no_call_state_is_left_on_modules():
@@ -318,7 +317,7 @@ def test_adapters_without_up_biases_train_save_and_merge(tmp_path):
 
     batch = lavin_batch(model)
     ups = {n: p.detach().clone() for n, p in model.named_parameters() if ".mma_lavin_up" in n}
-    losses = conftest_train_steps(model, batch, 5)
+    losses = train_steps(model, batch, 5)
     assert losses[-1] < losses[0]
     assert all(not torch.equal(p, ups[n]) for n, p in model.named_parameters() if n in ups)  # every path moved
 

@@ -66,11 +66,11 @@ def path_grads(g_paths: torch.Tensor, scatter: torch.Tensor, shape: torch.Size) 
     """∂B, ∂b, ∂D, ∂d from ∂P (2, (h + 1)·C): the entries of P that are parameters, in `paths`' order (∂b and ∂d
     None where P has no biases)."""
     n = shape.numel()
-    width = g_paths.shape[1] // (shape[0] * shape[2] + 1)
     flat = g_paths.take(scatter)
     if len(scatter) == 2 * n:  # no biases
         g_up0, g_up1 = flat.split([n, n])
         return g_up0.view(shape), None, g_up1.view(shape), None
+    width = g_paths.shape[1] // (shape[0] * shape[2] + 1)
     g_up0, g_up1, g_b0, g_b1 = flat.split([n, n, width, width])
     return g_up0.view(shape), g_b0, g_up1.view(shape), g_b1
 
