@@ -254,7 +254,6 @@ def test_a_second_stage_counts_on_from_the_first():
 
 
 def test_plot_skips_memory_only_runs_and_draws_train_only_ones(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib", reason="benchmarks.plot needs matplotlib (the `bench` extra)")
     from benchmarks import plot
 
     row = {"ratio_cpu": 1.1, "ratios_cpu": [1.0, 1.2]}
