@@ -59,11 +59,31 @@ def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return F.scaled_dot_product_attention(query, key, value, scale=scaling).transpose(1, 2)
 
 
+class _SeenAsBase:
+    """`target` (an attention module or its config) with some attributes of its own, every other one `target`'s.
+
+    Flash attention picks its kernel from `module.config._attn_implementation`, which names our wrapper
+    (`flash_attention_2+mma`, no kernel of that name exists); the wrapped implementation is handed the module seen
+    through a config that names the implementation itself.
+    """
+
+    def __init__(self, target, **own) -> None:
+        self.__dict__.update(own, _target=target)
+
+    def __getattr__(self, name: str):
+        return getattr(self._target, name)
+
+
 def _wrapped(base_name: str):
+    reads_its_name = "flash" in base_name  # what transformers' `is_flash_attention_requested` checks
+
     def attention(module, query, key, value, attention_mask, **kwargs):
         state = kwargs.pop(STATE_KWARG, None)
         base = ALL_ATTENTION_FUNCTIONS.get(base_name, eager_attention_forward)  # a Mapping in every 5.x
-        output, weights = base(module, query, key, value, attention_mask, **kwargs)
+        seen = module
+        if reads_its_name:
+            seen = _SeenAsBase(module, config=_SeenAsBase(module.config, _attn_implementation=base_name))
+        output, weights = base(seen, query, key, value, attention_mask, **kwargs)
         if getattr(state, "modality_token", False):  # LaVIN: position 0 is the modality token
             output = modality_token_attention(output, value)
         prompt_term = getattr(module.o_proj, "gated_prompt_term", None)  # LLaMA-Adapter V2: the gated prompts

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import (
     MATRIX,
     PREFIX,
@@ -149,6 +150,40 @@ def test_cached_greedy_generate_equals_uncached_decoding_and_each_sample_alone(r
     if "pixel_values" in batch:  # the image reaches the logits
         other = {**inputs, "pixel_values": torch.randn_like(batch["pixel_values"])}
         assert (logits(model, other)[0] - logits(model, inputs)[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_flash_attention_kernel_is_picked_by_its_own_name(monkeypatch, row):
+    """Flash attention chooses its kernel from the attention module's config; through our wrapper it must still read
+    `flash_attention_2` (a kernel named `flash_attention_2+mma` does not exist). flash-attn needs a GPU, so a stand-in
+    kernel (causal, padding from the 2-D mask, as flash attention computes it) records the name it is asked for;
+    logits and cached greedy tokens equal those of the same adapters on sdpa."""
+    import transformers.integrations.flash_attention as flash
+
+    asked = []
+
+    def kernel(query, key, value, attention_mask, query_length, is_causal, softmax_scale=None, **kwargs):
+        asked.append(kwargs["attn_implementation"])
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, T, d)
+        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, -k.shape[2] :].bool()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=softmax_scale, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    monkeypatch.setattr(flash, "_flash_attention_forward", kernel)
+    sdpa = model_for(row, base=tiny_llama("gqa", "sdpa")).eval()
+    batch = batch_for(row, sdpa, left=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    base = tiny_llama("gqa", "sdpa")
+    base.config._attn_implementation = "flash_attention_2"  # `set_attn_implementation` refuses it without flash-attn
+    model = model_for(row, base=base).eval()
+    assert model.config._attn_implementation == "flash_attention_2+mma"
+    torch.testing.assert_close(logits(model, batch), logits(sdpa, batch), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**inputs, **settings), sdpa.generate(**inputs, **settings))
+    assert asked and set(asked) == {"flash_attention_2"}
 
 
 @pytest.mark.parametrize("row", ROWS)
