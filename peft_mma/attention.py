@@ -52,10 +52,7 @@ def gated_prompt_key_value(
 
 
 def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
-    """softmax(q kᵀ · scaling) v with no mask: query (B, H, T, d), key/value (B or 1, H, K, d) → (B, T, H, d)."""
-    batch = query.shape[0]
-    if key.shape[0] != batch:
-        key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+    """softmax(q kᵀ · scaling) v with no mask: query (B, H, T, d), key/value (B, H, K, d) → (B, T, H, d)."""
     return F.scaled_dot_product_attention(query, key, value, scale=scaling).transpose(1, 2)
 
 
@@ -90,7 +87,7 @@ def _wrapped(base_name: str):
         if prompt_term is not None:
             term = prompt_term(module, query, state)
             if term is not None:
-                output = output + term.to(output.dtype)
+                output = output + (term if term.dtype == output.dtype else term.to(output.dtype))
         return output, weights
 
     attention.__name__ = f"mma_attention_{base_name}"

@@ -335,17 +335,20 @@ class OutputProjection(Linear):
         return k_p, v_p
 
     def _gated_key_value(self, attention: nn.Module, adapter: str, state, query: torch.Tensor):
-        """Per-head keys and gated values for `query`'s batch (`attention.gated_prompt_key_value`), (B or 1, H, K, d);
+        """Per-head keys and gated values for `query`'s batch (`attention.gated_prompt_key_value`), (B, H, K, d);
         without gradients cached per call, so that a decoding step only runs the attention itself."""
         cache = state.cache if state is not None and not torch.is_grad_enabled() else None
-        key = (id(self), adapter, "gated", query.shape[0], query.dtype)
+        batch = query.shape[0]
+        key = (id(self), adapter, "gated", batch, query.dtype)
         if cache is not None and key in cache:
             return cache[key]
         k_p, v_p = self.prompt_key_value(attention, adapter, state, query.dtype)
-        if k_p.shape[0] not in (1, query.shape[0]):  # beams / several samples per prompt in generate
-            k_p = k_p.repeat_interleave(query.shape[0] // k_p.shape[0], dim=0)
-            v_p = v_p.repeat_interleave(query.shape[0] // v_p.shape[0], dim=0)
+        if k_p.shape[0] not in (1, batch):  # beams / several samples per prompt in generate
+            k_p = k_p.repeat_interleave(batch // k_p.shape[0], dim=0)
+            v_p = v_p.repeat_interleave(batch // v_p.shape[0], dim=0)
         gated = gated_prompt_key_value(k_p, v_p, self._gate(adapter), query.shape[1], query.dtype)
+        if gated[0].shape[0] != batch:  # text-only prompts, one for the batch: a view, no copy
+            gated = tuple(t.expand(batch, -1, -1, -1) for t in gated)
         if cache is not None:
             cache[key] = gated
         return gated
