@@ -26,7 +26,8 @@
   r8 q,v at equal steps: held-out loss curve and greedy exact match at the end.
 
 Every method trains with AdamW (β = 0.9, 0.95), linear warm-up over 5 % of the steps then cosine decay, batch
-`--batch-size`, the same sample order, one CPU thread by default. The loss covers the response tokens only, and
+`--batch-size`, the same sample order, one CPU thread by default; `--visual-lr-ratio` gives the visual path of LaVIN
+and V2 its own rate (`peft_mma.create_mma_optimizer`). The loss covers the response tokens only, and
 only the last positions go through the LM head (left padding, `logits_to_keep`), for every method alike.
 """
 
@@ -51,6 +52,7 @@ from peft_mma.data.procedural import instruction_dataset
 from peft_mma.data.scenes import QUESTIONS, scene_qa_dataset
 from peft_mma.data.templates import OPTION_LETTERS, scienceqa_answer
 from peft_mma.llama_adapter_v2.joint import joint_parameter_groups, modality_parts, training_only
+from peft_mma.optim import create_mma_optimizer
 from peft_mma.utils import warmup_cosine
 
 from .common import RESULTS_DIR, load_average, machine_info, write_json
@@ -73,6 +75,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="default: per method, `DEFAULT_LR`")
+    parser.add_argument(
+        "--visual-lr-ratio",
+        type=float,
+        default=1.0,
+        help="learning rate of the peft_mma methods' visual path (LaVIN's projector, V2's bridge) over --lr "
+        "(`peft_mma.create_mma_optimizer`; vqa and retention); the baselines keep one rate",
+    )
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-size", type=int, default=96)
     parser.add_argument("--train-size", type=int, default=2048)
@@ -224,14 +233,14 @@ def train(
     eval_every: int,
     split: Callable[[dict], list[tuple[str | None, dict]]] | None = None,
     groups: dict[str, list[torch.nn.Parameter]] | None = None,
+    visual_lr_ratio: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Train `steps` steps; every `eval_every` steps (and at 0 and the end) record `evaluate()` with the training
     wall and CPU seconds spent so far (evaluation itself not counted).
 
     `split` cuts each batch into parts (group, part), each part's loss reaching only `groups[group]` (every trainable
     parameter where group is None); by default the batch is one part for every parameter."""
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = create_mma_optimizer(method, lr=lr, visual_lr_ratio=visual_lr_ratio, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps))
     order = list(range(len(train_set)))
     random.Random(seed).shuffle(order)
@@ -326,9 +335,14 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
         def evaluate(method=method) -> dict[str, float]:
             return vqa_accuracy(method, held_out, collator, letters, 16) | routing_summary(method)
 
-        curve = train(method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every)
+        ratio = args.visual_lr_ratio if name in ("lavin", "v2") else 1.0
+        curve = train(
+            method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every,
+            visual_lr_ratio=ratio,
+        )  # fmt: skip
         after = prose_loss(method, prose, args.batch_size)
         runs[name] = summarize_vqa(name, lr, curve, before, after, count_trainable(method))
+        runs[name]["visual_lr_ratio"] = ratio
         del method
     return {
         "settings": {

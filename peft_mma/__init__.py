@@ -7,6 +7,7 @@ Importing the package registers both methods with PEFT; `get_peft_model`, `PeftM
 from .card import push_to_hub
 from .lavin import LaVINConfig, LaVINModel
 from .llama_adapter_v2 import LlamaAdapterV2Config, LlamaAdapterV2Model
+from .optim import create_mma_optimizer
 from .registry import MMA_ADAPTER_V2, MMA_LAVIN, register_all
 
 register_all()
@@ -18,6 +19,7 @@ __all__ = [
     "LaVINModel",
     "LlamaAdapterV2Config",
     "LlamaAdapterV2Model",
+    "create_mma_optimizer",
     "push_to_hub",
 ]
 __version__ = "0.1.0.dev0"

@@ -1,0 +1,78 @@
+"""`peft_mma.create_mma_optimizer`: the visual path at lr × `visual_lr_ratio`, weight decay on matrices only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch_for, model_for, tiny_llama
+from transformers import Trainer, TrainingArguments
+
+from peft_mma import create_mma_optimizer
+from peft_mma.optim import param_groups, visual_path_parameters
+
+VISUAL = {"lavin-image": ("mma_lavin_proj_in", "mma_lavin_proj_out"), "v2-image": ("mma_adapter_v2_visual",)}
+
+
+@pytest.mark.parametrize("row", list(VISUAL))
+def test_groups_hold_every_trainable_parameter_once_and_the_visual_path_at_its_rate(row):
+    model = model_for(row)
+    groups = param_groups(model, lr=1e-3, visual_lr_ratio=10, weight_decay=0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # each once, none frozen
+    for group in groups:
+        for p in group["params"]:
+            visual = any(part in VISUAL[row] for part in names[id(p)].split("."))
+            assert group["lr"] == pytest.approx(1e-2 if visual else 1e-3), names[id(p)]
+            assert group["weight_decay"] == (0.02 if p.ndim >= 2 else 0.0), names[id(p)]
+    projector = visual_path_parameters(model)
+    assert projector and all(any(part in VISUAL[row] for part in names[id(p)].split(".")) for p in projector)
+    if row == "lavin-image":  # the encoder's MM-adapters start as the identity and keep the base rate
+        assert not any("mma_lavin_visual" in names[id(p)] for p in projector)
+
+
+def test_one_adam_step_moves_the_visual_path_ratio_times_as_far():
+    """Adam's first step moves every parameter with a gradient by its group's lr (m̂/√v̂ = ±1): the projector by
+    10 × lr, the decoder's adapters by lr."""
+    model = model_for("lavin-image")
+    batch = batch_for("lavin-image", model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = create_mma_optimizer(model, torch.optim.AdamW, lr=1e-3, visual_lr_ratio=10, weight_decay=0.0)
+    model(**batch).loss.backward()
+    optimizer.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    projector = [m for n, m in moved.items() if "mma_lavin_proj_" in n]
+    decoder = [m for n, m in moved.items() if ".layers." in n and "mma_lavin_down" in n]
+    assert projector and decoder
+    assert max(projector) == pytest.approx(1e-2, rel=1e-3) and max(decoder) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_trainer_schedules_each_group_from_its_own_rate(tmp_path):
+    """`Trainer(optimizers=(optimizer, None))` builds its schedule on the groups' own rates."""
+    model = model_for("lavin-image", init_weights=True)
+    batch = batch_for("lavin-image", model)
+    samples = [{k: v[i] for k, v in batch.items()} for i in range(2)] * 2
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1.0,  # not used
+        lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
+        remove_unused_columns=False,
+    )  # fmt: skip
+    optimizer = create_mma_optimizer(model, lr=4e-3, visual_lr_ratio=10, betas=(0.9, 0.95))
+    collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    trainer = Trainer(
+        model=model, args=args, train_dataset=samples, data_collator=collate, optimizers=(optimizer, None)
+    )
+    trainer.train()
+    assert sorted(set(trainer.lr_scheduler.get_last_lr())) == pytest.approx([4e-3, 4e-2])  # the schedule keeps both
+
+
+def test_bad_settings_are_refused_before_anything_is_built():
+    model = model_for("lavin-image")
+    for lr, ratio in [(0.0, 1.0), (1e-3, 0.0), (-1e-3, 10.0)]:
+        with pytest.raises(ValueError, match="must be positive"):
+            create_mma_optimizer(model, lr=lr, visual_lr_ratio=ratio)
+    with pytest.raises(ValueError, match="has none"):
+        create_mma_optimizer(model_for("lavin-text"), lr=1e-3, visual_lr_ratio=10)
+    assert len(param_groups(model_for("v2-text"), lr=1e-3)) == 2  # ratio 1 needs no visual path: matrices, rest
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        create_mma_optimizer(tiny_llama().requires_grad_(False), lr=1e-3)
