@@ -4,8 +4,8 @@ The visual path maps a frozen encoder's features into the LLM: LaVIN's projector
 LLaMA-Adapter V2's visual bridge (`llama_adapter_v2.md` §3). It starts from random weights, while every other
 adapter starts as the identity (zero up-paths, unit scales, zero gates). In a short run at one learning rate the
 projector is what lags: LaVIN on the scene questions of the README reaches 0.79 held-out accuracy after 180 steps
-at lr 2e-3, and 0.93 with the projector at 10 × that (`benchmarks/README.md`, "Visual QA"). In the manner of PEFT's
-`create_loraplus_optimizer`:
+at lr 2e-3, and 0.93 with the projector at 10 × that (`benchmarks/README.md`, "The visual path's learning rate").
+In the manner of PEFT's `create_loraplus_optimizer`:
 
     optimizer = create_mma_optimizer(model, torch.optim.AdamW, lr=2e-3, visual_lr_ratio=10, betas=(0.9, 0.95))
     trainer = Trainer(model=model, args=args, optimizers=(optimizer, None), ...)  # the Trainer adds the schedule
