@@ -27,8 +27,9 @@
 
 Every method trains with AdamW (β = 0.9, 0.95), linear warm-up over 5 % of the steps then cosine decay, batch
 `--batch-size`, the same sample order, one CPU thread by default; `--visual-lr-ratio` gives the visual path of LaVIN
-and V2 its own rate (`peft_mma.create_mma_optimizer`). The loss covers the response tokens only, and
-only the last positions go through the LM head (left padding, `logits_to_keep`), for every method alike.
+and V2 its own rate, `--gate-lr-ratio` V2's prompt gates theirs (`peft_mma.create_mma_optimizer`). The loss covers
+the response tokens only, and only the last positions go through the LM head (left padding, `logits_to_keep`), for
+every method alike.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from peft_mma.data.procedural import instruction_dataset
 from peft_mma.data.scenes import QUESTIONS, scene_qa_dataset
 from peft_mma.data.templates import OPTION_LETTERS, scienceqa_answer
 from peft_mma.llama_adapter_v2.joint import joint_parameter_groups, modality_parts, training_only
-from peft_mma.optim import create_mma_optimizer
+from peft_mma.optim import create_mma_optimizer, gate_parameters
 from peft_mma.utils import warmup_cosine
 
 from .common import RESULTS_DIR, load_average, machine_info, write_json
@@ -81,6 +82,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1.0,
         help="learning rate of the peft_mma methods' visual path (LaVIN's projector, V2's bridge) over --lr "
         "(`peft_mma.create_mma_optimizer`; vqa and retention); the baselines keep one rate",
+    )
+    parser.add_argument(
+        "--gate-lr-ratio",
+        type=float,
+        default=1.0,
+        help="learning rate of V2's zero-init prompt gates over --lr (`peft_mma.create_mma_optimizer`; vqa and "
+        "retention, V2 only)",
     )
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-size", type=int, default=96)
@@ -234,13 +242,16 @@ def train(
     split: Callable[[dict], list[tuple[str | None, dict]]] | None = None,
     groups: dict[str, list[torch.nn.Parameter]] | None = None,
     visual_lr_ratio: float = 1.0,
+    gate_lr_ratio: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Train `steps` steps; every `eval_every` steps (and at 0 and the end) record `evaluate()` with the training
     wall and CPU seconds spent so far (evaluation itself not counted).
 
     `split` cuts each batch into parts (group, part), each part's loss reaching only `groups[group]` (every trainable
     parameter where group is None); by default the batch is one part for every parameter."""
-    optimizer = create_mma_optimizer(method, lr=lr, visual_lr_ratio=visual_lr_ratio, betas=(0.9, 0.95))
+    optimizer = create_mma_optimizer(
+        method, lr=lr, visual_lr_ratio=visual_lr_ratio, gate_lr_ratio=gate_lr_ratio, betas=(0.9, 0.95)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps))
     order = list(range(len(train_set)))
     random.Random(seed).shuffle(order)
@@ -333,16 +344,19 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
         lr = args.lr or DEFAULT_LR[name]
 
         def evaluate(method=method) -> dict[str, float]:
-            return vqa_accuracy(method, held_out, collator, letters, 16) | routing_summary(method)
+            accuracy = vqa_accuracy(method, held_out, collator, letters, 16)
+            return accuracy | routing_summary(method) | gate_summary(method)
 
         ratio = args.visual_lr_ratio if name in ("lavin", "v2") else 1.0
+        gate_ratio = args.gate_lr_ratio if name == "v2" else 1.0
         curve = train(
             method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every,
-            visual_lr_ratio=ratio,
+            visual_lr_ratio=ratio, gate_lr_ratio=gate_ratio,
         )  # fmt: skip
         after = prose_loss(method, prose, args.batch_size)
         runs[name] = summarize_vqa(name, lr, curve, before, after, count_trainable(method))
         runs[name]["visual_lr_ratio"] = ratio
+        runs[name]["gate_lr_ratio"] = gate_ratio
         del method
     return {
         "settings": {
@@ -503,6 +517,17 @@ def routing_summary(method: Method) -> dict[str, float]:
         "route_gap_max": float((weights[:, 1, 0] - weights[:, 0, 0]).abs().max()),
         "up_paths_apart": (apart / size) ** 0.5 if size else 0.0,
     }
+
+
+@torch.no_grad()
+def gate_summary(method: Method) -> dict[str, float]:
+    """How far V2's prompt gates have opened: the mean and the largest |tanh g| over every layer's heads. {} for a
+    model without gates."""
+    gates = [p.detach().float().tanh().abs() for p in gate_parameters(method.model)]
+    if not gates:
+        return {}
+    every = torch.cat([g.flatten() for g in gates])
+    return {"gate_mean": float(every.mean()), "gate_max": float(every.max())}
 
 
 def count_trainable(method: Method) -> int:

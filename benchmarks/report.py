@@ -204,8 +204,9 @@ def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | Non
                 else "not reached"
             )
             change = f"{run['text_loss_before']:.3f} → {run['text_loss_after']:.3f} ({run['text_loss_change']:+.1%})"
-            ratio = run.get("visual_lr_ratio", 1.0)
-            lr = f"{run['lr']:g}" + (f" (visual path × {ratio:g})" if ratio != 1.0 else "")
+            ratios = {"visual path": run.get("visual_lr_ratio", 1.0), "gates": run.get("gate_lr_ratio", 1.0)}
+            apart = ", ".join(f"{part} × {ratio:g}" for part, ratio in ratios.items() if ratio != 1.0)
+            lr = f"{run['lr']:g}" + (f" ({apart})" if apart else "")
             lines.append(
                 f"| {name} | {lr} | {run['trainable_params']:,} | {curve} | {run['best_accuracy']:.2f} | "
                 f"{reached} | {change} |"

@@ -1,4 +1,5 @@
-"""`peft_mma.create_mma_optimizer`: the visual path at lr × `visual_lr_ratio`, weight decay on matrices only."""
+"""`peft_mma.create_mma_optimizer`: the visual path at lr × `visual_lr_ratio`, V2's gates at lr × `gate_lr_ratio`,
+weight decay on matrices only."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from conftest import batch_for, model_for, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 from peft_mma import create_mma_optimizer
-from peft_mma.optim import param_groups, visual_path_parameters
+from peft_mma.optim import gate_parameters, param_groups, visual_path_parameters
 
 VISUAL = {"lavin-image": ("mma_lavin_proj_in", "mma_lavin_proj_out"), "v2-image": ("mma_adapter_v2_visual",)}
 
@@ -47,6 +48,26 @@ def test_one_adam_step_moves_the_visual_path_ratio_times_as_far():
     assert max(projector) == pytest.approx(1e-2, rel=1e-3) and max(decoder) == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_one_adam_step_opens_the_gates_ratio_times_as_far():
+    """V2's zero-init gates at lr × `gate_lr_ratio`, every other parameter (visual path at ratio 1) at lr; the gates
+    form their own group only when their ratio is not 1."""
+    model = model_for("v2-image")
+    assert len(param_groups(model, lr=1e-3)) == 4  # base and visual path, each matrices and the rest
+    gates = {id(p) for p in gate_parameters(model)}
+    assert len(gates) == len([n for n, _ in model.named_parameters() if "mma_adapter_v2_gate." in n]) > 0
+    batch = batch_for("v2-image", model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = create_mma_optimizer(model, lr=1e-3, gate_lr_ratio=10)
+    assert len(optimizer.param_groups) == 5
+    model(**batch).loss.backward()
+    optimizer.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    gate_moves = [m for n, m in moved.items() if "mma_adapter_v2_gate." in n and m > 0]
+    other = [m for n, m in moved.items() if "mma_adapter_v2_gate." not in n]
+    assert gate_moves and max(gate_moves) == pytest.approx(1e-2, rel=1e-3)
+    assert max(other) == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_trainer_schedules_each_group_from_its_own_rate(tmp_path):
     """`Trainer(optimizers=(optimizer, None))` builds its schedule on the groups' own rates."""
     model = model_for("lavin-image", init_weights=True)
@@ -73,6 +94,11 @@ def test_bad_settings_are_refused_before_anything_is_built():
             create_mma_optimizer(model, lr=lr, visual_lr_ratio=ratio)
     with pytest.raises(ValueError, match="has none"):
         create_mma_optimizer(model_for("lavin-text"), lr=1e-3, visual_lr_ratio=10)
+    for ratio in (0.0, -1.0):
+        with pytest.raises(ValueError, match="must be positive"):
+            create_mma_optimizer(model_for("v2-text"), lr=1e-3, gate_lr_ratio=ratio)
+    with pytest.raises(ValueError, match="prompt gates, and this model has none"):
+        create_mma_optimizer(model, lr=1e-3, gate_lr_ratio=10)  # LaVIN has no gates
     assert len(param_groups(model_for("v2-text"), lr=1e-3)) == 2  # ratio 1 needs no visual path: matrices, rest
     with pytest.raises(ValueError, match="no trainable parameters"):
         create_mma_optimizer(tiny_llama().requires_grad_(False), lr=1e-3)
