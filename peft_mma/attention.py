@@ -115,9 +115,10 @@ def state_handed_to(modules: Iterable[torch.nn.Module], state) -> Iterator[None]
             handle.remove()
 
 
-def install_mma_attention(config) -> None:
-    """Point `config._attn_implementation` at the wrapped version of its current implementation (idempotent)."""
-    base_name = config._attn_implementation or "eager"
+def install_mma_attention(model: torch.nn.Module) -> None:
+    """Switch `model` (a transformers `PreTrainedModel`) to the wrapped version of its attention implementation
+    (idempotent)."""
+    base_name = model.config._attn_implementation or "eager"
     if base_name.endswith(SUFFIX):
         return
     name = base_name + SUFFIX
@@ -126,11 +127,22 @@ def install_mma_attention(config) -> None:
         mask = ALL_MASK_ATTENTION_FUNCTIONS.get(base_name)
         if mask is not None:
             AttentionMaskInterface.register(name, mask)
-    config._attn_implementation = name
+    _set_implementation(model, name)
 
 
-def uninstall_mma_attention(config) -> None:
+def uninstall_mma_attention(model: torch.nn.Module) -> None:
     """Restore the implementation `install_mma_attention` wrapped."""
-    name = config._attn_implementation
+    name = model.config._attn_implementation
     if name is not None and name.endswith(SUFFIX):
-        config._attn_implementation = name.removesuffix(SUFFIX)
+        _set_implementation(model, name.removesuffix(SUFFIX))
+
+
+def _set_implementation(model: torch.nn.Module, name: str) -> None:
+    """`model.set_attn_implementation(name)`, transformers' public switch, for a registered `name`. transformers
+    reads a name with "flash" in it as a flash-attention kernel to load (it would look for a Hub kernel called
+    `flash_attention_2+mma`), and a model that cannot switch its implementation keeps it with a warning; in those two
+    cases the config field is set as `set_attn_implementation` would set it."""
+    if "flash" not in name and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation = name

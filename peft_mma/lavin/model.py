@@ -94,7 +94,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         self._add_model_level(model, adapter_name, config, visual)
         config.image_token_id, config.num_image_tokens = image_tokens
         config.base_num_layers, config.base_hidden_size = model.config.num_hidden_layers, width
-        install_mma_attention(model.config)
+        install_mma_attention(model)
         model.add_model_tags(["peft_mma", "lavin"])  # PEFT's model card names the plugin and the method
         active = [a for a in self.active_adapters if a in self.peft_config]
         self.set_adapter(self.active_adapters, inference_mode=any(self.peft_config[a].inference_mode for a in active))
@@ -417,5 +417,5 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
-        uninstall_mma_attention(model.config)
+        uninstall_mma_attention(model)
         return model

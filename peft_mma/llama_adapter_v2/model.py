@@ -111,7 +111,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
             self._delete_model_level_adapter(adapter_name)
             raise
         if self.prompt_layer_ids(config, config.base_num_layers):
-            install_mma_attention(model.config)
+            install_mma_attention(model)
         model.add_model_tags(["peft_mma", "llama-adapter-v2"])  # PEFT's model card names the plugin and the method
 
     @skip_init_on_device  # under `low_cpu_mem_usage` too: the frozen encoder is not in the adapter file
@@ -276,5 +276,5 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
     @staticmethod
     def _finish_unload(model: nn.Module) -> None:
         """Restore the attention implementation and declare the biases a merge created."""
-        uninstall_mma_attention(model.config)
+        uninstall_mma_attention(model)
         declare_merged_biases(model)
