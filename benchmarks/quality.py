@@ -53,7 +53,7 @@ from peft_mma.data.procedural import instruction_dataset
 from peft_mma.data.scenes import QUESTIONS, scene_qa_dataset
 from peft_mma.data.templates import OPTION_LETTERS, scienceqa_answer
 from peft_mma.llama_adapter_v2.joint import joint_parameter_groups, modality_parts, training_only
-from peft_mma.optim import create_mma_optimizer, gate_parameters
+from peft_mma.optim import create_mma_optimizer
 from peft_mma.utils import warmup_cosine
 
 from .common import RESULTS_DIR, load_average, machine_info, write_json
@@ -521,12 +521,17 @@ def routing_summary(method: Method) -> dict[str, float]:
 
 @torch.no_grad()
 def gate_summary(method: Method) -> dict[str, float]:
-    """How far V2's prompt gates have opened: the mean and the largest |tanh g| over every layer's heads. {} for a
-    model without gates."""
-    gates = [p.detach().float().tanh().abs() for p in gate_parameters(method.model)]
+    """How far V2's prompt gates have opened: the mean and the largest gate as the layers apply it (|tanh g| by
+    default, times `new_gate` where there is one) over every layer's heads. {} for a model without gates."""
+    gates = [
+        module._gate(adapter).float().abs().flatten()
+        for module in method.model.modules()
+        if isinstance(getattr(module, "mma_adapter_v2_gate", None), torch.nn.ParameterDict)
+        for adapter in module.mma_adapter_v2_gate
+    ]
     if not gates:
         return {}
-    every = torch.cat([g.flatten() for g in gates])
+    every = torch.cat(gates)
     return {"gate_mean": float(every.mean()), "gate_max": float(every.max())}
 
 

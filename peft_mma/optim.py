@@ -84,11 +84,10 @@ def param_groups(
             f"model has none (no trainable {GATES[0]}); use it with a V2 adapter that has prompts, or leave it at 1."
         )
 
-    if gate_lr_ratio == 1.0:
-        gate_ids = set()  # the gates stay in the base groups
-
-    def role(p: nn.Parameter) -> str:
-        return "visual" if id(p) in visual_ids else "gate" if id(p) in gate_ids else "base"
+    def role(p: nn.Parameter) -> str:  # at ratio 1 the gates stay in the base groups
+        if id(p) in visual_ids:
+            return "visual"
+        return "gate" if gate_lr_ratio != 1.0 and id(p) in gate_ids else "base"
 
     rates = {"base": lr, "visual": lr * visual_lr_ratio, "gate": lr * gate_lr_ratio}
     groups = []
