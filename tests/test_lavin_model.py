@@ -91,6 +91,36 @@ def test_merge_image_modality_and_unmerge_restores_weights():
     torch.testing.assert_close(q.weight, original, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_merged_adapters_run_without_the_modality_token_and_keep_logits_and_tokens(modality):
+    """Merged, the routing is in the weights: the call puts no modality token in front, so the decoder sees the
+    caller's S positions with its own mask, and the logits and greedy tokens are the unmerged ones for that
+    modality."""
+    model = tiny_lavin()
+    batch = lavin_batch(model, has_image=(True, True) if modality == "image" else (False, False))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    lengths = []
+    first_layer = model.base_model.model.model.layers[0]
+    first_layer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        routed = model(**inputs).logits
+        routed_tokens = model.generate(**inputs, do_sample=False, max_new_tokens=4, pad_token_id=0)
+        model.merge_adapter(modality=modality)
+        lengths.clear()
+        merged = model(**inputs).logits
+        assert lengths == [batch["input_ids"].shape[1]]  # S, not 1 + S
+        merged_tokens = model.generate(**inputs, do_sample=False, max_new_tokens=4, pad_token_id=0)
+        uncached = model.generate(**inputs, do_sample=False, max_new_tokens=4, pad_token_id=0, use_cache=False)
+        model.unmerge_adapter()
+        lengths.clear()
+        unmerged = model(**inputs).logits
+    assert lengths == [batch["input_ids"].shape[1] + 1]  # the token is back
+    torch.testing.assert_close(merged, routed, atol=1e-5, rtol=0)
+    torch.testing.assert_close(unmerged, routed, atol=1e-6, rtol=0)
+    assert torch.equal(merged_tokens, routed_tokens) and torch.equal(uncached, merged_tokens)
+    assert torch.equal(merged_tokens[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+
+
 def test_beam_search_and_several_return_sequences_with_images():
     model = tiny_lavin()
     batch = lavin_batch(model, has_image=(True, False))

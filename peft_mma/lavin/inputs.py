@@ -11,6 +11,10 @@ the placeholders and puts the modality token E_m[m] (m = 1 with an image, 0 with
     position_ids   = [0, positions]               the text keeps the positions it has without the token
     labels         = [-100, -100, labels[1:]]     unchanged targets; -100 at the placeholders
 
+Once every decoder adapter of the call's adapter is merged (`merge_adapter`), its routing lives in the weights and
+nothing reads the token: the call then puts none in front (`modality_embedding=None`), and runs as the merged LLaMA
+would on its own, with the caller's mask and positions (so SDPA keeps its unmasked causal kernel when decoding).
+
 The modality token attends to itself alone, as in the official code (§3): the attention function gives its row its
 own value (`peft_mma.router.modality_token_attention`), and each MM-adapter routes the whole sample from its input at
 position 0. Logits (and hidden states) come back without the token's row, so they line up with `input_ids`.
@@ -58,13 +62,15 @@ class ModalityTokenConsumed(LogitsProcessor):
 
 @dataclass
 class Assembled:
-    """The LLaMA inputs of one call, with the modality token in front (length 1 + S)."""
+    """The LLaMA inputs of one call, with the modality token in front (length 1 + S; `front` 1), or without it
+    (length S; `front` 0: merged adapters)."""
 
-    inputs_embeds: torch.Tensor  # (B, 1 + S, C)
-    attention_mask: torch.Tensor  # (B, 1 + S)
-    position_ids: torch.Tensor  # (B or 1, 1 + S)
-    labels: torch.Tensor | None  # (B, 1 + S)
+    inputs_embeds: torch.Tensor  # (B, front + S, C)
+    attention_mask: torch.Tensor | None  # (B, front + S)
+    position_ids: torch.Tensor | None  # (B or 1, front + S)
+    labels: torch.Tensor | None  # (B, front + S)
     has_image: torch.Tensor  # (B,) bool
+    front: int = 1  # positions in front of the caller's sequence
 
 
 def find_cache(kwargs: dict) -> Cache | None:
@@ -126,7 +132,7 @@ def check_call(
 def assemble(
     config: LaVINConfig,
     embed: torch.nn.Module,
-    modality_embedding: torch.Tensor,
+    modality_embedding: torch.Tensor | None,
     encode: Callable[[torch.Tensor], torch.Tensor] | None,
     input_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
@@ -139,6 +145,8 @@ def assemble(
     """The LLaMA inputs of a call (module docstring): text embedded, V at the placeholders, E_m[m] in front.
 
     `encode` maps `pixel_values` (B, 3, H, W) to visual tokens (B, n, C); `has_image` (B,) is the checked flag.
+    With `modality_embedding` None (merged adapters), no token goes in front and the mask, positions and labels are
+    the caller's.
     """
     if input_ids is not None:
         placeholders = input_ids == config.image_token_id  # (B, S)
@@ -152,6 +160,8 @@ def assemble(
             labels = labels.masked_fill(placeholders, IGNORE_INDEX)
     else:
         embeds = inputs_embeds
+    if modality_embedding is None:
+        return Assembled(embeds, attention_mask, position_ids, labels, has_image, front=0)
     batch, length = embeds.shape[:2]
     token = modality_embedding[has_image.long()].to(embeds.dtype)  # (B, C): E_m[m]
     embeds = torch.cat([token[:, None], embeds], dim=1)  # (B, 1 + S, C)
@@ -167,7 +177,8 @@ def assemble(
 
 
 def strip_modality_token(output, length: int):
-    """Drop the modality token's row from the logits and hidden states of a model output (length 1 + S → S)."""
+    """Drop the modality token's row from the logits and hidden states of a model output (length 1 + S → S; an
+    output of length S is left as it is)."""
     logits = getattr(output, "logits", None)
     if logits is not None and logits.shape[1] == length + 1:
         output.logits = logits[:, 1:]
@@ -182,11 +193,11 @@ def strip_modality_token(output, length: int):
     return output
 
 
-def restore_prompt(output, input_ids: torch.Tensor, prompt_length: int):
-    """`generate`'s sequences (B·k, 1 + S + new) → the caller's prompt ids, then the new tokens: (B·k, S + new)."""
+def restore_prompt(output, input_ids: torch.Tensor, prompt_length: int, front: int = 1):
+    """`generate`'s sequences (B·k, front + S + new) → the caller's prompt ids, then the new tokens: (B·k, S + new)."""
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-    restored = torch.cat([prompt.to(sequences.device), sequences[:, 1 + prompt_length :]], dim=1)
+    restored = torch.cat([prompt.to(sequences.device), sequences[:, front + prompt_length :]], dim=1)
     if isinstance(output, torch.Tensor):
         return restored
     output.sequences = restored

@@ -248,7 +248,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             **kwargs,
             **{STATE_KWARG: call},
         )
-        return strip_modality_token(output, batch.inputs_embeds.shape[1] - 1)
+        return strip_modality_token(output, batch.inputs_embeds.shape[1] - batch.front)
 
     def generate(
         self,
@@ -272,9 +272,11 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         call, batch = self._prepare(name, plain, None, pixel_values, has_image, kwargs)
         prompt = input_ids if input_ids is not None else batch.inputs_embeds.new_zeros(len(batch.has_image), 0).long()
         # stand-in ids for the logits processors: 0 at the modality token and at the placeholders (maybe out of vocab)
-        shown = torch.cat([prompt.new_zeros(len(prompt), 1), prompt], dim=1)
+        shown = torch.cat([prompt.new_zeros(len(prompt), batch.front), prompt], dim=1)
         shown = shown.masked_fill(shown == self.peft_config[name].image_token_id, 0)
-        processors = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []), ModalityTokenConsumed(call)])
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        if batch.front:
+            processors.append(ModalityTokenConsumed(call))
         with state_handed_to([self.model, *self._keywordless_adapters()], call):
             output = self.model.generate(
                 input_ids=shown,
@@ -283,7 +285,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 logits_processor=processors,
                 **kwargs,
             )
-        return restore_prompt(output, prompt, prompt.shape[1])
+        return restore_prompt(output, prompt, prompt.shape[1], batch.front)
 
     def _prepare(self, name: str, plain: dict, position_ids, pixel_values, has_image, kwargs: dict):
         """Check the call's inputs (eagerly; not under `torch.compile`) and assemble them for adapter `name`."""
@@ -309,11 +311,15 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 visual.check_pixel_values(pixel_values)
             has_image = check_call(config, input_ids, inputs_embeds, pixel_values, has_image, kwargs)
         modality = self.mma_lavin_modality[name]
-        zero = self._image_side_zero(name) if pixel_values is None else None
+        if not self._routes(name):
+            modality = None  # merged: the routing is in the weights, and the call runs as the base does
+        elif pixel_values is None:
+            zero = self._image_side_zero(name)
+            modality = modality if zero is None else modality + zero
         batch = assemble(
             config,
             self.model.get_input_embeddings(),
-            modality if zero is None else modality + zero,
+            modality,
             lambda images: self.encode_images(images, name),
             input_ids,
             inputs_embeds,
@@ -323,7 +329,12 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             pixel_values,
             has_image,
         )
-        return LaVINCall(), batch
+        return LaVINCall(modality_token=bool(batch.front)), batch
+
+    def _routes(self, name: str) -> bool:
+        """Whether adapter `name`'s decoder adapters read the modality token: False once every one is merged (their
+        routing weights are then folded into the base's Linears, `MMAdapter.merge`)."""
+        return not all(name in m.merged_adapters for m in self._llm_adapters() if name in m.mma_lavin_down)
 
     def _check_no_placeholders(self, input_ids: torch.Tensor | None) -> None:
         ids = {c.image_token_id for c in self.peft_config.values() if c.image_token_id is not None}
