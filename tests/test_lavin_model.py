@@ -137,12 +137,13 @@ def test_beam_search_and_several_return_sequences_with_images():
 
 def test_generate_encodes_images_and_routes_once_per_call(monkeypatch):
     """The encoder runs once per `generate` call, and each decoder adapter routes from the modality token once, at
-    the prefill; the five decoding steps after it reuse those weights."""
+    the prefill; the five decoding steps after it reuse those weights, and mix the two up-paths into U_b once, at
+    the first of them. The tokens are those of the autograd node run on every step."""
     import peft_mma.lavin.layer as lavin_layer
 
     model = tiny_lavin()
-    counts = {"routed": 0, "reused": 0, "images": 0}
-    function, encode = lavin_layer.RoutedAdapter, model.base_model.encode_images
+    counts = {"routed": 0, "reused": 0, "mixed": 0, "images": 0}
+    function, encode, paths = lavin_layer.RoutedAdapter, model.base_model.encode_images, lavin_layer.paths
 
     class Counting:
         @staticmethod
@@ -155,13 +156,31 @@ def test_generate_encodes_images_and_routes_once_per_call(monkeypatch):
         counts["images"] += 1
         return encode(*args, **kwargs)
 
+    def counting_paths(*args):
+        counts["mixed"] += 1
+        return paths(*args)
+
     batch = lavin_batch(model)
     monkeypatch.setattr(lavin_layer, "RoutedAdapter", Counting)
+    monkeypatch.setattr(lavin_layer, "paths", counting_paths)
     monkeypatch.setattr(model.base_model, "encode_images", counting_encode)
+    inputs = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"], "max_new_tokens": 6}
     with torch.no_grad():
-        out = model.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=6)
+        out = model.generate(**inputs)
     assert out.shape == (2, 9 + 6)
-    assert counts == {"routed": 4, "reused": 4 * 5, "images": 1}  # 4 decoder layers
+    assert counts == {"routed": 4, "reused": 0, "mixed": 4, "images": 1}  # 4 decoder layers
+    # a decoding step's output is bitwise the autograd node's, which runs when gradients are on
+    from peft_mma.lavin.inputs import LaVINCall
+
+    adapter = model.base_model._llm_adapters()[1]
+    key = f"{adapter.lavin_key}.default"
+    call = LaVINCall(modality_token=False, routing={key: torch.tensor([[0.3, 0.7], [0.9, 0.1]])})
+    x = torch.randn(2, 1, model.config.hidden_size)
+    with torch.no_grad():
+        first, second = adapter.adapted("default", x, call), adapter.adapted("default", x, call)
+    node = adapter.adapted("default", x, call)
+    assert node.requires_grad and counts["reused"] == 1 and list(call.mixed) == [key]
+    assert torch.equal(first, node) and torch.equal(second, node)
 
 
 def test_several_adapters_with_images_set_disable_delete(tmp_path):

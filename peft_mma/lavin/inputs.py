@@ -47,6 +47,7 @@ class LaVINCall:
 
     modality_token: bool = True
     routing: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key → (B, 2) routing weights
+    mixed: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key → U_b of the decoding steps
 
 
 class ModalityTokenConsumed(LogitsProcessor):

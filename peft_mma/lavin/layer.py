@@ -7,12 +7,13 @@ https://arxiv.org/abs/2305.15023.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..attention import STATE_KWARG
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
-from .function import RoutedAdapter
+from .function import RoutedAdapter, paths
 from .inputs import LaVINCall
 
 
@@ -116,7 +117,8 @@ class LaVINLayer(MMATunerLayer):
 
         Encoder adapters (routing "token") route every token from itself. Decoder adapters route each sample from
         its modality token, x[:, 0], and record the weights in `call`; on a decoding step (the call's input no
-        longer holds the token) they reuse them. Both go through one autograd node, `lavin.function.RoutedAdapter`.
+        longer holds the token) they reuse them. Both go through one autograd node, `lavin.function.RoutedAdapter`,
+        except a decoding step without gradients, which reuses the call's mixed up-path (`_decoding_step`).
         """
         per_token = self.routing == "token"
         key = f"{self.lavin_key}.{name}"
@@ -130,6 +132,8 @@ class LaVINLayer(MMATunerLayer):
                                   self.mma_lavin_router[name])  # fmt: skip
         dropout = self.mma_lavin_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        if given is not None and p == 0 and not torch.is_grad_enabled():
+            return self._decoding_step(name, key, x, given, call)
         out, w = RoutedAdapter.apply(
             x, down.weight, down.bias, up0.weight, up0.bias, up1.weight, up1.bias, router.weight, router.bias,
             self.temperature[name], self.scale[name], p, per_token, given,
@@ -137,6 +141,24 @@ class LaVINLayer(MMATunerLayer):
         if not per_token and call is not None and given is None:
             call.routing[key] = w
         return out
+
+    def _decoding_step(
+        self, name: str, key: str, x: torch.Tensor, given: torch.Tensor, call: LaVINCall
+    ) -> torch.Tensor:
+        """out(x) on a decoding step (no gradients, no dropout), equal to `RoutedAdapter`'s forward with `given`:
+
+            out = x + z̄ U_b,    z̄ = [A x + a, 1],    U_b = s·(w0·P_0 + w1·P_1)    (B, h + 1, C)
+
+        U_b is fixed for the whole `generate` call, so it is mixed at the first step and kept in the call
+        (`LaVINCall.mixed`); every later step costs one Linear, the column of ones and one batched matmul."""
+        mixed = call.mixed.get(key)
+        if mixed is None or mixed.dtype != x.dtype:
+            up0, up1 = self.mma_lavin_up0[name], self.mma_lavin_up1[name]
+            packed, _ = paths(up0.weight, up0.bias, up1.weight, up1.bias)  # (2, (h + 1)·C)
+            ws = given.to(x.dtype) * self.scale[name]
+            mixed = call.mixed[key] = (ws @ packed.to(x.dtype)).view(len(given), -1, x.shape[-1])
+        down = self.mma_lavin_down[name]
+        return torch.baddbmm(x, F.pad(F.linear(x, down.weight, down.bias), (0, 1), value=1.0), mixed)
 
     def fold(self, name: str, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, V, c) in float64 with out(x) = (I + U V) x + c for fixed routing weights (2,), dropout off.
