@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--methods", nargs="*", default=None, help="default: every method of the experiment")
     parser.add_argument(
-        "--steps", type=int, default=None, help="default: 240 (vqa, retention, joint), 120 (expert), 150 (instruction)"
+        "--steps", type=int, default=None, help="default: 240 (vqa, retention, joint), 360 (expert), 150 (instruction)"
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="default: per method, `DEFAULT_LR`")
@@ -440,7 +440,7 @@ def run_expert(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
     ocr = TesseractOCR()
     qa = visual_qa(tokenizer, args, ["word"])
     vision, held_out, prose, collator, letters = qa.vision, qa.held_out, qa.prose, qa.collator, qa.letters
-    steps = args.steps or 120
+    steps = args.steps or 360
     count = min(args.train_size, steps * args.batch_size)  # the samples the steps draw, each read once by the OCR
     plain = scene_qa_dataset(count, seed=args.seed, image_size=vision.image_size, questions=["word"])
     started = time.perf_counter()

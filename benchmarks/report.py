@@ -301,6 +301,7 @@ def main() -> str:
     for name, title, table in (
         ("quality_joint.json", "V2's joint training against staged training", joint_table),
         ("quality_expert.json", "V2 with an OCR expert", expert_table),
+        ("quality_expert_steps120.json", "V2 with an OCR expert, a 120-step schedule", expert_table),
     ):
         result = _load(name)
         if result:
