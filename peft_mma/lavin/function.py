@@ -75,6 +75,12 @@ def path_grads(g_paths: torch.Tensor, scatter: torch.Tensor, shape: torch.Size) 
     return g_up0.view(shape), g_b0, g_up1.view(shape), g_b1
 
 
+def mixed_per_sample(ws: torch.Tensor, packed: torch.Tensor, width: int) -> torch.Tensor:
+    """U_b = s·(w0·P_0 + w1·P_1) of every sample, (B, h + 1, C), from ws = s·w (B, 2) and P (2, (h + 1)·C); the
+    adapter is then out = x + z̄ U_b, one `baddbmm`."""
+    return (ws @ packed).view(len(ws), -1, width)
+
+
 class RoutedAdapter(torch.autograd.Function):
     """`RoutedAdapter.apply(x, A, a, B, b, D, d, W_m, b_m, τ, s, p, per_token, given)` → (out (B, T, C), w); shapes
     as in the module docstring, B and D grouped as (g, C/g, h/g), b and d None for an adapter without them, p the
@@ -88,7 +94,7 @@ class RoutedAdapter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, down_w, down_b, up0_w, up0_b, up1_w, up1_b, router_w, router_b, tau, scale, p, per_token,
                 given):  # fmt: skip
-        batch, length, width = x.shape
+        width = x.shape[-1]
         t = x if per_token else x[:, 0]  # the routing input: (B, T, C) or (B, C)
         if given is None:
             w = torch.softmax(F.linear(t, router_w, router_b) / tau, dim=-1)
@@ -107,7 +113,7 @@ class RoutedAdapter(torch.autograd.Function):
             out = x + mixed @ stacked
             saved = (mixed, stacked)
         else:
-            mixed = (ws @ packed).view(batch, -1, width)  # U_b: (B, h + 1, C)
+            mixed = mixed_per_sample(ws, packed, width)  # U_b: (B, h + 1, C)
             out = torch.baddbmm(x, z1, mixed)
             saved = (mixed, packed)
         ctx.save_for_backward(x, t, z1, keep, w, ws, *saved, scatter, down_w, router_w)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..attention import STATE_KWARG
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
-from .function import RoutedAdapter, paths
+from .function import RoutedAdapter, mixed_per_sample, paths
 from .inputs import LaVINCall
 
 
@@ -152,11 +152,10 @@ class LaVINLayer(MMATunerLayer):
         U_b is fixed for the whole `generate` call, so it is mixed at the first step and kept in the call
         (`LaVINCall.mixed`); every later step costs one Linear, the column of ones and one batched matmul."""
         mixed = call.mixed.get(key)
-        if mixed is None or mixed.dtype != x.dtype:
+        if mixed is None:
             up0, up1 = self.mma_lavin_up0[name], self.mma_lavin_up1[name]
-            packed, _ = paths(up0.weight, up0.bias, up1.weight, up1.bias)  # (2, (h + 1)·C)
-            ws = given.to(x.dtype) * self.scale[name]
-            mixed = call.mixed[key] = (ws @ packed.to(x.dtype)).view(len(given), -1, x.shape[-1])
+            packed, _ = paths(up0.weight, up0.bias, up1.weight, up1.bias)  # (2, (h + 1)·C), in x's dtype
+            mixed = call.mixed[key] = mixed_per_sample(given.to(x.dtype) * self.scale[name], packed, x.shape[-1])
         down = self.mma_lavin_down[name]
         return torch.baddbmm(x, F.pad(F.linear(x, down.weight, down.bias), (0, 1), value=1.0), mixed)
 
