@@ -131,14 +131,14 @@ class RoutedAdapter(torch.autograd.Function):
         hidden = down_w.shape[0]
         if ctx.per_token:  # mixed: [s·w0·z̄, s·w1·z̄] (B, T, 2(h + 1)); packed: [P_0; P_1] (2(h + 1), C)
             g_packed = (mixed.flatten(0, 1).T @ grad.flatten(0, 1)).view(2, -1)
-            g_mixed = (grad @ packed.T).unflatten(-1, (2, -1))  # (B, T, 2, h + 1)
+            g_mixed = F.linear(grad, packed).unflatten(-1, (2, -1))  # grad @ packedᵀ: (B, T, 2, h + 1)
             g_z = (g_mixed * ws.unsqueeze(-1)).sum(-2)[..., :hidden]
             g_ws = (g_mixed * z1.unsqueeze(-2)).sum(-1) if ctx.routed else None  # (B, T, 2)
         else:  # mixed: U_b (B, h + 1, C); packed: (P_0, P_1) (2, (h + 1)·C)
             g_mixed = torch.bmm(z1.transpose(1, 2), grad).flatten(1)  # (B, (h + 1)·C)
             g_packed = ws.T @ g_mixed
             g_z = torch.bmm(grad, mixed[:, :hidden].transpose(1, 2))  # (B, T, h)
-            g_ws = g_mixed @ packed.T if ctx.routed else None  # (B, 2)
+            g_ws = F.linear(g_mixed, packed) if ctx.routed else None  # g_mixed @ packedᵀ: (B, 2)
         if keep is not None:
             g_z = torch.ops.aten.native_dropout_backward(g_z, keep, 1.0 / (1.0 - ctx.p))
         g_x = grad + g_z @ down_w  # (B, T, C): the identity path and A
@@ -150,7 +150,7 @@ class RoutedAdapter(torch.autograd.Function):
                 g_x = g_x + g_r @ router_w  # every token feeds its own router
                 g_router_w, g_router_b = torch.tensordot(g_r, t, ([0, 1], [0, 1])), g_r.sum((0, 1))
             else:
-                g_x.select(1, 0).add_(g_r @ router_w)  # the modality token feeds the router
+                g_x.select(1, 0).addmm_(g_r, router_w)  # the modality token feeds the router
                 g_router_w, g_router_b = g_r.T @ t, g_r.sum(0)
         g_down_w, g_down_b = torch.tensordot(g_z, x, ([0, 1], [0, 1])), g_z.sum((0, 1))  # Σ over (B, T)
         g_up0, g_b0, g_up1, g_b1 = path_grads(g_packed, scatter, ctx.up_shape)
