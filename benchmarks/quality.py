@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, prompt_and_response
 from peft_mma.data.experts import TesseractOCR, with_experts
 from peft_mma.data.procedural import instruction_dataset
-from peft_mma.data.scenes import QUESTIONS, scene_qa_dataset
+from peft_mma.data.scenes import QUESTIONS, scene_dataset, scene_qa_dataset
 from peft_mma.data.templates import OPTION_LETTERS, scienceqa_answer
 from peft_mma.llama_adapter_v2.joint import joint_parameter_groups, modality_parts, training_only
-from peft_mma.optim import create_mma_optimizer
+from peft_mma.optim import create_mma_optimizer, visual_path_parameters
 from peft_mma.utils import warmup_cosine
 
 from .common import RESULTS_DIR, load_average, machine_info, write_json
@@ -63,6 +63,7 @@ DEFAULT_LR = {"lavin": 2e-3, "v2": 2e-3, "lora_projector": 2e-3, "blind": 2e-3, 
 TEXT_LOSS_GOAL = 0.02  # the prose loss may rise by at most 2 % after multimodal tuning
 RETENTION_TEXT_SHARE = 0.5  # ScienceQA: about half of the questions have no image
 ACCURACY_GOAL, CPU_MINUTES_GOAL = 0.95, 10.0
+CAPTION_PROMPT = "Describe the picture."
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -89,6 +90,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1.0,
         help="learning rate of V2's zero-init prompt gates over --lr (`peft_mma.create_mma_optimizer`; vqa and "
         "retention, V2 only)",
+    )
+    parser.add_argument(
+        "--caption-steps",
+        type=int,
+        default=0,
+        help="vqa and retention: first train the visual path of LaVIN and V2 alone for this many steps on the scenes' "
+        "captions (LLaVA's stage 1), then the question tuning; counted in the curve's steps and times",
     )
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-size", type=int, default=96)
@@ -336,6 +344,11 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
     text_count = round(args.train_size * text_share / (1 - text_share))
     train_set += instruction_dataset(text_count, seed=args.seed, split="train") if text_count else []
     steps = args.steps or 240
+    kinds = sorted({QUESTIONS[question][0] for question in questions})  # the scene kinds the questions ask about
+    captions = [
+        {"image": s["image"], "prompt": CAPTION_PROMPT, "response": s["caption"]}
+        for s in scene_dataset(args.train_size, seed=args.seed, image_size=vision.image_size, kinds=kinds)
+    ]
     runs = {}
     for name in args.methods or VQA_METHODS:
         overrides = args.overrides if name in ("lavin", "v2") else {}
@@ -349,10 +362,14 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
 
         ratio = args.visual_lr_ratio if name in ("lavin", "v2") else 1.0
         gate_ratio = args.gate_lr_ratio if name == "v2" else 1.0
-        curve = train(
+        curve = []
+        if args.caption_steps and name in ("lavin", "v2"):
+            curve = caption_stage(method, captions, collator, lr, ratio, evaluate, args)
+        tuned = train(
             method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every,
             visual_lr_ratio=ratio, gate_lr_ratio=gate_ratio,
         )  # fmt: skip
+        curve = tuned if not curve else curve + [continued(point, curve[-1]) for point in tuned[1:]]
         after = prose_loss(method, prose, args.batch_size)
         runs[name] = summarize_vqa(name, lr, curve, before, after, count_trainable(method))
         runs[name]["visual_lr_ratio"] = ratio
@@ -371,11 +388,31 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
             "vision_pretrained": vision.pretrained,
             "vision_kwargs": vision.kwargs,
             "config_overrides": args.overrides,
+            "caption_steps": args.caption_steps,
             "image_size": vision.image_size,
             "prose_eval_tokens": prose.numel(),
         },
         "runs": runs,
     }
+
+
+def caption_stage(method: Method, captions: list[dict], collator, lr: float, ratio: float, evaluate, args):
+    """LLaVA's stage 1 for `method`'s visual path: only it trains, for `args.caption_steps` steps on "Describe the
+    picture." → the scene's caption, so that the visual tokens come to say in the LLM's own terms what the captions
+    say (for instance the word a picture shows) before the question tuning starts. The path is LaVIN's projector
+    (`visual_path_parameters`) and V2's visual group (`joint_parameter_groups`: the bridge with the gates and
+    prompts that read it, without which its zero-init gates would pass it no gradient). Returns the stage's curve,
+    evaluated on the held-out questions."""
+    if method.name == "v2":
+        visual = joint_parameter_groups(method.model)["visual"]
+    else:
+        visual = visual_path_parameters(method.model)
+    rest = [p for p in method.model.parameters() if p.requires_grad and all(p is not v for v in visual)]
+    groups = {"visual": visual, "rest": rest}
+    return train(
+        method, captions, collator, args.caption_steps, args.batch_size, lr, args.seed + 1, evaluate,
+        args.eval_every, lambda data: [("visual", data)], groups, visual_lr_ratio=ratio,
+    )  # fmt: skip
 
 
 def run_joint(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:

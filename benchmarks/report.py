@@ -183,11 +183,19 @@ def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | Non
     for vqa in vqas:
         settings = vqa["settings"]
         text_only = settings.get("text_only_train_samples", 0)
+        captions = settings.get("caption_steps", 0)
+        stage = (
+            f"first {captions} steps on the scenes' captions for the visual path alone (LaVIN and V2; counted in the "
+            "curve's steps), then "
+            if captions
+            else ""
+        )
         lines += [
             *_provenance(vqa),
-            f"Visual QA: {settings['steps']} steps × batch {settings['batch_size']}, held-out {settings['eval_size']} "
-            f"questions, {_encoder(settings)}; {text_only} of the {settings['train_size'] + text_only} "
-            "tuning samples are text only. Prose loss: held-out English prose, text only (goal ≤ +2 %).",
+            f"Visual QA: {stage}{settings['steps']} steps × batch {settings['batch_size']}, held-out "
+            f"{settings['eval_size']} questions, {_encoder(settings)}; {text_only} of the "
+            f"{settings['train_size'] + text_only} tuning samples are text only. Prose loss: held-out English prose, "
+            "text only (goal ≤ +2 %).",
             "",
             "| method | lr | trainable | accuracy by step | at the end, per question | best | ≥ 95 % at step "
             "(CPU min) | prose loss before → after |",

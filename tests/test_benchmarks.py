@@ -241,6 +241,51 @@ def test_routing_summary_reads_lavins_routes_and_how_far_its_up_paths_are_apart(
     assert config_for("lavin-image").temperature == 10.0  # the official 7B value the retention runs compare with
 
 
+@pytest.mark.parametrize("name", ["lavin", "v2"])
+def test_caption_stage_trains_the_visual_path_alone(name):
+    """`quality.caption_stage` (LLaVA's stage 1): the visual path changes (LaVIN's projector; V2's bridge, prompts
+    and gates), every other parameter stays bitwise and trainable again afterwards, and the curve has a point per
+    evaluation."""
+    import argparse
+
+    from stand_in_tokenizer import word_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks import quality
+    from benchmarks.quality_methods import build_method, encoder
+    from peft_mma.data.collator import CausalLMCollator
+    from peft_mma.llama_adapter_v2.joint import joint_parameter_groups
+    from peft_mma.optim import visual_path_parameters
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, bos_token_id=1
+    )
+    base = LlamaForCausalLM(config).eval()
+    base.requires_grad_(False)
+    vision = encoder("random")
+    method = build_method(name, base, multimodal=True, vision=vision)
+    captions = [
+        {"image": torch.rand(3, 64, 64), "prompt": quality.CAPTION_PROMPT, "response": f"the word {word}"}
+        for word in ("CAT", "DOG", "SUN", "BOX")
+    ]
+    tokenizer = word_tokenizer([quality.CAPTION_PROMPT, "the word CAT DOG SUN BOX"], add_bos=True)
+    collator = CausalLMCollator(tokenizer, max_length=32, padding_side="left", image_size=vision.image_size)
+    trainable = dict((n, p) for n, p in method.model.named_parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    visual = joint_parameter_groups(method.model)["visual"] if name == "v2" else visual_path_parameters(method.model)
+    visual_names = {n for n, p in trainable.items() if any(p is v for v in visual)}
+    assert visual_names and len(visual_names) < len(trainable)
+
+    args = argparse.Namespace(caption_steps=3, batch_size=2, seed=0, eval_every=1)
+    curve = quality.caption_stage(method, captions, collator, 1e-2, 1.0, lambda: {"accuracy": 0.25}, args)
+
+    assert [p["step"] for p in curve] == [0, 1, 2, 3] and curve[-1]["train_loss"] > 0
+    changed = {n for n, p in trainable.items() if not torch.equal(p.detach(), before[n])}
+    assert changed and changed <= visual_names  # nothing outside the visual path moved
+    assert all(p.requires_grad for p in trainable.values())  # the rest is trainable again for the next stage
+
+
 def test_a_second_stage_counts_on_from_the_first():
     from benchmarks import quality
 
