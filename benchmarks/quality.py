@@ -344,11 +344,11 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
     text_count = round(args.train_size * text_share / (1 - text_share))
     train_set += instruction_dataset(text_count, seed=args.seed, split="train") if text_count else []
     steps = args.steps or 240
-    kinds = sorted({QUESTIONS[question][0] for question in questions})  # the scene kinds the questions ask about
-    captions = [
-        {"image": s["image"], "prompt": CAPTION_PROMPT, "response": s["caption"]}
-        for s in scene_dataset(args.train_size, seed=args.seed, image_size=vision.image_size, kinds=kinds)
-    ]
+    scenes = []
+    if args.caption_steps:  # captions of the scene kinds the questions ask about
+        kinds = sorted({QUESTIONS[question][0] for question in questions})
+        scenes = scene_dataset(args.train_size, seed=args.seed, image_size=vision.image_size, kinds=kinds)
+    captions = [{"image": s["image"], "prompt": CAPTION_PROMPT, "response": s["caption"]} for s in scenes]
     runs = {}
     for name in args.methods or VQA_METHODS:
         overrides = args.overrides if name in ("lavin", "v2") else {}
@@ -407,7 +407,8 @@ def caption_stage(method: Method, captions: list[dict], collator, lr: float, rat
         visual = joint_parameter_groups(method.model)["visual"]
     else:
         visual = visual_path_parameters(method.model)
-    rest = [p for p in method.model.parameters() if p.requires_grad and all(p is not v for v in visual)]
+    chosen = {id(p) for p in visual}
+    rest = [p for p in method.model.parameters() if p.requires_grad and id(p) not in chosen]
     groups = {"visual": visual, "rest": rest}
     return train(
         method, captions, collator, args.caption_steps, args.batch_size, lr, args.seed + 1, evaluate,
