@@ -8,8 +8,11 @@
   the scene encoder pretrained on captions (`--encoder scenes`, `peft_mma.vision.scene_encoder`) or the same ViT
   randomly initialised (`--encoder random`). Held-out accuracy (the answer letter's logit among A-D,
   teacher-forced), overall and per question kind, every `--eval-every` steps, with the training wall and CPU time
-  (`time.process_time`) spent so far; tuned on image questions alone. Before and after tuning, the
-  language-modelling loss on held-out English prose (`general_text`, from Python's own documentation, text only).
+  (`time.process_time`) spent so far; tuned on image questions alone. `--answer-format EA` has every answer state
+  what the picture shows first ("The word is CAT. The answer is B.", ScienceQA's "EA" output format) and scores the
+  letter of the model's own greedy answer instead, with the share of answers whose statement is right. Before and
+  after tuning, the language-modelling loss on held-out English prose (`general_text`, from Python's own
+  documentation, text only).
 * ``retention``: the same, tuned as LaVIN's ScienceQA recipe is, where about half the questions have no image: a
   share `--text-share` (default 0.5) of the tuning samples is text only (procedural instructions). The MMA claim
   is that routing keeps language ability: the prose loss after tuning within +2 % of before.
@@ -35,6 +38,7 @@ every method alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -64,6 +68,7 @@ TEXT_LOSS_GOAL = 0.02  # the prose loss may rise by at most 2 % after multimodal
 RETENTION_TEXT_SHARE = 0.5  # ScienceQA: about half of the questions have no image
 ACCURACY_GOAL, CPU_MINUTES_GOAL = 0.95, 10.0
 CAPTION_PROMPT = "Describe the picture."
+ANSWER_FORMATS = ("A", "EA")  # ScienceQA's output formats: the answer alone; what the picture shows, then the answer
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -98,6 +103,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="vqa and retention: first train the visual path of LaVIN and V2 alone for this many steps on the scenes' "
         "captions (LLaVA's stage 1), then the question tuning; counted in the curve's steps and times",
     )
+    parser.add_argument(
+        "--answer-format",
+        choices=ANSWER_FORMATS,
+        default="A",
+        help='vqa and retention: "A", "The answer is X." scored teacher-forced; "EA", "The word is CAT. The answer '
+        'is X." (what the picture shows, then the letter), scored by greedy generation',
+    )
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-size", type=int, default=96)
     parser.add_argument("--train-size", type=int, default=2048)
@@ -119,6 +131,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default: results/quality_<experiment>.json")
     args = parser.parse_args(argv)
+    if args.answer_format != "A" and args.experiment not in ("vqa", "retention"):
+        parser.error(f"--answer-format {args.answer_format} is for --experiment vqa or retention")
     args.overrides = {}
     for item in args.set:
         field_name, sep, value = item.partition("=")
@@ -178,6 +192,42 @@ def vqa_accuracy(
         truth = torch.tensor([OPTION_LETTERS.index(s["answer"]) for s in chunk])
         hits += (scores.argmax(-1) == truth).tolist()
     out = {"accuracy": sum(hits) / len(hits)}
+    for kind in QUESTIONS:
+        picked = [hit for hit, sample in zip(hits, samples) if sample["kind"] == kind]
+        if picked:
+            out[f"accuracy_{kind}"] = sum(picked) / len(picked)
+    return out
+
+
+@torch.no_grad()
+def generated_vqa_accuracy(
+    method: Method, samples: list[dict], prompts: CausalLMCollator, batch: int, max_new_tokens: int = 24
+) -> dict[str, float]:
+    """For answers that state what the picture shows before the letter (`scene_qa_dataset(explained=True)`): share
+    of held-out samples whose greedy answer names the right letter ("The answer is X."), overall and per question
+    kind (`accuracy_<kind>`), and the share whose answer starts with the right statement (`stated`). `prompts` gives
+    the prompts alone (`with_response=False`, left padding); decoding recomputes the whole sequence at each token,
+    through the method's own `logits`, and stops at EOS."""
+    tokenizer, eos = prompts.tokenizer, prompts.tokenizer.eos_token_id
+    method.eval()
+    hits, stated = [], []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        data = prompts(chunk)
+        data.pop("labels", None)
+        new = torch.empty(len(chunk), 0, dtype=torch.long)
+        for _ in range(max_new_tokens):
+            token = method.logits(data, 1)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            new = torch.cat([new, token], dim=1)
+            data["input_ids"] = torch.cat([data["input_ids"], token], dim=1)
+            data["attention_mask"] = torch.cat([data["attention_mask"], torch.ones_like(token)], dim=1)
+            if eos is not None and bool((new == eos).any(1).all()):
+                break
+        for sample, ids in zip(chunk, new.tolist()):
+            text = tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
+            hits.append(scienceqa_answer(sample["answer"]) in text)
+            stated.append(text.startswith(sample["explanation"]))
+    out = {"accuracy": sum(hits) / len(hits), "stated": sum(stated) / len(stated)}
     for kind in QUESTIONS:
         picked = [hit for hit, sample in zip(hits, samples) if sample["kind"] == kind]
         if picked:
@@ -311,24 +361,35 @@ def bos_first(bos: str):
 class VisualQA:
     """What every visual QA experiment measures with: the frozen encoder, the held-out questions, the held-out prose,
     the collator (left padding, the encoder's image size, and a BOS in front of every prompt where the tokenizer adds
-    none, as SmolLM2: the [BOS, image, text] layout) and the answer letters."""
+    none, as SmolLM2: the [BOS, image, text] layout), the answer letters and the answer format (`ANSWER_FORMATS`)."""
 
     vision: Encoder
     held_out: list[dict]
     prose: torch.Tensor
     collator: CausalLMCollator
     letters: tuple[list[int], int]
+    answer_format: str = "A"
+
+    def accuracy(self, method: Method, batch: int = 16) -> dict[str, float]:
+        """Held-out accuracy: the letter's logit teacher-forced ("A"), or the letter of the greedy answer ("EA")."""
+        if self.answer_format == "A":
+            return vqa_accuracy(method, self.held_out, self.collator, self.letters, batch)
+        prompts = copy.copy(self.collator)
+        prompts.with_response = False
+        return generated_vqa_accuracy(method, self.held_out, prompts, batch)
 
 
 def visual_qa(tokenizer, args: argparse.Namespace, questions: Sequence[str]) -> VisualQA:
     vision = encoder(args.encoder, seed=args.seed)
+    explained = args.answer_format == "EA"
     held_out = scene_qa_dataset(
-        args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=questions
-    )
+        args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=questions,
+        explained=explained,
+    )  # fmt: skip
     collator = CausalLMCollator(tokenizer, max_length=128, padding_side="left", image_size=vision.image_size)
     if not collator.bos and tokenizer.bos_token:
         collator.prompt_fn = bos_first(tokenizer.bos_token)
-    return VisualQA(vision, held_out, general_text(tokenizer), collator, letter_ids(tokenizer))
+    return VisualQA(vision, held_out, general_text(tokenizer), collator, letter_ids(tokenizer), args.answer_format)
 
 
 def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) -> dict[str, Any]:
@@ -339,8 +400,11 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
         raise ValueError(f"`--text-share` must be in [0, 1), got {text_share}.")
     questions = args.questions
     qa = visual_qa(tokenizer, args, questions)
-    vision, held_out, prose, collator, letters = qa.vision, qa.held_out, qa.prose, qa.collator, qa.letters
-    train_set = scene_qa_dataset(args.train_size, seed=args.seed, image_size=vision.image_size, questions=questions)
+    vision, prose, collator = qa.vision, qa.prose, qa.collator
+    train_set = scene_qa_dataset(
+        args.train_size, seed=args.seed, image_size=vision.image_size, questions=questions,
+        explained=qa.answer_format == "EA",
+    )  # fmt: skip
     text_count = round(args.train_size * text_share / (1 - text_share))
     train_set += instruction_dataset(text_count, seed=args.seed, split="train") if text_count else []
     steps = args.steps or 240
@@ -357,8 +421,7 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
         lr = args.lr or DEFAULT_LR[name]
 
         def evaluate(method=method) -> dict[str, float]:
-            accuracy = vqa_accuracy(method, held_out, collator, letters, 16)
-            return accuracy | routing_summary(method) | gate_summary(method)
+            return qa.accuracy(method) | routing_summary(method) | gate_summary(method)
 
         ratio = args.visual_lr_ratio if name in ("lavin", "v2") else 1.0
         gate_ratio = args.gate_lr_ratio if name == "v2" else 1.0
@@ -389,6 +452,7 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
             "vision_kwargs": vision.kwargs,
             "config_overrides": args.overrides,
             "caption_steps": args.caption_steps,
+            "answer_format": qa.answer_format,
             "image_size": vision.image_size,
             "prose_eval_tokens": prose.numel(),
         },

@@ -190,10 +190,16 @@ def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | Non
             if captions
             else ""
         )
+        answers = (
+            '; answers state what the picture shows, then the letter (ScienceQA\'s "EA" format), scored by greedy '
+            'generation ("stated": the share whose statement is right)'
+            if settings.get("answer_format", "A") == "EA"
+            else ""
+        )
         lines += [
             *_provenance(vqa),
             f"Visual QA: {stage}{settings['steps']} steps × batch {settings['batch_size']}, held-out "
-            f"{settings['eval_size']} questions, {_encoder(settings)}; {text_only} of the "
+            f"{settings['eval_size']} questions{answers}, {_encoder(settings)}; {text_only} of the "
             f"{settings['train_size'] + text_only} tuning samples are text only. Prose loss: held-out English prose, "
             "text only (goal ≤ +2 %).",
             "",
@@ -206,6 +212,7 @@ def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | Non
             last = run["curve"][-1]
             kinds = [k.removeprefix("accuracy_") for k in last if k.startswith("accuracy_")]
             curve += " | " + ", ".join(f"{kind} {last['accuracy_' + kind]:.2f}" for kind in kinds)
+            curve += f", stated {last['stated']:.2f}" if "stated" in last else ""
             reached = (
                 f"{run['reached_goal_at_step']} ({run['reached_goal_at_cpu_min']:.1f})"
                 if run["reached_goal_at_step"] is not None

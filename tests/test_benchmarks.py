@@ -316,3 +316,72 @@ def test_plot_skips_memory_only_runs_and_draws_train_only_ones(tmp_path, monkeyp
     monkeypatch.setattr(plot, "RESULTS_DIR", tmp_path)
     assert plot.main() == [tmp_path / "compiled.png"]  # no generation panel to draw: it says so
     assert (tmp_path / "compiled.png").stat().st_size > 0 and not (tmp_path / "memory.png").exists()
+
+
+def _char_tokenizer():
+    """One token per character, decoded back without spaces: what a scripted model's answers need."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *string.printable])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def test_generated_vqa_accuracy_scores_the_letter_of_the_greedy_answer():
+    """`--answer-format EA`: the letter of the model's own answer counts, after its statement; `stated` is the share
+    of answers that start with the right statement; decoding sees the prompts alone and stops at EOS."""
+    from benchmarks import quality
+    from benchmarks.quality_methods import Method
+    from peft_mma.data.collator import CausalLMCollator
+    from peft_mma.data.scenes import scene_qa_dataset
+
+    tokenizer = _char_tokenizer()
+    samples = scene_qa_dataset(4, seed=0, questions=["colour", "shape", "position", "count"], explained=True)
+    wrong = {"A": "B", "B": "C", "C": "D", "D": "A"}
+    scripts = {  # prompt → (answer, then EOS, then text that must not count)
+        0: f"{samples[0]['explanation']} The answer is {samples[0]['answer']}.",  # right statement and letter
+        1: f"{samples[1]['explanation']} The answer is {wrong[samples[1]['answer']]}.",  # wrong letter
+        2: f"It is something. The answer is {samples[2]['answer']}.",  # wrong statement, right letter
+        3: "I do not know.",  # no letter at all (one follows EOS)
+    }
+    prompts = {quality.prompt_and_response(s)[0]: i for i, s in enumerate(samples)}
+    after_eos = tokenizer(f"The answer is {samples[3]['answer']}." * 9)["input_ids"]  # sample 3's letter, too late
+
+    class Scripted(Method):
+        def __init__(self):
+            super().__init__("scripted", torch.nn.Identity())
+            self.calls = 0
+
+        def logits(self, batch, keep):
+            self.calls += 1
+            assert keep == 1 and "labels" not in batch
+            rows = []
+            for ids in batch["input_ids"].tolist():
+                text = tokenizer.decode([i for i in ids if i != tokenizer.pad_token_id])
+                prompt, _, answered = text.partition("Response:")
+                script = tokenizer(scripts[prompts[prompt + "Response:"]], add_special_tokens=False)["input_ids"]
+                script += [tokenizer.eos_token_id] + after_eos
+                rows.append(script[len(tokenizer(answered)["input_ids"])])
+            return torch.nn.functional.one_hot(torch.tensor(rows), len(tokenizer)).float()[:, None]  # (B, 1, V)
+
+    collator = CausalLMCollator(tokenizer, padding_side="left", with_response=False, image_size=64)
+    method = Scripted()
+    out = quality.generated_vqa_accuracy(method, samples, collator, batch=4, max_new_tokens=80)
+    assert out["accuracy"] == 0.5 and out["stated"] == 0.5
+    assert (out["accuracy_colour"], out["accuracy_shape"], out["accuracy_position"], out["accuracy_count"]) == (
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+    )
+    longest = max(len(tokenizer(text)["input_ids"]) for text in scripts.values())
+    assert method.calls == longest + 1  # stops once every row has given EOS
+    with pytest.raises(SystemExit):  # the other experiments score teacher-forced letters only
+        quality.parse_args(["--experiment", "joint", "--answer-format", "EA"])

@@ -78,11 +78,16 @@ def test_scienceqa_prompt_and_answer_follow_lavin():
     assert scienceqa_answer("B") == "The answer is B."
     assert scienceqa_answer(2) == "The answer is C."
     assert scienceqa_answer("A", "Whales breathe air.") == "The answer is A. BECAUSE: Whales breathe air."
+    # ScienceQA's "EA" output format: the explanation first, then the answer
+    explained = scienceqa_answer("B", "Whales breathe air.", explanation_first=True)
+    assert explained == "Whales breathe air. The answer is B."
 
 
 def test_scienceqa_rejects_bad_answers_and_options():
     with pytest.raises(ValueError, match="`answer` must be an option letter"):
         scienceqa_answer("a")
+    with pytest.raises(ValueError, match="`explanation_first` needs an `explanation`"):
+        scienceqa_answer("A", explanation_first=True)
     with pytest.raises(ValueError, match="`options` must hold 1 to 26"):
         format_options([])
 
@@ -253,6 +258,9 @@ def test_collator_formats_instruction_and_question_samples():
     question = {"question": "Which?", "options": ["x", "y", "z", "w"], "answer": "C"}
     assert prompt_and_response(instruction) == (format_prompt("Repeat the last word.", "a b"), "b")
     assert prompt_and_response(question) == (scienceqa_prompt("Which?", ["x", "y", "z", "w"]), "The answer is C.")
+    explained = question | {"explanation": "It is z.", "explanation_first": True}
+    assert prompt_and_response(explained)[1] == "It is z. The answer is C."
+    assert prompt_and_response(question | {"explanation": "It is z."})[1] == "The answer is C. BECAUSE: It is z."
     tokenizer = word_tokenizer(texts=[format_prompt("Repeat the last word.", "a b")])
     batch = CausalLMCollator(tokenizer)([instruction])
     prompt_length = len(tokenizer(format_prompt("Repeat the last word.", "a b"))["input_ids"])

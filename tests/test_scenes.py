@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
+from peft_mma.data.collator import prompt_and_response
 from peft_mma.data.scenes import (
     COLOURS,
     KINDS,
@@ -83,6 +84,30 @@ def test_questions_are_answered_by_the_scene_and_balanced():
     held_out = scene_qa_dataset(40, seed=0, split="eval")
     assert {s["scene"].split for s in held_out} == {"eval"}
     assert not {s["scene"].key for s in samples} & {s["scene"].key for s in held_out}
+
+
+def test_explained_questions_state_the_scene_before_the_answer():
+    """`explained=True` (ScienceQA's "EA" format) adds a statement of what the scene shows, read here from the scene's
+    own attributes, and changes nothing else: same images, questions, options and answers."""
+    plain = scene_qa_dataset(24, seed=3)
+    explained = scene_qa_dataset(24, seed=3, explained=True)
+    expected = {
+        "colour": "The shape is {colour}.",
+        "shape": "The shape is a {shape}.",
+        "position": "The shape is at the {position}.",
+        "count": "There are {count} shapes.",
+        "larger": "The larger shape is {large_colour}.",
+        "word": "The word is {word}.",
+    }
+    assert {s["kind"] for s in explained} == set(expected)
+    for a, b in zip(plain, explained):
+        assert torch.equal(a["image"], b["image"])
+        assert {k: a[k] for k in ("question", "options", "answer", "kind")} == {
+            k: b[k] for k in ("question", "options", "answer", "kind")
+        }
+        assert "explanation" not in a and b["explanation_first"] is True
+        assert b["explanation"] == expected[b["kind"]].format(**b["scene"].attributes)
+        assert prompt_and_response(b)[1] == f"{b['explanation']} The answer is {b['answer']}."
 
 
 def test_bad_arguments_are_refused():

@@ -33,7 +33,8 @@ def prompt_and_response(sample: dict[str, Any]) -> tuple[str, str]:
 
     - `prompt` (+ optional `response`): used as they are;
     - `instruction`, `input`, `output`: the Alpaca template (`templates.format_prompt`);
-    - `question`, `options`, `answer` (+ optional `context`, `explanation`): LaVIN's ScienceQA format.
+    - `question`, `options`, `answer` (+ optional `context`, `explanation`, and `explanation_first` to put the
+      explanation before the answer): LaVIN's ScienceQA format (`templates.scienceqa_answer`).
     """
     if "prompt" in sample:
         return sample["prompt"], sample.get("response", "")
@@ -42,7 +43,9 @@ def prompt_and_response(sample: dict[str, Any]) -> tuple[str, str]:
     if "question" in sample:
         prompt = scienceqa_prompt(sample["question"], sample["options"], sample.get("context"))
         answer = sample.get("answer")
-        return prompt, "" if answer is None else scienceqa_answer(answer, sample.get("explanation"))
+        if answer is None:
+            return prompt, ""
+        return prompt, scienceqa_answer(answer, sample.get("explanation"), sample.get("explanation_first", False))
     raise ValueError(
         f"A sample needs `prompt`, `instruction` or `question` keys (or pass `prompt_fn`), got keys {sorted(sample)}."
     )

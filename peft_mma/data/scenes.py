@@ -54,6 +54,15 @@ QUESTIONS = {
     "larger": ("pair", "What colour is the larger shape?"),
     "word": ("word", "Which word is written in the picture?"),
 }
+# what the picture shows, stated before the answer when a dataset is `explained` (ScienceQA's "EA" format)
+STATEMENTS = {
+    "colour": "The shape is {}.",
+    "shape": "The shape is a {}.",
+    "position": "The shape is at the {}.",
+    "count": "There are {} shapes.",
+    "larger": "The larger shape is {}.",
+    "word": "The word is {}.",
+}
 EVAL_BUCKETS = 5  # one content-hash bucket in five is held out for evaluation
 _HALF = {"small": 0.12, "large": 0.22}  # half the extent of a shape, as a share of the image side
 
@@ -236,7 +245,12 @@ def scene_dataset(
 
 
 def scene_qa_dataset(
-    n: int, seed: int = 0, split: str = "train", image_size: int = 64, questions: Sequence[str] = tuple(QUESTIONS)
+    n: int,
+    seed: int = 0,
+    split: str = "train",
+    image_size: int = 64,
+    questions: Sequence[str] = tuple(QUESTIONS),
+    explained: bool = False,
 ) -> list[dict]:
     """`n` 4-way questions about scenes as {"image", "question", "options", "answer", "kind", "scene"} dicts (`kind`:
     the question kind; `scene`: what is drawn), question kinds in turn; answers balanced over A-D (exactly when
@@ -244,6 +258,10 @@ def scene_qa_dataset(
 
     Options: the four colours, shapes, positions or counts in a fixed order (the scene is drawn so that the answer
     falls on the planned letter), or for "word" four of `WORDS` with the right one at the planned letter.
+
+    `explained`: each sample also states what the picture shows before its answer ("The word is CAT. The answer is
+    B.", ScienceQA's "EA" output format; keys `explanation` and `explanation_first`, which the collator reads). The
+    questions, options and answers are the same as without it.
     """
     _check(split, image_size)
     unknown = [q for q in questions if q not in QUESTIONS]
@@ -262,16 +280,17 @@ def scene_qa_dataset(
             scene = random_scene(rng, scene_kind, image_size)
             if scene.split == split and scene.attributes[slot] == options[letter]:
                 break
-        samples.append(
-            {
-                "image": scene.draw(generator),
-                "question": text,
-                "options": options,
-                "answer": OPTION_LETTERS[letter],
-                "kind": question,
-                "scene": scene,
-            }
-        )
+        sample = {
+            "image": scene.draw(generator),
+            "question": text,
+            "options": options,
+            "answer": OPTION_LETTERS[letter],
+            "kind": question,
+            "scene": scene,
+        }
+        if explained:
+            sample |= {"explanation": STATEMENTS[question].format(options[letter]), "explanation_first": True}
+        samples.append(sample)
     return samples
 
 

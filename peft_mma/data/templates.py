@@ -78,8 +78,10 @@ def scienceqa_prompt(question: str, options: Sequence[str], context: str | None 
     return f"Question: {question}\nContext: {context or 'N/A'}\nOptions: {format_options(options)}\nResponse:"
 
 
-def scienceqa_answer(answer: str | int, explanation: str | None = None) -> str:
-    """The ScienceQA target: "The answer is X." plus " BECAUSE: {explanation}" when one is given.
+def scienceqa_answer(answer: str | int, explanation: str | None = None, explanation_first: bool = False) -> str:
+    """The ScienceQA target: "The answer is X." plus " BECAUSE: {explanation}" when one is given (ScienceQA's
+    answer-first "ALE" output format, LaVIN's), or with `explanation_first` "{explanation} The answer is X."
+    (ScienceQA's "EA" format: the model states what it sees before it picks the letter).
 
     `answer` is a letter or a 0-based option index. LaVIN appends the target to the prompt with no separator
     (spec/lavin_mma.md §6); the collator does the same.
@@ -88,6 +90,10 @@ def scienceqa_answer(answer: str | int, explanation: str | None = None) -> str:
     if letter not in OPTION_LETTERS:
         raise ValueError(f"`answer` must be an option letter A-Z or an index, got {answer!r}.")
     target = f"The answer is {letter}."
+    if explanation_first:
+        if not explanation:
+            raise ValueError("`explanation_first` needs an `explanation` to put before the answer.")
+        return f"{explanation} {target}"
     return f"{target} BECAUSE: {explanation}" if explanation else target
 
 
