@@ -201,14 +201,18 @@ def vqa_accuracy(
 
 @torch.no_grad()
 def generated_vqa_accuracy(
-    method: Method, samples: list[dict], prompts: CausalLMCollator, batch: int, max_new_tokens: int = 24
+    method: Method, samples: list[dict], prompts: CausalLMCollator, batch: int, max_new_tokens: int | None = None
 ) -> dict[str, float]:
     """For answers that state what the picture shows before the letter (`scene_qa_dataset(explained=True)`): share
     of held-out samples whose greedy answer names the right letter ("The answer is X."), overall and per question
     kind (`accuracy_<kind>`), and the share whose answer starts with the right statement (`stated`). `prompts` gives
     the prompts alone (`with_response=False`, left padding); decoding recomputes the whole sequence at each token,
-    through the method's own `logits`, and stops at EOS."""
+    through the method's own `logits`, and stops at EOS or after `max_new_tokens` (default: the longest right
+    answer's tokens and EOS, plus 3)."""
     tokenizer, eos = prompts.tokenizer, prompts.tokenizer.eos_token_id
+    if max_new_tokens is None:
+        answers = [prompt_and_response(sample)[1] for sample in samples]
+        max_new_tokens = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in answers) + 4
     method.eval()
     hits, stated = [], []
     for start in range(0, len(samples), batch):

@@ -6,7 +6,8 @@
   `expert_context_prompt` puts their output in the `### Input:` slot. The slot is our inference; the official
   repository has no code for it.
 - LaVIN's ScienceQA prompt is `Question/Context/Options/Response:` and the target starts with
-  "The answer is X." (spec/lavin_mma.md §6); `scienceqa_prompt` and `scienceqa_answer` build them.
+  "The answer is X." (spec/lavin_mma.md §6); `scienceqa_prompt` and `scienceqa_answer` build them, the latter also
+  in ScienceQA's explanation-first ("EA") output format.
 """
 
 from __future__ import annotations
