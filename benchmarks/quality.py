@@ -171,6 +171,16 @@ def letter_ids(tokenizer) -> tuple[list[int], int]:
     return [row[index] for row in rows], index
 
 
+def accuracy_by_kind(hits: list[bool], samples: list[dict]) -> dict[str, float]:
+    """Share of hits overall (`accuracy`) and per question kind of the samples (`accuracy_<kind>`)."""
+    out = {"accuracy": sum(hits) / len(hits)}
+    for kind in QUESTIONS:
+        picked = [hit for hit, sample in zip(hits, samples) if sample["kind"] == kind]
+        if picked:
+            out[f"accuracy_{kind}"] = sum(picked) / len(picked)
+    return out
+
+
 @torch.no_grad()
 def vqa_accuracy(
     method: Method, samples: list[dict], collator, letters: tuple[list[int], int], batch: int
@@ -191,12 +201,7 @@ def vqa_accuracy(
         scores = logits[torch.arange(len(chunk)), position][:, ids]  # (B, 4)
         truth = torch.tensor([OPTION_LETTERS.index(s["answer"]) for s in chunk])
         hits += (scores.argmax(-1) == truth).tolist()
-    out = {"accuracy": sum(hits) / len(hits)}
-    for kind in QUESTIONS:
-        picked = [hit for hit, sample in zip(hits, samples) if sample["kind"] == kind]
-        if picked:
-            out[f"accuracy_{kind}"] = sum(picked) / len(picked)
-    return out
+    return accuracy_by_kind(hits, samples)
 
 
 @torch.no_grad()
@@ -217,8 +222,7 @@ def generated_vqa_accuracy(
     hits, stated = [], []
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
-        data = prompts(chunk)
-        data.pop("labels", None)
+        data = prompts(chunk)  # prompts only: no labels
         new = torch.empty(len(chunk), 0, dtype=torch.long)
         for _ in range(max_new_tokens):
             token = method.logits(data, 1)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
@@ -231,12 +235,7 @@ def generated_vqa_accuracy(
             text = tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
             hits.append(scienceqa_answer(sample["answer"]) in text)
             stated.append(text.startswith(sample["explanation"]))
-    out = {"accuracy": sum(hits) / len(hits), "stated": sum(stated) / len(stated)}
-    for kind in QUESTIONS:
-        picked = [hit for hit, sample in zip(hits, samples) if sample["kind"] == kind]
-        if picked:
-            out[f"accuracy_{kind}"] = sum(picked) / len(picked)
-    return out
+    return accuracy_by_kind(hits, samples) | {"stated": sum(stated) / len(stated)}
 
 
 @torch.no_grad()
@@ -374,9 +373,14 @@ class VisualQA:
     letters: tuple[list[int], int]
     answer_format: str = "A"
 
+    @property
+    def explained(self) -> bool:
+        """Whether answers state what the picture shows first (`scene_qa_dataset(explained=True)`)."""
+        return self.answer_format == "EA"
+
     def accuracy(self, method: Method, batch: int = 16) -> dict[str, float]:
         """Held-out accuracy: the letter's logit teacher-forced ("A"), or the letter of the greedy answer ("EA")."""
-        if self.answer_format == "A":
+        if not self.explained:
             return vqa_accuracy(method, self.held_out, self.collator, self.letters, batch)
         prompts = copy.copy(self.collator)
         prompts.with_response = False
@@ -385,10 +389,9 @@ class VisualQA:
 
 def visual_qa(tokenizer, args: argparse.Namespace, questions: Sequence[str]) -> VisualQA:
     vision = encoder(args.encoder, seed=args.seed)
-    explained = args.answer_format == "EA"
     held_out = scene_qa_dataset(
         args.eval_size, seed=args.seed + 1, image_size=vision.image_size, split="eval", questions=questions,
-        explained=explained,
+        explained=args.answer_format == "EA",
     )  # fmt: skip
     collator = CausalLMCollator(tokenizer, max_length=128, padding_side="left", image_size=vision.image_size)
     if not collator.bos and tokenizer.bos_token:
@@ -407,7 +410,7 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
     vision, prose, collator = qa.vision, qa.prose, qa.collator
     train_set = scene_qa_dataset(
         args.train_size, seed=args.seed, image_size=vision.image_size, questions=questions,
-        explained=qa.answer_format == "EA",
+        explained=qa.explained,
     )  # fmt: skip
     text_count = round(args.train_size * text_share / (1 - text_share))
     train_set += instruction_dataset(text_count, seed=args.seed, split="train") if text_count else []

@@ -345,7 +345,7 @@ def test_generated_vqa_accuracy_scores_the_letter_of_the_greedy_answer():
     tokenizer = _char_tokenizer()
     samples = scene_qa_dataset(4, seed=0, questions=["colour", "shape", "position", "count"], explained=True)
     wrong = {"A": "B", "B": "C", "C": "D", "D": "A"}
-    scripts = {  # prompt → (answer, then EOS, then text that must not count)
+    scripts = {  # sample index → its scripted answer (then EOS, then `after_eos`, which must not count)
         0: f"{samples[0]['explanation']} The answer is {samples[0]['answer']}.",  # right statement and letter
         1: f"{samples[1]['explanation']} The answer is {wrong[samples[1]['answer']]}.",  # wrong letter
         2: f"It is something. The answer is {samples[2]['answer']}.",  # wrong statement, right letter
