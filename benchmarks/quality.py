@@ -209,11 +209,11 @@ def generated_vqa_accuracy(
     method: Method, samples: list[dict], prompts: CausalLMCollator, batch: int, max_new_tokens: int | None = None
 ) -> dict[str, float]:
     """For answers that state what the picture shows before the letter (`scene_qa_dataset(explained=True)`): share
-    of held-out samples whose greedy answer names the right letter ("The answer is X."), overall and per question
-    kind (`accuracy_<kind>`), and the share whose answer starts with the right statement (`stated`). `prompts` gives
-    the prompts alone (`with_response=False`, left padding); decoding recomputes the whole sequence at each token,
-    through the method's own `logits`, and stops at EOS or after `max_new_tokens` (default: the longest right
-    answer's tokens and EOS, plus 3)."""
+    of held-out samples whose greedy answer names the right letter ("The answer is X.") and no other option's,
+    overall and per question kind (`accuracy_<kind>`), and the share whose answer starts with the right statement
+    (`stated`). `prompts` gives the prompts alone (`with_response=False`, left padding); decoding recomputes the
+    whole sequence at each token, through the method's own `logits`, and stops at EOS or after `max_new_tokens`
+    (default: the longest right answer's tokens and EOS, plus 3)."""
     tokenizer, eos = prompts.tokenizer, prompts.tokenizer.eos_token_id
     if max_new_tokens is None:
         answers = [prompt_and_response(sample)[1] for sample in samples]
@@ -233,7 +233,9 @@ def generated_vqa_accuracy(
                 break
         for sample, ids in zip(chunk, new.tolist()):
             text = tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
-            hits.append(scienceqa_answer(sample["answer"]) in text)
+            letters = OPTION_LETTERS[: len(sample["options"])]
+            named = [letter for letter in letters if scienceqa_answer(letter) in text]
+            hits.append(named == [sample["answer"]])  # one letter named, the right one
             stated.append(text.startswith(sample["explanation"]))
     return accuracy_by_kind(hits, samples) | {"stated": sum(stated) / len(stated)}
 

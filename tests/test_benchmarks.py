@@ -335,21 +335,25 @@ def _char_tokenizer():
 
 
 def test_generated_vqa_accuracy_scores_the_letter_of_the_greedy_answer():
-    """`--answer-format EA`: the letter of the model's own answer counts, after its statement; `stated` is the share
-    of answers that start with the right statement; decoding sees the prompts alone and stops at EOS."""
+    """`--answer-format EA`: the letter of the model's own answer counts, after its statement, when it is the only
+    letter named; `stated` is the share of answers that start with the right statement; decoding sees the prompts
+    alone and stops at EOS."""
     from benchmarks import quality
     from benchmarks.quality_methods import Method
     from peft_mma.data.collator import CausalLMCollator
     from peft_mma.data.scenes import scene_qa_dataset
 
     tokenizer = _char_tokenizer()
-    samples = scene_qa_dataset(4, seed=0, questions=["colour", "shape", "position", "count"], explained=True)
+    kinds = ["colour", "shape", "position", "count", "larger"]
+    samples = scene_qa_dataset(5, seed=0, questions=kinds, explained=True)  # one sample per kind
     wrong = {"A": "B", "B": "C", "C": "D", "D": "A"}
     scripts = {  # sample index → its scripted answer (then EOS, then `after_eos`, which must not count)
         0: f"{samples[0]['explanation']} The answer is {samples[0]['answer']}.",  # right statement and letter
         1: f"{samples[1]['explanation']} The answer is {wrong[samples[1]['answer']]}.",  # wrong letter
         2: f"It is something. The answer is {samples[2]['answer']}.",  # wrong statement, right letter
         3: "I do not know.",  # no letter at all (one follows EOS)
+        4: f"{samples[4]['explanation']} The answer is {samples[4]['answer']}. "
+        f"The answer is {wrong[samples[4]['answer']]}.",  # the right letter and a wrong one: a hedge, not a hit
     }
     prompts = {quality.prompt_and_response(s)[0]: i for i, s in enumerate(samples)}
     after_eos = tokenizer(f"The answer is {samples[3]['answer']}." * 9)["input_ids"]  # sample 3's letter, too late
@@ -373,14 +377,9 @@ def test_generated_vqa_accuracy_scores_the_letter_of_the_greedy_answer():
 
     collator = CausalLMCollator(tokenizer, padding_side="left", with_response=False, image_size=64)
     method = Scripted()
-    out = quality.generated_vqa_accuracy(method, samples, collator, batch=4, max_new_tokens=80)
-    assert out["accuracy"] == 0.5 and out["stated"] == 0.5
-    assert (out["accuracy_colour"], out["accuracy_shape"], out["accuracy_position"], out["accuracy_count"]) == (
-        1.0,
-        0.0,
-        1.0,
-        0.0,
-    )
+    out = quality.generated_vqa_accuracy(method, samples, collator, batch=5, max_new_tokens=80)
+    assert out["accuracy"] == 0.4 and out["stated"] == 0.6
+    assert [out[f"accuracy_{kind}"] for kind in kinds] == [1.0, 0.0, 1.0, 0.0, 0.0]
     longest = max(len(tokenizer(text)["input_ids"]) for text in scripts.values())
     assert method.calls == longest + 1  # stops once every row has given EOS
     with pytest.raises(SystemExit):  # the other experiments score teacher-forced letters only

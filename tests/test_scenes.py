@@ -95,7 +95,7 @@ def test_explained_questions_state_the_scene_before_the_answer():
         "colour": "The shape is {colour}.",
         "shape": "The shape is a {shape}.",
         "position": "The shape is at the {position}.",
-        "count": "There are {count} shapes.",
+        "count": "The number of shapes is {count}.",
         "larger": "The larger shape is {large_colour}.",
         "word": "The word is {word}.",
     }

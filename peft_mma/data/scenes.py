@@ -59,7 +59,7 @@ STATEMENTS = {
     "colour": "The shape is {}.",
     "shape": "The shape is a {}.",
     "position": "The shape is at the {}.",
-    "count": "There are {} shapes.",
+    "count": "The number of shapes is {}.",
     "larger": "The larger shape is {}.",
     "word": "The word is {}.",
 }
