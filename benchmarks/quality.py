@@ -211,9 +211,8 @@ def generated_vqa_accuracy(
     """For answers that state what the picture shows before the letter (`scene_qa_dataset(explained=True)`): share
     of held-out samples whose greedy answer names the right letter ("The answer is X.") and no other option's,
     overall and per question kind (`accuracy_<kind>`), and the share whose answer starts with the right statement
-    (`stated`). `prompts` gives the prompts alone (`with_response=False`, left padding); decoding recomputes the
-    whole sequence at each token, through the method's own `logits`, and stops at EOS or after `max_new_tokens`
-    (default: the longest right answer's tokens and EOS, plus 3)."""
+    (`stated`). `prompts` gives the prompts alone (`with_response=False`, left padding); `Method.greedy` decodes,
+    up to EOS or `max_new_tokens` (default: the longest right answer's tokens and EOS, plus 3)."""
     tokenizer, eos = prompts.tokenizer, prompts.tokenizer.eos_token_id
     if max_new_tokens is None:
         answers = [prompt_and_response(sample)[1] for sample in samples]
@@ -222,15 +221,7 @@ def generated_vqa_accuracy(
     hits, stated = [], []
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
-        data = prompts(chunk)  # prompts only: no labels
-        new = torch.empty(len(chunk), 0, dtype=torch.long)
-        for _ in range(max_new_tokens):
-            token = method.logits(data, 1)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-            new = torch.cat([new, token], dim=1)
-            data["input_ids"] = torch.cat([data["input_ids"], token], dim=1)
-            data["attention_mask"] = torch.cat([data["attention_mask"], torch.ones_like(token)], dim=1)
-            if eos is not None and bool((new == eos).any(1).all()):
-                break
+        new = method.greedy(prompts(chunk), max_new_tokens, eos, prompts.pad_id)  # prompts only: no labels
         for sample, ids in zip(chunk, new.tolist()):
             text = tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
             letters = OPTION_LETTERS[: len(sample["options"])]

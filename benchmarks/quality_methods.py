@@ -83,7 +83,11 @@ class Method(nn.Module):
         self.model = model
         self.multimodal = multimodal  # a peft_mma method that takes `pixel_values` and `has_image`
 
-    def logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's inputs for `batch`: its ids and mask, a multimodal method's images (LaVIN's also as
+        placeholder ids after BOS), and positions counted from each row's first token, as `generate` counts them.
+        Left padding would otherwise shift a row's positions by its padding: harmless to RoPE's relative scores,
+        but V2's adaption prompts have no position, so their scores would change with the padding."""
         kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if "pixel_values" in batch and self.multimodal:
             kwargs |= {"pixel_values": batch["pixel_values"], "has_image": batch["has_image"]}
@@ -91,7 +95,21 @@ class Method(nn.Module):
             if isinstance(config, LaVINConfig):  # LaVIN's images sit in the ids, as placeholders after BOS
                 tokens, bos = ImageTokens.from_config(config), self.model.config.bos_token_id
                 kwargs |= tokens.expand(kwargs["input_ids"], kwargs["attention_mask"], None, kwargs["has_image"], bos)
-        return self.model(**kwargs, logits_to_keep=keep, use_cache=False).logits
+        return kwargs | {"position_ids": _positions(kwargs["attention_mask"])}
+
+    def logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+        return self.model(**self.inputs(batch), logits_to_keep=keep, use_cache=False).logits
+
+    @torch.no_grad()
+    def greedy(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
+        """Greedy continuations of `batch`'s left-padded prompts: (B, ≤ max_new_tokens) new ids, `pad_id` after a
+        row's EOS, stopping once every row has given EOS (transformers' `generate`, with its KV cache)."""
+        inputs = self.inputs(batch)
+        inputs.pop("position_ids")  # `generate` counts them from the mask
+        out = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id
+        )
+        return out[:, inputs["input_ids"].shape[1] :] if "input_ids" in inputs else out  # given embeddings: new ids
 
     def text_logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
         """The method used on text alone (no image inputs)."""
@@ -111,7 +129,9 @@ class LoRAProjector(Method):
         self.proj = nn.Linear(self.backbone.width, SOFT_TOKENS * width)
         nn.init.normal_(self.proj.weight, std=0.02), nn.init.zeros_(self.proj.bias)
 
-    def logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's inputs for `batch`: the embeddings with the soft tokens in front of the text, their mask and
+        positions."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         embeds = self.model.get_input_embeddings()(ids)  # (B, S, C)
         with torch.no_grad():
@@ -128,14 +148,7 @@ class LoRAProjector(Method):
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))
         soft_mask = batch["has_image"].to(mask.dtype).view(-1, 1).expand(-1, SOFT_TOKENS)  # text-only: no tokens
         mask = torch.cat([soft_mask, mask], dim=1).gather(1, order)
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=_positions(mask),
-            logits_to_keep=keep,
-            use_cache=False,
-        )
-        return out.logits
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": _positions(mask)}
 
 
 def build_method(

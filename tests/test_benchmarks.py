@@ -286,6 +286,57 @@ def test_caption_stage_trains_the_visual_path_alone(name):
     assert all(p.requires_grad for p in trainable.values())  # the rest is trainable again for the next stage
 
 
+@pytest.mark.parametrize("name", ["lavin", "v2", "lora_projector", "blind"])
+def test_greedy_decoding_with_the_cache_gives_the_tokens_of_full_recomputation(name):
+    """`Method.greedy` (`generate`, KV cache) picks the tokens that recomputing each method's own `logits` over the
+    whole sequence picks, pads a row after its EOS and stops once every row has given EOS."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.quality_methods import build_method, encoder
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, bos_token_id=1
+    )
+    base = LlamaForCausalLM(config).eval()
+    method = build_method(name, base, multimodal=True, vision=encoder("random")).eval()
+    for p in method.parameters():  # the zero-init adapters made visible
+        p.data.add_(torch.randn_like(p) * 0.05) if p.requires_grad else None
+    ids = torch.tensor([[1, 5, 6, 7, 9], [0, 0, 1, 8, 10]])  # left padded
+    batch = {
+        "input_ids": ids,
+        "attention_mask": (ids != 0).long(),
+        "has_image": torch.tensor([True, True]),
+        "pixel_values": torch.rand(2, 3, 64, 64),
+    }
+
+    def recomputed(eos: int, steps: int) -> torch.Tensor:
+        data, done, new = dict(batch), torch.zeros(2, 1, dtype=torch.bool), []
+        with torch.no_grad():
+            for _ in range(steps):
+                token = method.logits(data, 1)[:, -1].argmax(-1, keepdim=True).masked_fill(done, 0)
+                new.append(token)
+                data["input_ids"] = torch.cat([data["input_ids"], token], 1)
+                data["attention_mask"] = torch.cat([data["attention_mask"], torch.ones_like(token)], 1)
+                done |= token == eos
+                if done.all():
+                    break
+        return torch.cat(new, 1)
+
+    with torch.no_grad():  # a row's logits do not depend on its left padding (V2's prompts have no position)
+        padded = method.logits(batch, 3)[1]
+        alone = method.logits(
+            {k: v[1:, 2:] if k in ("input_ids", "attention_mask") else v[1:] for k, v in batch.items()}, 3
+        )
+    torch.testing.assert_close(padded, alone[0], rtol=1e-5, atol=1e-5)
+    free = recomputed(eos=63, steps=6)
+    assert torch.equal(method.greedy(batch, 6, 63, 0), free)
+    eos = int(free[0, 0])  # row 0 stops at once, row 1 goes on
+    stopped = recomputed(eos, steps=6)
+    assert stopped.shape[1] > 1 and stopped[0, 0] == eos and (stopped[0, 1:] == 0).all()
+    assert torch.equal(method.greedy(batch, 6, eos, 0), stopped)
+
+
 def test_a_second_stage_counts_on_from_the_first():
     from benchmarks import quality
 
@@ -337,7 +388,7 @@ def _char_tokenizer():
 def test_generated_vqa_accuracy_scores_the_letter_of_the_greedy_answer():
     """`--answer-format EA`: the letter of the model's own answer counts, after its statement, when it is the only
     letter named; `stated` is the share of answers that start with the right statement; decoding sees the prompts
-    alone and stops at EOS."""
+    alone, and what follows EOS does not count."""
     from benchmarks import quality
     from benchmarks.quality_methods import Method
     from peft_mma.data.collator import CausalLMCollator
@@ -361,26 +412,19 @@ def test_generated_vqa_accuracy_scores_the_letter_of_the_greedy_answer():
     class Scripted(Method):
         def __init__(self):
             super().__init__("scripted", torch.nn.Identity())
-            self.calls = 0
 
-        def logits(self, batch, keep):
-            self.calls += 1
-            assert keep == 1 and "labels" not in batch
+        def greedy(self, batch, max_new_tokens, eos_id, pad_id):
+            assert "labels" not in batch and eos_id == tokenizer.eos_token_id
             rows = []
             for ids in batch["input_ids"].tolist():
-                text = tokenizer.decode([i for i in ids if i != tokenizer.pad_token_id])
-                prompt, _, answered = text.partition("Response:")
-                script = tokenizer(scripts[prompts[prompt + "Response:"]], add_special_tokens=False)["input_ids"]
-                script += [tokenizer.eos_token_id] + after_eos
-                rows.append(script[len(tokenizer(answered)["input_ids"])])
-            return torch.nn.functional.one_hot(torch.tensor(rows), len(tokenizer)).float()[:, None]  # (B, 1, V)
+                prompt = tokenizer.decode([i for i in ids if i != tokenizer.pad_token_id])
+                script = tokenizer(scripts[prompts[prompt]], add_special_tokens=False)["input_ids"]
+                rows.append((script + [eos_id] + after_eos)[:max_new_tokens])
+            return torch.tensor(rows)
 
     collator = CausalLMCollator(tokenizer, padding_side="left", with_response=False, image_size=64)
-    method = Scripted()
-    out = quality.generated_vqa_accuracy(method, samples, collator, batch=5, max_new_tokens=80)
+    out = quality.generated_vqa_accuracy(Scripted(), samples, collator, batch=5, max_new_tokens=80)
     assert out["accuracy"] == 0.4 and out["stated"] == 0.6
     assert [out[f"accuracy_{kind}"] for kind in kinds] == [1.0, 0.0, 1.0, 0.0, 0.0]
-    longest = max(len(tokenizer(text)["input_ids"]) for text in scripts.values())
-    assert method.calls == longest + 1  # stops once every row has given EOS
     with pytest.raises(SystemExit):  # the other experiments score teacher-forced letters only
         quality.parse_args(["--experiment", "joint", "--answer-format", "EA"])
