@@ -114,7 +114,7 @@ class Method(nn.Module):
     def text_logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
         """The method used on text alone (no image inputs)."""
         text = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        return Method.logits(self, text, keep)
+        return self.model(**Method.inputs(self, text), logits_to_keep=keep, use_cache=False).logits  # no soft tokens
 
 
 class LoRAProjector(Method):
@@ -138,12 +138,14 @@ class LoRAProjector(Method):
             cls = self.backbone.encoder.forward_features(batch["pixel_values"])[:, 0]  # (B, C_v), final norm
         soft = self.proj(cls).view(len(ids), SOFT_TOKENS, -1) * batch["has_image"].view(-1, 1, 1)  # (B, k, C)
         embeds = torch.cat([soft.to(embeds.dtype), embeds], dim=1)  # (B, k + S, C)
-        # order each row as [padding, BOS, soft tokens, text], LaVIN's layout for its visual tokens
+        # order each row as [padding, BOS, soft tokens, text], LaVIN's layout for its visual tokens; a text-only row's
+        # masked soft tokens join its padding, so no masked token sits inside the text
         rank = torch.where(mask.bool(), 3, 0)  # (B, S)
         rows, first = torch.arange(len(ids)), mask.argmax(1)
         is_bos = ids[rows, first] == self.model.config.bos_token_id
         rank[rows[is_bos], first[is_bos]] = 1
-        rank = torch.cat([rank.new_full((len(ids), SOFT_TOKENS), 2), rank], dim=1)  # (B, k + S)
+        soft_rank = torch.where(batch["has_image"].view(-1, 1), 2, 0).expand(-1, SOFT_TOKENS)  # text-only: padding
+        rank = torch.cat([soft_rank.to(rank.dtype), rank], dim=1)  # (B, k + S)
         order = torch.argsort(rank, dim=1, stable=True)
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))
         soft_mask = batch["has_image"].to(mask.dtype).view(-1, 1).expand(-1, SOFT_TOKENS)  # text-only: no tokens

@@ -329,6 +329,10 @@ def test_greedy_decoding_with_the_cache_gives_the_tokens_of_full_recomputation(n
             {k: v[1:, 2:] if k in ("input_ids", "attention_mask") else v[1:] for k, v in batch.items()}, 3
         )
     torch.testing.assert_close(padded, alone[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # on text alone, the method without images: as if its batch had no image
+        text = method.text_logits({k: batch[k] for k in ("input_ids", "attention_mask")}, 3)
+        no_image = method.logits(batch | {"has_image": torch.tensor([False, False])}, 3)
+    torch.testing.assert_close(text, no_image, rtol=1e-5, atol=1e-5)
     free = recomputed(eos=63, steps=6)
     assert torch.equal(method.greedy(batch, 6, 63, 0), free)
     eos = int(free[0, 0])  # row 0 stops at once, row 1 goes on
