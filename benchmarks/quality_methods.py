@@ -114,7 +114,7 @@ class Method(nn.Module):
     def text_logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
         """The method used on text alone (no image inputs)."""
         text = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        return self.model(**Method.inputs(self, text), logits_to_keep=keep, use_cache=False).logits  # no soft tokens
+        return self.logits(text, keep)
 
 
 class LoRAProjector(Method):
@@ -131,7 +131,9 @@ class LoRAProjector(Method):
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's inputs for `batch`: the embeddings with the soft tokens in front of the text, their mask and
-        positions."""
+        positions; without images, the text's alone."""
+        if "pixel_values" not in batch:
+            return super().inputs(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         embeds = self.model.get_input_embeddings()(ids)  # (B, S, C)
         with torch.no_grad():

@@ -290,6 +290,9 @@ def test_caption_stage_trains_the_visual_path_alone(name):
 def test_greedy_decoding_with_the_cache_gives_the_tokens_of_full_recomputation(name):
     """`Method.greedy` (`generate`, KV cache) picks the tokens that recomputing each method's own `logits` over the
     whole sequence picks, pads a row after its EOS and stops once every row has given EOS."""
+    from types import SimpleNamespace
+
+    from conftest import greedy_without_cache
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from benchmarks.quality_methods import build_method, encoder
@@ -310,18 +313,14 @@ def test_greedy_decoding_with_the_cache_gives_the_tokens_of_full_recomputation(n
         "pixel_values": torch.rand(2, 3, 64, 64),
     }
 
-    def recomputed(eos: int, steps: int) -> torch.Tensor:
-        data, done, new = dict(batch), torch.zeros(2, 1, dtype=torch.bool), []
-        with torch.no_grad():
-            for _ in range(steps):
-                token = method.logits(data, 1)[:, -1].argmax(-1, keepdim=True).masked_fill(done, 0)
-                new.append(token)
-                data["input_ids"] = torch.cat([data["input_ids"], token], 1)
-                data["attention_mask"] = torch.cat([data["attention_mask"], torch.ones_like(token)], 1)
-                done |= token == eos
-                if done.all():
-                    break
-        return torch.cat(new, 1)
+    def full_forward(**inputs):  # the method's own logits of the whole sequence, for `greedy_without_cache`
+        return SimpleNamespace(logits=method.logits(inputs, 1))
+
+    def check(eos: int) -> torch.Tensor:  # the cached tokens are the recomputed ones, and nothing is cut short
+        got = method.greedy(batch, 6, eos, 0)
+        expected = greedy_without_cache(full_forward, batch, 6, eos=eos, pad=0)[:, ids.shape[1] :]
+        assert torch.equal(got, expected[:, : got.shape[1]]) and (expected[:, got.shape[1] :] == 0).all()
+        return got
 
     with torch.no_grad():  # a row's logits do not depend on its left padding (V2's prompts have no position)
         padded = method.logits(batch, 3)[1]
@@ -333,12 +332,11 @@ def test_greedy_decoding_with_the_cache_gives_the_tokens_of_full_recomputation(n
         text = method.text_logits({k: batch[k] for k in ("input_ids", "attention_mask")}, 3)
         no_image = method.logits(batch | {"has_image": torch.tensor([False, False])}, 3)
     torch.testing.assert_close(text, no_image, rtol=1e-5, atol=1e-5)
-    free = recomputed(eos=63, steps=6)
-    assert torch.equal(method.greedy(batch, 6, 63, 0), free)
+    free = check(eos=63)
+    assert free.shape[1] == 6
     eos = int(free[0, 0])  # row 0 stops at once, row 1 goes on
-    stopped = recomputed(eos, steps=6)
+    stopped = check(eos)
     assert stopped.shape[1] > 1 and stopped[0, 0] == eos and (stopped[0, 1:] == 0).all()
-    assert torch.equal(method.greedy(batch, 6, eos, 0), stopped)
 
 
 def test_a_second_stage_counts_on_from_the_first():
