@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from peft_mma.utils import decoder_layers
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -208,6 +210,37 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
     """
     memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
     return copy.deepcopy(model, memo)
+
+
+def compile_layers(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """Regional compilation, PyTorch's recipe against an LLM's cold start: every decoder layer's call goes through
+    `torch.compile` in place (`nn.Module.compile`), and layers of one structure share the compiled graph, so a
+    32-layer 7B compiles one layer instead of unrolling 32. The model keeps its class, hooks and adapters;
+    embeddings, the final norm, the head and whatever runs around the layers stay eager.
+
+    Every layer of every model compiled in one process shares dynamo's cache of `Module._call_impl`: the limit is
+    raised so that several models side by side never fall back to eager, and hitting it raises instead.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 64)
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in decoder_layers(inner):
+        layer.compile(**compile_kwargs)
+    return model
+
+
+def compile_stats() -> dict[str, int]:
+    """What dynamo compiled in this process: distinct graphs, and graph breaks (0 where everything traced)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

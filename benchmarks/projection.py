@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,24 +73,39 @@ def interpolate(points: dict[int, float], length: float) -> float:
 
 
 def project_hours(
-    text: dict[int, float], image: dict[int, float], a: dict[str, Any] = ASSUMPTIONS, seed: int = 0
+    text: dict[int, float],
+    image: dict[int, float],
+    a: dict[str, Any] = ASSUMPTIONS,
+    seed: int = 0,
+    micro_batch: int | None = None,
+    effective_batch: int | None = None,
+    optimizer_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Simulate every epoch's micro-batches with dynamic padding; return hours and the padding overhead."""
+    """Simulate every epoch's micro-batches with dynamic padding; return hours and the padding overhead.
+
+    `text`/`image` map a padded length to the time of one micro-batch of `micro_batch` samples (`a["micro_batch"]`
+    by default). The shuffled samples go `effective_batch` at a time into one optimizer step that costs
+    `optimizer_s` more, each step's samples cut into micro-batches; by default every micro-batch is a step whose
+    optimizer time `text`/`image` already include."""
     rng = random.Random(seed)
     samples = sample_lengths(a["train_samples"], rng, a)
-    batch = a["micro_batch"]
+    batch = micro_batch or a["micro_batch"]
+    group = effective_batch or batch
     seconds, padded, real = 0.0, 0, 0
     for _ in range(a["epochs"]):
         rng.shuffle(samples)
-        for start in range(0, len(samples), batch):
-            chunk = samples[start : start + batch]
-            images = sum(image for _, image in chunk)
-            longest = max(length + (a["visual_tokens"] if image else 0) for length, image in chunk)
-            t_text = interpolate(text, longest) * len(chunk) / batch
-            t_image = interpolate(image, longest) * len(chunk) / batch
-            seconds += t_text + images / len(chunk) * (t_image - t_text)
-            padded += longest * len(chunk)
-            real += sum(length + (a["visual_tokens"] if image else 0) for length, image in chunk)
+        for first in range(0, len(samples), group):
+            seconds += optimizer_s
+            step = samples[first : first + group]
+            for start in range(0, len(step), batch):
+                chunk = step[start : start + batch]
+                images = sum(image for _, image in chunk)
+                longest = max(length + (a["visual_tokens"] if image else 0) for length, image in chunk)
+                t_text = interpolate(text, longest) * len(chunk) / batch
+                t_image = interpolate(image, longest) * len(chunk) / batch
+                seconds += t_text + images / len(chunk) * (t_image - t_text)
+                padded += longest * len(chunk)
+                real += sum(length + (a["visual_tokens"] if image else 0) for length, image in chunk)
     mean_length = sum(length for length, _ in samples) / len(samples)
     return {
         "hours": seconds / 3600,
@@ -220,3 +236,200 @@ def measure_projection(
         entry["goal_gb"] = goal
         entry["met"] = entry.get("peak_gb") is not None and entry["peak_gb"] <= goal
     return out
+
+
+# ---------------------------------------------------------------- the recipe at its effective batch, on one device
+
+EFFECTIVE_BATCH = 32  # spec lavin_mma.md §6: 2 GPUs × micro-batch 4 × accumulation 4
+
+
+def forward_backward(
+    model: nn.Module, ids: torch.Tensor, pixels: torch.Tensor | None, prefix: nn.Module | None = None
+) -> Callable[[], None]:
+    """One micro-batch's forward and backward, gradients accumulating as under gradient accumulation. `model` is
+    LaVIN with images, or the frozen base (the floor, gradients to its input embeddings; with `prefix`, the frozen
+    encoder's n tokens in front of image samples)."""
+    from .speed import Inputs, _floor_forward, _peft_forward
+
+    inputs = Inputs(ids, ids[:, :1], pixels, None)
+    if hasattr(model, "peft_config"):
+        forward = _peft_forward("lavin_image" if pixels is not None else "lavin_text", model, inputs)
+    else:
+        forward = _floor_forward(model, inputs, prefix if pixels is not None else None)
+
+    def call() -> None:
+        model.train()
+        forward().backward()
+
+    return call
+
+
+def micro_batch_times(
+    model: nn.Module,
+    preset: Preset,
+    micro_batches: list[int],
+    lengths: list[int],
+    rounds: int,
+    device: torch.device,
+    prefix: nn.Module | None = None,
+) -> dict[int, dict[str, Any]]:
+    """Per micro-batch size m: the median forward+backward time at each text length, text-only and with m images,
+    and the peak memory of the longest length with images. A size that runs out of memory ends the sweep."""
+    vocab, size = model.config.vocab_size, preset.image_size
+    out: dict[int, dict[str, Any]] = {}
+    for m in micro_batches:
+        pixels = torch.rand(m, 3, size, size, device=device)
+        calls = {
+            (length, kind): forward_backward(
+                model, torch.randint(3, vocab, (m, length), device=device), pixels if kind == "image" else None, prefix
+            )
+            for length in lengths
+            for kind in ("text", "image")
+        }
+        try:
+            times: dict[tuple[int, str], list[float]] = {job: [] for job in calls}
+            for r in range(rounds + 1):  # the first round warms up (and compiles)
+                for job, call in calls.items():
+                    wall, _, _ = timed(call, device)
+                    if r:
+                        times[job].append(wall)
+            memory = peak_memory(calls[(lengths[-1], "image")], device)
+        except torch.OutOfMemoryError:
+            out[m] = {"error": "out of memory"}
+            break
+        finally:
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        out[m] = {kind: {length: median(times[(length, kind)]) for length in lengths} for kind in ("text", "image")}
+        out[m]["peak_gb"] = None if memory["peak_bytes"] is None else memory["peak_bytes"] / 1e9
+    return out
+
+
+def optimizer_seconds(model: nn.Module, rounds: int, device: torch.device) -> float:
+    """Median time of one AdamW step over the trainable parameters, gradients present (fused on CUDA, as the HF
+    `Trainer`'s default there)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    times = []
+    for r in range(rounds + 1):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        wall, _, _ = timed(optimizer.step, device)
+        if r:
+            times.append(wall)
+    optimizer.zero_grad(set_to_none=True)
+    return median(times)
+
+
+def measure_recipe(
+    base: nn.Module,
+    preset: Preset,
+    device: torch.device,
+    dtype: torch.dtype,
+    micro_batches: list[int],
+    lengths: list[int],
+    rounds: int = 3,
+    compile_mode: str | None = None,
+) -> dict[str, Any]:
+    """The LaVIN recipe at its effective batch of 32 on this one device: for every micro-batch m (accumulation
+    32 / m) the projected hours of LaVIN and of the frozen floor, and the fastest m that ran."""
+    from .common import compile_layers
+    from .models import FrozenVisualPrefix
+
+    out: dict[str, Any] = {
+        "assumptions": ASSUMPTIONS,
+        "effective_batch": EFFECTIVE_BATCH,
+        "lengths": lengths,
+        "rounds": rounds,
+        "compile_mode": compile_mode,
+        "goal_hours": GOAL_HOURS,
+    }
+    models = {"lavin": _lavin(base, preset), "floor": share_weights_copy(base)}
+    prefix = FrozenVisualPrefix(preset, base.config.hidden_size, device, dtype)
+    for name, model in models.items():
+        if compile_mode == "layers":
+            compile_layers(model, dynamic=True)  # one graph for every micro-batch size and padded length
+        elif compile_mode is not None:
+            raise ValueError(f"compile_mode must be None or 'layers', got {compile_mode!r}")
+        sweep = micro_batch_times(model, preset, micro_batches, lengths, rounds, device, prefix)
+        optimizer_s = optimizer_seconds(model, rounds, device) if name == "lavin" else 0.0
+        rows = {}
+        for m, row in sweep.items():
+            if "error" not in row:
+                hours = project_hours(
+                    row["text"], row["image"], micro_batch=m, effective_batch=EFFECTIVE_BATCH, optimizer_s=optimizer_s
+                )
+                row["projection"] = hours
+            rows[m] = row
+        ran = [m for m, row in rows.items() if "projection" in row]
+        best = min(ran, key=lambda m: rows[m]["projection"]["hours"]) if ran else None
+        out[name] = {"micro_batches": rows, "optimizer_s": optimizer_s, "best_micro_batch": best}
+        if best is not None:
+            out[name]["best_hours"] = rows[best]["projection"]["hours"]
+        del model
+        models[name] = None
+        gc.collect()
+    lavin = out["lavin"]
+    out["met"] = lavin.get("best_hours") is not None and lavin["best_hours"] <= GOAL_HOURS
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import argparse
+    import sys
+    import time
+
+    from .common import RESULTS_DIR, compile_stats, load_average, machine_info, write_json
+    from .models import PRESETS, build_base
+
+    parser = argparse.ArgumentParser(description="The LaVIN-7B ScienceQA recipe at effective batch 32 on one device")
+    parser.add_argument("--preset", choices=("7b", "tiny"), default="7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512], help="padded text lengths")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="layers",
+        default=None,
+        choices=("layers",),
+        help="each decoder layer through torch.compile with dynamic shapes",
+    )
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if any(EFFECTIVE_BATCH % m for m in args.micro_batches):
+        parser.error(f"--micro-batches must divide the effective batch {EFFECTIVE_BATCH}; got {args.micro_batches}")
+    device, preset = torch.device(args.device), PRESETS[args.preset]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.time()
+    torch.manual_seed(0)
+    base = build_base(preset, device, dtype)
+    result: dict[str, Any] = {
+        "benchmark": "recipe_projection",
+        "command": "python -m benchmarks.projection " + " ".join(sys.argv[1:] if argv is None else argv),
+        "preset": preset.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "machine": machine_info(device),
+    }
+    result |= measure_recipe(base, preset, device, dtype, args.micro_batches, args.lengths, args.rounds, args.compile)
+    if args.compile:
+        result["compile_stats"] = compile_stats()
+    result["load_after"] = load_average()
+    result["elapsed_s"] = round(time.time() - started, 1)
+    suffix = "_compiled" if args.compile else ""
+    path = write_json(result, args.out or RESULTS_DIR / f"recipe_{preset.name}_{device.type}{suffix}.json")
+    for name in ("lavin", "floor"):
+        for m, row in result[name]["micro_batches"].items():
+            hours = row.get("projection", {}).get("hours")
+            print(
+                f"{name:5s} micro-batch {m:3d} × accumulation {EFFECTIVE_BATCH // m:2d}: "
+                f"{'n/a' if hours is None else f'{hours:.2f} h'}, peak {row.get('peak_gb')} GB"
+            )
+    print(f"LaVIN best: {result['lavin'].get('best_hours')} h (goal {GOAL_HOURS} h); wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ measured in the same round (train: the frozen-base floor; generate: the plain ba
 * `--compile`: every variant's model call goes through `torch.compile` (inductor, default mode; the floor's and
   the image reference's too), the optimizer stays eager, and the warm-up round compiles; train steps only, no
   memory pass. Results go to `speed_<preset>_<device>_compiled.json`, with the targets of compiled training.
+  `--compile layers` compiles each decoder layer instead (`common.compile_layers`), every variant alike.
 * image variants (`lavin_image*`) are compared with references that do the unavoidable work of an image
   sample: the same frozen encoder and n visual tokens in front of the text (`floor_image`, `base_image`).
 """
@@ -39,6 +40,8 @@ from transformers import GenerationConfig
 from .common import (
     RESULTS_DIR,
     SavedActivations,
+    compile_layers,
+    compile_stats,
     count_parameters,
     load_average,
     machine_info,
@@ -103,7 +106,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="LaVIN-7B ScienceQA projection and memory at 4 x 512 (default: on for --preset 7b)",
     )
     parser.add_argument(
-        "--compile", action="store_true", help="train steps with every model call under torch.compile (inductor)"
+        "--compile",
+        nargs="?",
+        const="model",
+        default=None,
+        choices=("model", "layers"),
+        help="train steps under torch.compile (inductor): every model call (`--compile`, `--compile model`), or "
+        "every decoder layer, PyTorch's regional compilation (`--compile layers`, minutes less at 7B)",
     )
     parser.add_argument("--out", default=None, help="result JSON (default: results/speed_<preset>_<device>.json)")
     return parser.parse_args(argv)
@@ -228,14 +237,14 @@ def build_variants(
     inputs: Inputs,
     kinds: Sequence[str] = ("train", "generate"),
     adamw: dict[str, Any] | None = None,
-    compile_models: bool = False,
+    compile_mode: str | None = None,
 ) -> dict[str, Variant]:
     """One `Variant` per model key, each on a weight-sharing copy of `base`, with calls for `kinds` only (train
-    steps with AdamW's `adamw` kwargs; with `compile_models`, the model calls and the image reference's visual
-    prefix through `torch.compile`)."""
+    steps with AdamW's `adamw` kwargs). `compile_mode` "model": the model calls and the image reference's visual
+    prefix through `torch.compile`; "layers": each decoder layer (`compile_layers`), every encoder eager."""
     device = base.get_input_embeddings().weight.device
     prefix = FrozenVisualPrefix(preset, base.config.hidden_size, device, base.dtype) if "plain_image" in keys else None
-    if prefix is not None and compile_models:
+    if prefix is not None and compile_mode == "model":  # "layers": eager, as LaVIN's own encoder then is
         prefix = torch.compile(prefix)
     variants = {}
     for key in keys:
@@ -244,7 +253,9 @@ def build_variants(
         variant = Variant(key, model, {"train": train_name, "generate": gen_name})
         own_prefix = prefix if key == "plain_image" else None
         if train_name and "train" in kinds:
-            run = torch.compile(model) if compile_models else model
+            if compile_mode == "layers":
+                compile_layers(model)
+            run = torch.compile(model) if compile_mode == "model" else model
             forward = (
                 _floor_forward(model, inputs, own_prefix, run)
                 if key.startswith("plain")
@@ -383,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "preset": preset.name,
         "dtype": str(dtype).removeprefix("torch."),
         "rounds": args.rounds,
-        "compiled": args.compile,
+        "compiled": bool(args.compile),
+        "compile_mode": args.compile,
         "machine": machine_info(device),
         "settings": vars(preset) | {"threads": torch.get_num_threads()},
         # a shared CPU's other processes inflate wall time; one thread's CPU time is what the variant itself costs
@@ -400,12 +412,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
     kinds = ["train"] if args.compile or args.memory_only else args.kinds
-    variants = build_variants(args.variants or list(MODELS), base, preset, inputs, kinds, compile_models=args.compile)
+    variants = build_variants(args.variants or list(MODELS), base, preset, inputs, kinds, compile_mode=args.compile)
     if args.memory_only:
         out = args.out or str(RESULTS_DIR / f"memory_{preset.name}_{device.type}.json")
         return memory_only(result, variants, device, out)
     run_rounds(variants, args.rounds, device)
     result |= summarize(variants, preset)
+    if args.compile:
+        result["compile_stats"] = compile_stats()
     if not (args.no_memory or args.compile):
         measure_memories(variants, result["train"], device)
     result["targets"] = check_targets(result)
@@ -419,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["projection"] = measure_projection(base, preset, device, dtype)
     result["load_after"] = load_average()
     result["elapsed_s"] = round(time.time() - started, 1)
-    path = write_json(result, args.out or default_out(preset.name, device, args.compile))
+    path = write_json(result, args.out or default_out(preset.name, device, bool(args.compile)))
     print_summary(result)
     print(f"wrote {path}")
     return result

@@ -112,6 +112,70 @@ def test_projection_simulates_the_recipe_from_step_times():
     assert all(64 <= length <= 512 for length, _ in lengths)
 
 
+def test_recipe_at_the_effective_batch_counts_micro_batches_and_optimizer_steps():
+    flat = {32: 1.0, 1024: 1.0}  # one second per micro-batch, whatever its length
+    a = {**projection.ASSUMPTIONS, "train_samples": 400, "epochs": 2}
+    # 400 samples: 13 optimizer steps of ≤ 32 per epoch (12 full, one of 16), cut into 50 micro-batches of 8
+    out = projection.project_hours(flat, flat, a, micro_batch=8, effective_batch=32, optimizer_s=3.0)
+    assert out["hours"] == pytest.approx(2 * (13 * 3.0 + 50 * 1.0) / 3600)
+    # by default every micro-batch of 4 is a step whose time includes the optimizer: the earlier simulation
+    assert projection.project_hours(flat, flat, a)["hours"] == pytest.approx(2 * 100 / 3600)
+    with_accumulation = projection.project_hours(flat, flat, a, micro_batch=4, effective_batch=32)
+    assert with_accumulation["hours"] == pytest.approx(2 * 100 / 3600)
+
+
+def test_recipe_sweep_projects_each_micro_batch_and_picks_the_fastest(tmp_path):
+    out = tmp_path / "recipe.json"
+    argv = [
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--micro-batches",
+        "2",
+        "4",
+        "--lengths",
+        "8",
+        "16",
+        "--rounds",
+        "1",
+    ]
+    result = projection.main([*argv, "--out", str(out)])
+    assert json.loads(out.read_text())["effective_batch"] == projection.EFFECTIVE_BATCH == 32
+    for name in ("lavin", "floor"):
+        rows = result[name]["micro_batches"]
+        assert set(rows) == {2, 4}
+        for row in rows.values():
+            assert all(t > 0 for kind in ("text", "image") for t in row[kind].values())
+            assert row["projection"]["hours"] > 0 and row["peak_gb"] is None or row["peak_gb"] > 0
+        hours = {m: row["projection"]["hours"] for m, row in rows.items()}
+        assert result[name]["best_micro_batch"] == min(hours, key=hours.get)
+    assert result["lavin"]["optimizer_s"] > 0 and result["floor"]["optimizer_s"] == 0
+    assert result["met"] == (result["lavin"]["best_hours"] <= projection.GOAL_HOURS)
+    with pytest.raises(SystemExit):  # 3 does not divide 32
+        projection.main(["--preset", "tiny", "--device", "cpu", "--micro-batches", "3"])
+
+
+def test_regional_compilation_compiles_one_layer_graph_and_keeps_the_loss():
+    from benchmarks.common import compile_layers
+    from benchmarks.models import build_model
+
+    preset = PRESETS["tiny"]
+    base = speed.build_base(preset, torch.device("cpu"), torch.float32)
+    model = build_model("lavin_text", base, preset)
+    ids = torch.randint(3, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    eager = model(input_ids=ids, labels=ids, use_cache=False).loss
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_layers(model)
+    compiled = model(input_ids=ids, labels=ids, use_cache=False).loss
+    stats = speed.compile_stats()
+    torch._dynamo.reset()
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    # three decoder layers of one structure: one graph, compiled once and reused, and no break inside a layer
+    assert base.config.num_hidden_layers == 3 and stats == {"unique_graphs": 1, "graph_breaks": 0}
+
+
 def test_7b_refuses_to_build_on_the_cpu():
     with pytest.raises(SystemExit, match="needs --device cuda"):
         speed.main(["--preset", "7b", "--device", "cpu"])

@@ -41,8 +41,9 @@ class LaVINCall:
     """What one call hands down to every layer, as the keyword `attention.STATE_KWARG`.
 
     `modality_token` says that the current forward's input starts with the modality token (every forward of a
-    `forward` call, and the prefill of a `generate` call). The MM-adapters then route from it and record their
-    weights in `routing`; the decoding steps that follow read them there.
+    `forward` call, and the prefill of a `generate` call). The MM-adapters then route from it and, without gradients,
+    record their weights in `routing`; the decoding steps that follow read them there. A call under gradients
+    records nothing, so that every decoder layer runs the same code (one graph under regional compilation).
     """
 
     modality_token: bool = True

@@ -121,9 +121,13 @@ class LaVINLayer(MMATunerLayer):
         except a decoding step without gradients, which reuses the call's mixed up-path (`_decoding_step`).
         """
         per_token = self.routing == "token"
-        key = f"{self.lavin_key}.{name}"
-        given = None if per_token or call is None or call.modality_token else call.routing.get(key)
-        if not per_token and call is not None and not call.modality_token and given is None:
+        decoding = not per_token and call is not None and not call.modality_token  # routing from the prefill
+        records = not per_token and call is not None and not torch.is_grad_enabled()  # kept for decoding steps
+        # the layer's own key only where read or written: under gradients every layer runs the same code (one graph
+        # for all of them under regional compilation)
+        key = f"{self.lavin_key}.{name}" if decoding or records else None
+        given = call.routing.get(key) if decoding else None
+        if decoding and given is None:
             raise ValueError(
                 f"No routing weights for `{key}`: the call's first forward held no modality token. Call the model "
                 "through its `PeftModel` (or `base_model`), which puts the token in front of every sequence."
@@ -138,7 +142,7 @@ class LaVINLayer(MMATunerLayer):
             x, down.weight, down.bias, up0.weight, up0.bias, up1.weight, up1.bias, router.weight, router.bias,
             self.temperature[name], self.scale[name], p, per_token, given,
         )  # fmt: skip
-        if not per_token and call is not None and given is None:
+        if records and given is None:
             call.routing[key] = w
         return out
 

@@ -316,7 +316,7 @@ class OutputProjection(Linear):
     def prompt_key_value(self, attention: nn.Module, adapter: str, state, dtype: torch.dtype):
         """(k_p, v_p), each (B or 1, H_kv, K, d); cached in the per-call `state` when no gradient is recorded."""
         cache = state.cache if state is not None and not torch.is_grad_enabled() else None
-        key = (id(self), adapter)
+        key = (id(self), adapter) if cache is not None else None  # no id() under gradients: one compiled layer
         if cache is not None and key in cache:
             return cache[key]
         prompt = self.mma_adapter_v2_prompt[adapter][None]  # (1, K, C)
@@ -339,7 +339,7 @@ class OutputProjection(Linear):
         without gradients cached per call, so that a decoding step only runs the attention itself."""
         cache = state.cache if state is not None and not torch.is_grad_enabled() else None
         batch = query.shape[0]
-        key = (id(self), adapter, "gated", batch, query.dtype)
+        key = (id(self), adapter, "gated", batch, query.dtype) if cache is not None else None
         if cache is not None and key in cache:
             return cache[key]
         k_p, v_p = self.prompt_key_value(attention, adapter, state, query.dtype)
@@ -358,8 +358,10 @@ class OutputProjection(Linear):
         if self.disable_adapters:
             return None
         cache = state.cache if state is not None and not torch.is_grad_enabled() else None
-        step_key = (id(self), query.shape[0], query.dtype)  # what a decoding step needs, looked up once
-        pairs = cache.get(step_key) if cache is not None else None
+        pairs = None
+        if cache is not None:  # what a decoding step needs, looked up once
+            step_key = (id(self), query.shape[0], query.dtype)
+            pairs = cache.get(step_key)
         if pairs is None:
             adapters = self._active(self.mma_adapter_v2_prompt)
             pairs = [self._gated_key_value(attention, adapter, state, query) for adapter in adapters]
