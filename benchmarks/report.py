@@ -114,6 +114,36 @@ def compiled_table(compiled: dict[str, Any], eager: dict[str, Any] | None) -> st
     return "\n".join(lines)
 
 
+def recipe_table(result: dict[str, Any]) -> str:
+    """The LaVIN-7B ScienceQA recipe at its effective batch: hours and memory per micro-batch × accumulation,
+    LaVIN beside the frozen floor (`python -m benchmarks.projection`)."""
+    lavin, floor, effective = result["lavin"], result["floor"], result["effective_batch"]
+    lines = [
+        *_provenance(result),
+        f"Effective batch {effective}; forward+backward times per micro-batch at padded text lengths "
+        f"{', '.join(map(str, result['lengths']))} (median of {result['rounds']} rounds), one AdamW step "
+        f"({_fmt(lavin['optimizer_s'], 4)} s, fused) per {effective} samples; compiled: "
+        f"{result.get('compile_mode') or 'no'}. Epochs simulated with the assumed lengths (in the JSON).",
+        "",
+        "| micro-batch × accumulation | LaVIN h | LaVIN peak GB (longest, images) | floor h | floor peak GB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for m, row in lavin["micro_batches"].items():
+        other = floor["micro_batches"].get(m, {})
+        lines.append(
+            f"| {m} × {effective // int(m)} | {_fmt(row.get('projection', {}).get('hours'), 2)} | "
+            f"{_fmt(row.get('peak_gb'), 1)} | {_fmt(other.get('projection', {}).get('hours'), 2)} | "
+            f"{_fmt(other.get('peak_gb'), 1)} |"
+        )
+    lines += [
+        "",
+        f"Fastest: LaVIN **{_fmt(lavin.get('best_hours'), 2)} h** at micro-batch {lavin['best_micro_batch']} (goal ≤ "
+        f"{result['goal_hours']} h: {'met' if result['met'] else '**missed**'}); the floor "
+        f"{_fmt(floor.get('best_hours'), 2)} h at micro-batch {floor['best_micro_batch']}.",
+    ]
+    return "\n".join(lines)
+
+
 def projection_table(result: dict[str, Any]) -> str:
     """The LaVIN-7B ScienceQA projection and the 4 × 512 memory checks of a `--preset 7b` run."""
     p = result["projection"]
@@ -290,7 +320,7 @@ def expert_table(result: dict[str, Any]) -> str:
 
 def main() -> str:
     parts = []
-    for name in ("speed_smollm2_cpu.json", "speed_7b_cuda.json"):
+    for name in ("speed_smollm2_cpu.json", "speed_7b_cuda.json", "speed_7b_cuda_h100.json"):
         result = _load(name)
         if result and "train" in result:
             parts.append(
@@ -303,6 +333,17 @@ def main() -> str:
         compiled = _load(compiled_name)
         if compiled and "train" in compiled:
             parts.append(f"### Eager and compiled training: `{compiled_name}`\n\n" + compiled_table(compiled, result))
+        graphs_name = name.replace(".json", "_compiled_cudagraphs.json")
+        graphs = _load(graphs_name)
+        if graphs and "train" in graphs:
+            parts.append(
+                f"### Compiled training with CUDA graphs: `{graphs_name}`\n\n" + compiled_table(graphs, result)
+            )
+    recipe = _load("recipe_7b_cuda_compiled.json")
+    if recipe:
+        parts.append(
+            "### LaVIN-7B recipe at effective batch 32: `recipe_7b_cuda_compiled.json`\n\n" + recipe_table(recipe)
+        )
     dispatch = _load("profile_train_7b_cuda.json")
     if dispatch:
         parts.append("### What a 7B train step launches on the GPU\n\n" + dispatch_table(dispatch))

@@ -114,6 +114,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="train steps under torch.compile (inductor): every model call (`--compile`, `--compile model`), or "
         "every decoder layer, PyTorch's regional compilation (`--compile layers`, minutes less at 7B)",
     )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)",
+    )
     parser.add_argument("--out", default=None, help="result JSON (default: results/speed_<preset>_<device>.json)")
     return parser.parse_args(argv)
 
@@ -202,6 +208,7 @@ def train_step(
     optimizer = torch.optim.AdamW(params, lr=1e-4, **(adamw or {}))
 
     def step() -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (mode="reduce-overhead")
         model.train()
         loss = forward()
         loss.backward()
@@ -238,14 +245,17 @@ def build_variants(
     kinds: Sequence[str] = ("train", "generate"),
     adamw: dict[str, Any] | None = None,
     compile_mode: str | None = None,
+    compile_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Variant]:
     """One `Variant` per model key, each on a weight-sharing copy of `base`, with calls for `kinds` only (train
     steps with AdamW's `adamw` kwargs). `compile_mode` "model": the model calls and the image reference's visual
-    prefix through `torch.compile`; "layers": each decoder layer (`compile_layers`), every encoder eager."""
+    prefix through `torch.compile`; "layers": each decoder layer (`compile_layers`), every encoder eager; either
+    with `torch.compile`'s `compile_kwargs`."""
+    compile_kwargs = compile_kwargs or {}
     device = base.get_input_embeddings().weight.device
     prefix = FrozenVisualPrefix(preset, base.config.hidden_size, device, base.dtype) if "plain_image" in keys else None
     if prefix is not None and compile_mode == "model":  # "layers": eager, as LaVIN's own encoder then is
-        prefix = torch.compile(prefix)
+        prefix = torch.compile(prefix, **compile_kwargs)
     variants = {}
     for key in keys:
         model = build_model(key, base, preset)
@@ -254,8 +264,8 @@ def build_variants(
         own_prefix = prefix if key == "plain_image" else None
         if train_name and "train" in kinds:
             if compile_mode == "layers":
-                compile_layers(model)
-            run = torch.compile(model) if compile_mode == "model" else model
+                compile_layers(model, **compile_kwargs)
+            run = torch.compile(model, **compile_kwargs) if compile_mode == "model" else model
             forward = (
                 _floor_forward(model, inputs, own_prefix, run)
                 if key.startswith("plain")
@@ -396,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rounds": args.rounds,
         "compiled": bool(args.compile),
         "compile_mode": args.compile,
+        "compile_kwargs": {"mode": args.compile_mode} if args.compile_mode else {},
         "machine": machine_info(device),
         "settings": vars(preset) | {"threads": torch.get_num_threads()},
         # a shared CPU's other processes inflate wall time; one thread's CPU time is what the variant itself costs
@@ -412,7 +423,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
     kinds = ["train"] if args.compile or args.memory_only else args.kinds
-    variants = build_variants(args.variants or list(MODELS), base, preset, inputs, kinds, compile_mode=args.compile)
+    compile_kwargs = {"mode": args.compile_mode} if args.compile_mode else None
+    variants = build_variants(
+        args.variants or list(MODELS),
+        base,
+        preset,
+        inputs,
+        kinds,
+        compile_mode=args.compile,
+        compile_kwargs=compile_kwargs,
+    )
     if args.memory_only:
         out = args.out or str(RESULTS_DIR / f"memory_{preset.name}_{device.type}.json")
         return memory_only(result, variants, device, out)

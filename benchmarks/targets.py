@@ -4,8 +4,8 @@ time on a CPU, where other processes' load inflates wall time, and wall time on 
 * train step ≤ 1.10 × the floor, and no slower than any PEFT peer (ratio to the floor ≤ every peer's);
 * generation ≥ 0.90 × the plain base unmerged, ≥ 0.97 × with V2 merged, ≥ 0.98 × with LaVIN re-parameterized;
 * peak training memory ≤ PEFT LoRA r8 q,v;
-* compiled (`benchmarks.speed --compile`, issue 14): train step ≤ 1.05 × the compiled floor, and no slower than
-  compiled LoRA q,v and IA3.
+* compiled (`benchmarks.speed --compile`, issue 14): train step ≤ 1.05 × the compiled floor on a CPU (≤ 1.15 × on a
+  GPU, 7B), and no slower than compiled LoRA q,v and IA3.
 
 Image variants are measured against the image references (`floor_image`, `base_image`: the same frozen encoder
 and visual tokens, no adapter), so each ratio is what the method adds to the work any image model must do.
@@ -19,6 +19,7 @@ from .models import PEERS
 
 TRAIN_MAX = 1.10
 COMPILED_TRAIN_MAX = 1.05
+COMPILED_TRAIN_MAX_GPU = 1.15  # issue 14 item 7: 7B bf16 on one GPU
 COMPILED_PEERS = ("lora_qv", "ia3")
 GENERATE_MIN = {
     "v2": 0.90,
@@ -121,5 +122,6 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     train, generate = result.get("train", {}), result.get("generate", {})
     metric = result.get("decisive_metric", "ratio_wall")
     if result.get("compiled"):
-        return _train_targets(train, metric, COMPILED_TRAIN_MAX, COMPILED_PEERS)
+        on_gpu = result.get("machine", {}).get("device") == "cuda"
+        return _train_targets(train, metric, COMPILED_TRAIN_MAX_GPU if on_gpu else COMPILED_TRAIN_MAX, COMPILED_PEERS)
     return _train_targets(train, metric) + _generate_targets(generate, metric) + _memory_targets(train)

@@ -156,24 +156,34 @@ def test_recipe_sweep_projects_each_micro_batch_and_picks_the_fastest(tmp_path):
         projection.main(["--preset", "tiny", "--device", "cpu", "--micro-batches", "3"])
 
 
-def test_regional_compilation_compiles_one_layer_graph_and_keeps_the_loss():
+@pytest.mark.parametrize("name, graphs", [("lavin_text", 1), ("v2", 2)])
+def test_regional_compilation_shares_the_layers_graph_and_keeps_loss_and_gradients(name, graphs):
     from benchmarks.common import compile_layers
     from benchmarks.models import build_model
 
     preset = PRESETS["tiny"]
     base = speed.build_base(preset, torch.device("cpu"), torch.float32)
-    model = build_model("lavin_text", base, preset)
+    model = build_model(name, base, preset)
+    model.eval()  # no dropout: eager and compiled see the same function
     ids = torch.randint(3, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    eager = model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    eager_loss, eager_grads = loss_and_grads()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compile_layers(model)
-    compiled = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss, grads = loss_and_grads()
     stats = speed.compile_stats()
     torch._dynamo.reset()
-    assert torch.allclose(compiled, eager, atol=1e-5)
-    # three decoder layers of one structure: one graph, compiled once and reused, and no break inside a layer
-    assert base.config.num_hidden_layers == 3 and stats == {"unique_graphs": 1, "graph_breaks": 0}
+    assert torch.allclose(loss, eager_loss, atol=1e-5)
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, eager_grads))
+    # three decoder layers: LaVIN's share one graph; V2's first layer (its input needs no gradient) has its own
+    assert base.config.num_hidden_layers == 3 and stats == {"unique_graphs": graphs, "graph_breaks": 0}
 
 
 def test_7b_refuses_to_build_on_the_cpu():
