@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 14 in one run of under 10 minutes, each part under its own time limit, most needed first:
-#   1. compiled 7B train steps (regional compilation) of V2 and LaVIN text/images against the compiled floor;
-#   2. the LaVIN-7B ScienceQA recipe at effective batch 32, micro-batch 4/8/16/32 × accumulation, compiled;
-#   3. eager 7B train steps, peak memory and cached generation of every method and its merged form;
-#   4. the CUDA tests (tests/test_cuda.py, tests/test_quantized.py).
+# The GPU checks of issue 14 in one run of under 10 minutes, each part under its own time limit, in this order:
+#   graphs   7B train steps with each decoder layer compiled and captured in CUDA graphs, every method and peer
+#            against the floor compiled the same way (the decisive ratio);
+#   compiled the same compiled without CUDA graphs (inductor's default mode);
+#   profile  the kernels of compiled train steps (count and device time per model: where the adapters' time goes);
+#   recipe   the LaVIN-7B ScienceQA recipe at effective batch 32, micro-batch 4/8/16/32 × accumulation, compiled;
+#   eager    eager 7B train steps, peak memory and cached generation of every method and its merged form;
+#   tests    the CUDA tests (tests/test_cuda.py, tests/test_quantized.py).
 #
-#   bash benchmarks/gpu.sh                            # on a CUDA machine; JSON and logs into benchmarks/results
+#   bash benchmarks/gpu.sh                                   # every part; JSON and logs into benchmarks/results
+#   PARTS="graphs profile tests" bash benchmarks/gpu.sh      # some of them
 #   OUT=/tmp/gpu PRESET=tiny DEVICE=cpu bash benchmarks/gpu.sh    # the same commands on a tiny model, on the CPU
+#
+# Results of 2026-12-04 (H200, commit 0a09b4c: compiled, recipe, eager, tests; then graphs for plain, V2 and LaVIN
+# text): benchmarks/README.md, "After the op diet".
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 PRESET=${PRESET:-7b}
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
+PARTS=${PARTS:-graphs compiled profile recipe eager tests}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 tag="${PRESET}_${DEVICE}"
 if [ "$PRESET" = tiny ]; then lengths=(8 16); micro=(2 4); else lengths=(128 256 512); micro=(4 8 16 32); fi
+train=(plain lora_qv ia3 v2 lavin_text plain_image lavin_image)
 
-part() {  # part NAME SECONDS COMMAND...: run COMMAND under a time limit, its output into $OUT/NAME.log
+part() {  # part NAME SECONDS COMMAND...: when NAME is in $PARTS, COMMAND under a time limit, its log in $OUT
   local name=$1 limit=$2
   shift 2
-  echo "== $name (limit ${limit}s): $*"
+  case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
+  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/gpu.log"
   local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | grep -v "Warning\|warnings.warn\|warn_once" | tee "$OUT/$name.log" | tail -25
-  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s"
+  timeout "$limit" "$@" 2>&1 | grep -v "Warning\|warnings.warn\|warn_once" | tee -a "$OUT/gpu.log" | tail -25
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$OUT/gpu.log"
 }
 
 $PYTHON - <<'EOF' | tee "$OUT/gpu_env.txt"
@@ -32,13 +42,16 @@ print(platform.python_version(), "torch", torch.__version__, "transformers", tra
       peft.__version__, "timm", timm.__version__, "accelerate", accelerate.__version__)
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
 EOF
-part "speed_${tag}_compiled" 190 $PYTHON -m benchmarks.speed --preset "$PRESET" --device "$DEVICE" \
-  --compile layers --rounds 5 --variants plain v2 lavin_text plain_image lavin_image \
-  --out "$OUT/speed_${tag}_compiled.json"
-part "recipe_${tag}_compiled" 170 $PYTHON -m benchmarks.projection --preset "$PRESET" --device "$DEVICE" \
-  --compile --micro-batches "${micro[@]}" --lengths "${lengths[@]}" --rounds 2 \
-  --out "$OUT/recipe_${tag}_compiled.json"
-part "speed_${tag}" 140 $PYTHON -m benchmarks.speed --preset "$PRESET" --device "$DEVICE" --rounds 3 --no-projection \
+cat "$OUT/gpu_env.txt" >>"$OUT/gpu.log" && rm "$OUT/gpu_env.txt"  # six files come back: this log and five JSON
+part graphs 200 $PYTHON -m benchmarks.speed --preset "$PRESET" --device "$DEVICE" --compile layers \
+  --compile-mode reduce-overhead --rounds 3 --variants "${train[@]}" --out "$OUT/speed_${tag}_compiled_cudagraphs.json"
+part compiled 190 $PYTHON -m benchmarks.speed --preset "$PRESET" --device "$DEVICE" --compile layers --rounds 5 \
+  --variants "${train[@]}" --out "$OUT/speed_${tag}_compiled.json"
+part profile 150 $PYTHON -m benchmarks.profile --preset "$PRESET" --device "$DEVICE" --compile layers \
+  --models plain lora_qv v2 lavin_text --no-tables --out "$OUT/profile_train_${tag}_compiled.json"
+part recipe 170 $PYTHON -m benchmarks.projection --preset "$PRESET" --device "$DEVICE" --compile \
+  --micro-batches "${micro[@]}" --lengths "${lengths[@]}" --rounds 2 --out "$OUT/recipe_${tag}_compiled.json"
+part eager 140 $PYTHON -m benchmarks.speed --preset "$PRESET" --device "$DEVICE" --rounds 3 --no-projection \
   --variants plain lora_qv ia3 v2 v2_merged lavin_text lavin_text_merged plain_image lavin_image lavin_image_merged \
   --out "$OUT/speed_${tag}.json"
-part "tests_${DEVICE}" 70 $PYTHON -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_quantized.py
+part tests 70 $PYTHON -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_quantized.py

@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile --models plain v2 --kind train        # → results/profile_train_<model>.txt
     python -m benchmarks.profile --preset 7b --device cuda --models plain v2 lavin_text --tag 7b_cuda
+    python -m benchmarks.profile --preset 7b --device cuda --compile layers --tag 7b_cuda_compiled   # inductor kernels
 
 Each table is sorted by self CPU time (`--sort`) and written with the machine and load it was taken under. A summary
 per model goes to results/profile_<kind>[_<tag>].json: the median wall time of 5 calls, and from one profiled call
@@ -42,7 +43,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="AdamW implementation: torch's default for the device (foreach on CUDA, a per-tensor loop on the "
         "CPU), or forced; `foreach` on the CPU dispatches what the CUDA default does",
     )
+    parser.add_argument(
+        "--compile",
+        default=None,
+        choices=("model", "layers"),
+        help="profile the train step compiled as `benchmarks.speed --compile` does (the warm-up compiles)",
+    )
+    parser.add_argument(
+        "--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"), help="with --compile"
+    )
     parser.add_argument("--no-tables", action="store_true", help="write only the summary JSON")
+    parser.add_argument("--out", default=None, help="summary JSON (default: results/profile_<kind>[_<tag>].json)")
     return parser.parse_args(argv)
 
 
@@ -55,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
     adamw = {} if args.adamw == "default" else {args.adamw: True}
-    variants = build_variants(args.models, base, preset, inputs, [args.kind], adamw)
+    if args.compile and args.kind != "train":
+        raise SystemExit("--compile profiles train steps only (`--kind train`).")
+    compile_kwargs = {"mode": args.compile_mode} if args.compile_mode else None
+    variants = build_variants(args.models, base, preset, inputs, [args.kind], adamw, args.compile, compile_kwargs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     suffix = "_" + args.tag if args.tag else ""
     summary: dict[str, dict[str, float | int]] = {}
@@ -63,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         call = variant.calls.get(args.kind)
         if call is None:
             continue
-        call()  # warm-up (optimizer state, caches)
+        for _ in range(3 if args.compile else 1):  # warm-up (optimizer state, caches; compiling, CUDA graphs)
+            call()
         wall = median([timed(call, device)[0] for _ in range(5)])
         with profile(activities=activities, record_shapes=False) as prof:
             call()
@@ -78,8 +93,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             path.write_text(header + table + "\n")
     out = {"command": "python -m benchmarks.profile " + " ".join(argv or sys.argv[1:]), "preset": preset.name}
     out |= {"dtype": str(dtype).removeprefix("torch."), "adamw": args.adamw, "machine": machine_info(device)}
+    out |= {"compile": args.compile, "compile_mode": args.compile_mode}
     out["models"] = summary
-    print(f"wrote {write_json(out, RESULTS_DIR / f'profile_{args.kind}{suffix}.json')}")
+    print(f"wrote {write_json(out, args.out or RESULTS_DIR / f'profile_{args.kind}{suffix}.json')}")
 
 
 def dispatch_counts(prof) -> dict[str, float | int]:

@@ -125,7 +125,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         metavar="FIELD=VALUE",
-        help="config fields of the peft_mma methods of vqa and retention, VALUE as JSON (e.g. temperature=1.0)",
+        help="config fields of the peft_mma methods of vqa and retention (and of joint's V2), VALUE as JSON "
+        "(e.g. temperature=1.0)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -494,7 +495,7 @@ def run_joint(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
     for arm in args.methods or ("joint", "staged", "all"):
         if arm not in ("joint", "staged", "all"):
             raise ValueError(f"`--methods` of the joint experiment are joint, staged and all; got {arm!r}.")
-        method = build_method("v2", base, multimodal=True, seed=args.seed, vision=vision)
+        method = build_method("v2", base, multimodal=True, seed=args.seed, vision=vision, **args.overrides)
         method.name = f"v2 {arm}"
         groups = joint_parameter_groups(method.model)
         before = prose_loss(method, prose, args.batch_size), text_loss(method, held_out_texts, collator, 16)
@@ -521,6 +522,7 @@ def run_joint(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "settings": {
             "method": "v2",
+            "config_overrides": args.overrides,
             "steps": steps,
             "batch_size": args.batch_size,
             "image_train_samples": len(images),
@@ -558,7 +560,7 @@ def run_expert(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
     for arm, (train_set, eval_set) in arms.items():
         if args.methods and arm not in args.methods:
             continue
-        method = build_method("v2", base, multimodal=True, seed=args.seed, vision=vision)
+        method = build_method("v2", base, multimodal=True, seed=args.seed, vision=vision, **args.overrides)
         method.name = f"v2 {arm}"
         before = prose_loss(method, prose, args.batch_size)
 
@@ -572,6 +574,7 @@ def run_expert(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "settings": {
             "method": "v2",
+            "config_overrides": args.overrides,
             "steps": steps,
             "batch_size": args.batch_size,
             "train_size": count,
