@@ -356,6 +356,12 @@ def main() -> str:
         parts.append("### Learning quality\n\n" + plots + "\n" + quality_tables(vqas, instruction))
     for name, title, table in (
         ("quality_joint.json", "V2's joint training against staged training", joint_table),
+        ("quality_joint_fusion_all_joint.json", "V2's joint training, visual fusion in every layer", joint_table),
+        (
+            "quality_joint_fusion_all_all.json",
+            "V2 trained whole on the same mix, visual fusion in every layer",
+            joint_table,
+        ),
         ("quality_expert.json", "V2 with an OCR expert", expert_table),
         ("quality_expert_steps120.json", "V2 with an OCR expert, a 120-step schedule", expert_table),
     ):
