@@ -68,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     adamw = {} if args.adamw == "default" else {args.adamw: True}
     if args.compile and args.kind != "train":
         raise SystemExit("--compile profiles train steps only (`--kind train`).")
+    if args.compile_mode and not args.compile:
+        raise SystemExit(f"--compile-mode {args.compile_mode} needs --compile (model or layers).")
     compile_kwargs = {"mode": args.compile_mode} if args.compile_mode else None
     variants = build_variants(args.models, base, preset, inputs, [args.kind], adamw, args.compile, compile_kwargs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

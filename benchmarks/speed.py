@@ -112,7 +112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         choices=("model", "layers"),
         help="train steps under torch.compile (inductor): every model call (`--compile`, `--compile model`), or "
-        "every decoder layer, PyTorch's regional compilation (`--compile layers`, minutes less at 7B)",
+        "every decoder layer, PyTorch's regional compilation (`--compile layers`: one layer's graph, not 32 unrolled)",
     )
     parser.add_argument(
         "--compile-mode",
@@ -121,7 +121,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)",
     )
     parser.add_argument("--out", default=None, help="result JSON (default: results/speed_<preset>_<device>.json)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.compile_mode and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} needs --compile (model or layers).")
+    return args
 
 
 # ---------------------------------------------------------------- inputs and variants
@@ -381,8 +384,12 @@ def summarize(variants: dict[str, Variant], preset: Preset) -> dict[str, dict[st
 # ---------------------------------------------------------------- main
 
 
-def default_out(preset: str, device: torch.device, compiled: bool = False) -> str:
-    return str(RESULTS_DIR / f"speed_{preset}_{device.type}{'_compiled' if compiled else ''}.json")
+COMPILE_MODE_SUFFIX = {None: "", "default": "", "reduce-overhead": "_cudagraphs", "max-autotune": "_max_autotune"}
+
+
+def default_out(preset: str, device: torch.device, compiled: bool = False, mode: str | None = None) -> str:
+    suffix = "_compiled" + COMPILE_MODE_SUFFIX[mode] if compiled else ""
+    return str(RESULTS_DIR / f"speed_{preset}_{device.type}{suffix}.json")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -453,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["projection"] = measure_projection(base, preset, device, dtype)
     result["load_after"] = load_average()
     result["elapsed_s"] = round(time.time() - started, 1)
-    path = write_json(result, args.out or default_out(preset.name, device, bool(args.compile)))
+    path = write_json(result, args.out or default_out(preset.name, device, bool(args.compile), args.compile_mode))
     print_summary(result)
     print(f"wrote {path}")
     return result

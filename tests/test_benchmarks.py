@@ -186,6 +186,17 @@ def test_regional_compilation_shares_the_layers_graph_and_keeps_loss_and_gradien
     assert base.config.num_hidden_layers == 3 and stats == {"unique_graphs": graphs, "graph_breaks": 0}
 
 
+def test_compile_mode_without_compile_is_refused_and_names_its_own_file():
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--compile-mode", "reduce-overhead"])
+    args = speed.parse_args(["--compile", "layers", "--compile-mode", "reduce-overhead"])
+    assert (args.compile, args.compile_mode) == ("layers", "reduce-overhead")
+    cpu = torch.device("cpu")
+    assert speed.default_out("7b", cpu, True, "reduce-overhead").endswith("speed_7b_cpu_compiled_cudagraphs.json")
+    assert speed.default_out("7b", cpu, True).endswith("speed_7b_cpu_compiled.json")
+    assert speed.default_out("7b", cpu).endswith("speed_7b_cpu.json")
+
+
 def test_7b_refuses_to_build_on_the_cpu():
     with pytest.raises(SystemExit, match="needs --device cuda"):
         speed.main(["--preset", "7b", "--device", "cpu"])
