@@ -36,13 +36,12 @@ part() {  # part NAME SECONDS COMMAND...: when NAME is in $PARTS, COMMAND under 
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$OUT/gpu.log"
 }
 
-$PYTHON - <<'EOF' | tee "$OUT/gpu_env.txt"
+$PYTHON - <<'EOF' | tee -a "$OUT/gpu.log"  # six files come back: this log and five JSON
 import platform, torch, transformers, peft, timm, accelerate
 print(platform.python_version(), "torch", torch.__version__, "transformers", transformers.__version__, "peft",
       peft.__version__, "timm", timm.__version__, "accelerate", accelerate.__version__)
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
 EOF
-cat "$OUT/gpu_env.txt" >>"$OUT/gpu.log" && rm "$OUT/gpu_env.txt"  # six files come back: this log and five JSON
 part graphs 200 $PYTHON -m benchmarks.speed --preset "$PRESET" --device "$DEVICE" --compile layers \
   --compile-mode reduce-overhead --rounds 3 --variants "${train[@]}" --out "$OUT/speed_${tag}_compiled_cudagraphs.json"
 part compiled 190 $PYTHON -m benchmarks.speed --preset "$PRESET" --device "$DEVICE" --compile layers --rounds 5 \

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from .common import RESULTS_DIR, load_average, machine_info, median, timed, write_json
 from .models import MODELS, PRESETS, build_base
-from .speed import DTYPES, build_variants, make_inputs
+from .speed import DTYPES, add_compile_arguments, build_variants, check_compile_arguments, compile_options, make_inputs
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -43,18 +43,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="AdamW implementation: torch's default for the device (foreach on CUDA, a per-tensor loop on the "
         "CPU), or forced; `foreach` on the CPU dispatches what the CUDA default does",
     )
-    parser.add_argument(
-        "--compile",
-        default=None,
-        choices=("model", "layers"),
-        help="profile the train step compiled as `benchmarks.speed --compile` does (the warm-up compiles)",
-    )
-    parser.add_argument(
-        "--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"), help="with --compile"
-    )
+    add_compile_arguments(parser, "the profiled train step")
     parser.add_argument("--no-tables", action="store_true", help="write only the summary JSON")
     parser.add_argument("--out", default=None, help="summary JSON (default: results/profile_<kind>[_<tag>].json)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_compile_arguments(parser, args)
+    if args.compile and args.kind != "train":
+        parser.error("--compile profiles train steps only (`--kind train`).")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -66,12 +62,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
     adamw = {} if args.adamw == "default" else {args.adamw: True}
-    if args.compile and args.kind != "train":
-        raise SystemExit("--compile profiles train steps only (`--kind train`).")
-    if args.compile_mode and not args.compile:
-        raise SystemExit(f"--compile-mode {args.compile_mode} needs --compile (model or layers).")
-    compile_kwargs = {"mode": args.compile_mode} if args.compile_mode else None
-    variants = build_variants(args.models, base, preset, inputs, [args.kind], adamw, args.compile, compile_kwargs)
+    variants = build_variants(
+        args.models, base, preset, inputs, [args.kind], adamw, args.compile, compile_options(args)
+    )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     suffix = "_" + args.tag if args.tag else ""
     summary: dict[str, dict[str, float | int]] = {}

@@ -337,6 +337,8 @@ def measure_recipe(
     from .common import compile_layers
     from .models import FrozenVisualPrefix
 
+    if compile_mode not in (None, "layers"):
+        raise ValueError(f"compile_mode must be None or 'layers', got {compile_mode!r}")
     out: dict[str, Any] = {
         "assumptions": ASSUMPTIONS,
         "effective_batch": EFFECTIVE_BATCH,
@@ -350,8 +352,6 @@ def measure_recipe(
     for name, model in models.items():
         if compile_mode == "layers":
             compile_layers(model, dynamic=True)  # one graph for every micro-batch size and padded length
-        elif compile_mode is not None:
-            raise ValueError(f"compile_mode must be None or 'layers', got {compile_mode!r}")
         sweep = micro_batch_times(model, preset, micro_batches, lengths, rounds, device, prefix)
         optimizer_s = optimizer_seconds(model, rounds, device) if name == "lavin" else 0.0
         rows = {}

@@ -125,8 +125,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         metavar="FIELD=VALUE",
-        help="config fields of the peft_mma methods of vqa and retention (and of joint's V2), VALUE as JSON "
-        "(e.g. temperature=1.0)",
+        help="config fields of the peft_mma methods of vqa and retention (and of V2 in joint and expert), VALUE as "
+        "JSON (e.g. temperature=1.0)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

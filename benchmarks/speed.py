@@ -68,6 +68,8 @@ from .models import (
 from .targets import check_targets
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch.compile mode → suffix of a compiled run's result file
+COMPILE_MODE_SUFFIX = {None: "", "default": "", "reduce-overhead": "_cudagraphs", "max-autotune": "_max_autotune"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -105,26 +107,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="LaVIN-7B ScienceQA projection and memory at 4 x 512 (default: on for --preset 7b)",
     )
+    add_compile_arguments(parser, "train steps")
+    parser.add_argument("--out", default=None, help="result JSON (default: results/speed_<preset>_<device>.json)")
+    args = parser.parse_args(argv)
+    check_compile_arguments(parser, args)
+    return args
+
+
+def add_compile_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--compile [model|layers]` and `--compile-mode`, as `speed` and `profile` take them."""
     parser.add_argument(
         "--compile",
         nargs="?",
         const="model",
         default=None,
         choices=("model", "layers"),
-        help="train steps under torch.compile (inductor): every model call (`--compile`, `--compile model`), or "
-        "every decoder layer, PyTorch's regional compilation (`--compile layers`: one layer's graph, not 32 unrolled)",
+        help=f"{what} under torch.compile (inductor): every model call (`--compile`, `--compile model`), or every "
+        "decoder layer, PyTorch's regional compilation (`--compile layers`: one layer's graph, not 32 unrolled)",
     )
     parser.add_argument(
         "--compile-mode",
         default=None,
-        choices=("default", "reduce-overhead", "max-autotune"),
+        choices=tuple(mode for mode in COMPILE_MODE_SUFFIX if mode),
         help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)",
     )
-    parser.add_argument("--out", default=None, help="result JSON (default: results/speed_<preset>_<device>.json)")
-    args = parser.parse_args(argv)
+
+
+def check_compile_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.compile_mode and not args.compile:
         parser.error(f"--compile-mode {args.compile_mode} needs --compile (model or layers).")
-    return args
+
+
+def compile_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`torch.compile` keyword arguments of `--compile-mode`."""
+    return {"mode": args.compile_mode} if args.compile_mode else None
 
 
 # ---------------------------------------------------------------- inputs and variants
@@ -384,9 +400,6 @@ def summarize(variants: dict[str, Variant], preset: Preset) -> dict[str, dict[st
 # ---------------------------------------------------------------- main
 
 
-COMPILE_MODE_SUFFIX = {None: "", "default": "", "reduce-overhead": "_cudagraphs", "max-autotune": "_max_autotune"}
-
-
 def default_out(preset: str, device: torch.device, compiled: bool = False, mode: str | None = None) -> str:
     suffix = "_compiled" + COMPILE_MODE_SUFFIX[mode] if compiled else ""
     return str(RESULTS_DIR / f"speed_{preset}_{device.type}{suffix}.json")
@@ -413,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rounds": args.rounds,
         "compiled": bool(args.compile),
         "compile_mode": args.compile,
-        "compile_kwargs": {"mode": args.compile_mode} if args.compile_mode else {},
+        "compile_kwargs": compile_options(args) or {},
         "machine": machine_info(device),
         "settings": vars(preset) | {"threads": torch.get_num_threads()},
         # a shared CPU's other processes inflate wall time; one thread's CPU time is what the variant itself costs
@@ -430,7 +443,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
     kinds = ["train"] if args.compile or args.memory_only else args.kinds
-    compile_kwargs = {"mode": args.compile_mode} if args.compile_mode else None
     variants = build_variants(
         args.variants or list(MODELS),
         base,
@@ -438,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         inputs,
         kinds,
         compile_mode=args.compile,
-        compile_kwargs=compile_kwargs,
+        compile_kwargs=compile_options(args),
     )
     if args.memory_only:
         out = args.out or str(RESULTS_DIR / f"memory_{preset.name}_{device.type}.json")

@@ -147,7 +147,7 @@ def test_recipe_sweep_projects_each_micro_batch_and_picks_the_fastest(tmp_path):
         assert set(rows) == {2, 4}
         for row in rows.values():
             assert all(t > 0 for kind in ("text", "image") for t in row[kind].values())
-            assert row["projection"]["hours"] > 0 and row["peak_gb"] is None or row["peak_gb"] > 0
+            assert row["projection"]["hours"] > 0 and (row["peak_gb"] is None or row["peak_gb"] > 0)
         hours = {m: row["projection"]["hours"] for m, row in rows.items()}
         assert result[name]["best_micro_batch"] == min(hours, key=hours.get)
     assert result["lavin"]["optimizer_s"] > 0 and result["floor"]["optimizer_s"] == 0
