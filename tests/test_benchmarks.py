@@ -413,6 +413,10 @@ def test_greedy_decoding_with_the_cache_gives_the_tokens_of_full_recomputation(n
             {k: v[1:, 2:] if k in ("input_ids", "attention_mask") else v[1:] for k, v in batch.items()}, 3
         )
     torch.testing.assert_close(padded, alone[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the kept positions (asked for by index) are the whole sequence's last ones
+        whole = method.model(**method.inputs(batch), use_cache=False).logits
+    assert whole.shape[1] > 3
+    torch.testing.assert_close(method.logits(batch, 3), whole[:, -3:], rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # on text alone, the method without images: as if its batch had no image
         text = method.text_logits({k: batch[k] for k in ("input_ids", "attention_mask")}, 3)
         no_image = method.logits(batch | {"has_image": torch.tensor([False, False])}, 3)

@@ -26,6 +26,7 @@ def ids(batch=2, length=6):
         (dict(adapter_dim=7), "`adapter_groups`=2 must divide `adapter_dim`=7"),
         (dict(adapter_dim=0), "`adapter_dim` must be a positive integer; got 0"),
         (dict(temperature=0.0), r"`temperature` must be > 0 \(10 for LaVIN-7B"),
+        (dict(projector_init_scale=0.0), r"`projector_init_scale` must be > 0 \(1: the official xavier init\)"),
         (dict(adapter_dropout=1.0), r"`adapter_dropout` must be in \[0, 1\); got 1.0"),
         (dict(adapter_placement="ffn"), "`adapter_placement`='ffn' is not one of"),
         (dict(image_token_id=-1), r"`image_token_id` must be a token id >= 0 \(or None\); got -1"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LAVIN_VISION, lavin_batch, tiny_lavin, tiny_llama, train_steps
+from conftest import LAVIN_VISION, lavin_batch, model_for, tiny_lavin, tiny_llama, train_steps
 from peft import PeftModel, PeftModelForCausalLM, get_peft_model
 from stand_in_tokenizer import word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -383,3 +383,19 @@ def test_adapters_without_up_biases_train_save_and_merge(tmp_path):
         routed = reloaded(**text).logits
         merged = reloaded.merge_and_unload()(**text).logits
     torch.testing.assert_close(merged, routed, atol=1e-5, rtol=0)
+
+
+def test_projector_init_scale_scales_the_output_layer_and_nothing_else():
+    """`projector_init_scale` multiplies W₂'s xavier init (same draws), and leaves W₁, the biases and every other
+    part as the official init makes them."""
+    parts = {}
+    for scale in (1.0, 0.25):
+        model = model_for("lavin-image", init_weights=True, projector_init_scale=scale)
+        parts[scale] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out = [n for n in parts[1.0] if "proj_out" in n and n.endswith("weight")]
+    assert len(out) == 1
+    for name, value in parts[1.0].items():
+        expected = value * 0.25 if name in out else value
+        torch.testing.assert_close(parts[0.25][name], expected, rtol=1e-6, atol=0, msg=name)
+    bound = 6**0.5 / sum(parts[1.0][out[0]].shape) ** 0.5  # xavier-uniform's bound
+    assert 0.9 * bound < parts[1.0][out[0]].abs().max() <= bound

@@ -70,6 +70,12 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
             official code keys them on batch element 0, §4; ours does not couple images).
         projector_hidden (`int`):
             Hidden width of the projector Linear→SiLU→Linear from the encoder width to the LLM width (128, §4).
+        projector_init_scale (`float`):
+            Gain of the projector's output layer W₂ at init: its xavier-uniform weights times this (1, the official
+            init). With the official init the visual tokens start at several times the norm of the LLM's text
+            embeddings (SmolLM2 with the scene encoder: 10–19 against 3.2); 0.25 brings them to the text's scale.
+            Measured there, that did not learn faster (README, "Teach SmolLM2 to see"), so 1 stays the default.
+            Only the init changes: a loaded checkpoint keeps its weights.
         image_token_id (`int`, *optional*):
             The placeholder id that marks an image's visual-token positions in `input_ids` (n copies per image; the
             model writes the visual tokens there). `None`: the base's `vocab_size`, outside the vocabulary so that no
@@ -118,6 +124,9 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
     vision_feature_every: int = field(default=4, metadata={"help": "Take the class token after every k-th block."})
     vision_adapters: bool = field(default=True, metadata={"help": "MM-adapters inside the encoder blocks."})
     projector_hidden: int = field(default=128, metadata={"help": "Hidden width of the visual projector."})
+    projector_init_scale: float = field(
+        default=1.0, metadata={"help": "Gain of the projector's output weights at init (1: official xavier)."}
+    )
     image_token_id: int | None = field(default=None, metadata={"help": "Image placeholder id; None: vocab_size."})
     num_image_tokens: int | None = field(
         default=None, metadata={"help": "Visual tokens per image; set when attached."}
@@ -149,6 +158,10 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
             raise ValueError(
                 f"`adapter_groups`={self.adapter_groups} must divide `adapter_dim`={self.adapter_dim}; "
                 "use e.g. adapter_dim=8 with adapter_groups=2."
+            )
+        if not self.projector_init_scale > 0:
+            raise ValueError(
+                f"`projector_init_scale` must be > 0 (1: the official xavier init); got {self.projector_init_scale}."
             )
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0 (10 for LaVIN-7B, 5 for 13B); got {self.temperature}.")

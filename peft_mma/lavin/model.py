@@ -158,7 +158,9 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         if embed.device.type != "meta":
             visual.to(embed.device)
         self.mma_lavin_visual[adapter_name] = visual
-        proj_in, proj_out = build_projector(visual.width, config.projector_hidden, width, embed.device)
+        proj_in, proj_out = build_projector(
+            visual.width, config.projector_hidden, width, embed.device, config.projector_init_scale
+        )
         self.mma_lavin_proj_in[adapter_name], self.mma_lavin_proj_out[adapter_name] = proj_in, proj_out
 
     def _llm_adapters(self) -> list[MMAdapter]:

@@ -5,9 +5,9 @@
 
 Enc_MMA is the frozen `VisionBackbone` with an `MMAdapter` (per-token routing) on the input of every block's
 attention, `x + Attn(MMA(Norm(x)))` as in the decoder. W₁: C_v → `projector_hidden` (128), W₂: 128 → C, xavier
-weights and zero biases; trainable, as are the encoder's adapters. CLIP ViT-L/14 with k = 4 gives n = 6. Each
-image's tokens depend on that image alone: the official encoder routes every image from batch element 0 (§4),
-ours does not (DESIGN decision 4).
+weights (W₂'s times `projector_init_scale`, 1 officially) and zero biases; trainable, as are the encoder's
+adapters. CLIP ViT-L/14 with k = 4 gives n = 6. Each image's tokens depend on that image alone: the official encoder
+routes every image from batch element 0 (§4), ours does not (DESIGN decision 4).
 """
 
 from __future__ import annotations
@@ -54,13 +54,16 @@ def add_encoder_adapters(visual: VisionBackbone, adapter_name: str, config: LaVI
     visual.train(training)
 
 
-def build_projector(in_width: int, hidden: int, out_width: int, device: torch.device) -> tuple[nn.Linear, nn.Linear]:
-    """(W₁, W₂) in fp32 on `device`: xavier-uniform weights and zero biases, left as they are on the meta device."""
+def build_projector(
+    in_width: int, hidden: int, out_width: int, device: torch.device, out_scale: float = 1.0
+) -> tuple[nn.Linear, nn.Linear]:
+    """(W₁, W₂) in fp32 on `device`: xavier-uniform weights (W₂'s with gain `out_scale`, `projector_init_scale`)
+    and zero biases, left as they are on the meta device."""
     proj_in = nn.Linear(in_width, hidden, device=device, dtype=torch.float32)
     proj_out = nn.Linear(hidden, out_width, device=device, dtype=torch.float32)
     if device.type != "meta":
-        for linear in (proj_in, proj_out):
-            nn.init.xavier_uniform_(linear.weight), nn.init.zeros_(linear.bias)
+        for linear, gain in ((proj_in, 1.0), (proj_out, out_scale)):
+            nn.init.xavier_uniform_(linear.weight, gain=gain), nn.init.zeros_(linear.bias)
     return proj_in, proj_out
 
 
