@@ -519,3 +519,29 @@ def test_generated_vqa_accuracy_scores_the_letter_of_the_greedy_answer():
     assert [out[f"accuracy_{kind}"] for kind in kinds] == [1.0, 0.0, 1.0, 0.0, 0.0]
     with pytest.raises(SystemExit):  # the other experiments score teacher-forced letters only
         quality.parse_args(["--experiment", "joint", "--answer-format", "EA"])
+
+
+def test_visual_probe_reads_what_each_method_hands_its_llm():
+    """`benchmarks.visual_probe`'s features are the encoder's tokens, V2's V as its forward computes it, and LaVIN's
+    visual tokens as its forward places them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.quality_methods import build_method, encoder
+    from benchmarks.visual_probe import FEATURES, feature_functions
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, bos_token_id=1
+    )
+    base = LlamaForCausalLM(config).eval()
+    vision = encoder("random")
+    functions = feature_functions(base, vision, seed=0)
+    assert tuple(functions) == FEATURES
+    images = torch.rand(3, 3, 64, 64)
+    features = {name: fn(images) for name, fn in functions.items()}
+    assert features["encoder_class_token"].shape == features["encoder_token_mean"].shape == (3, 128)
+    v2 = build_method("v2", base, multimodal=True, seed=0, vision=vision, visual_fusion="all").eval()
+    with torch.no_grad():
+        expected = v2.model.base_model._visual_tokens(images, None, 3)["default"]  # what V2's forward adds
+    torch.testing.assert_close(features["v2_visual_tokens"], expected)
+    assert features["lavin_visual_tokens"].shape == (3, 4, 32)  # the class token after each of the 4 blocks

@@ -131,6 +131,25 @@ def test_linear_probe_fits_separable_features():
     assert (probe(x).argmax(-1) == y).all()
 
 
+def test_variance_share_is_the_spread_the_class_means_explain():
+    x, y = torch.tensor([[0.0], [2.0], [1.0], [3.0]]), torch.tensor([0, 0, 1, 1])
+    assert se.variance_share(x, y) == pytest.approx(0.2)  # means 1 and 2 around 1.5: 4 × 0.25 of a total 5
+    assert se.variance_share(torch.tensor([[0.0], [0.0], [2.0], [2.0]]), y) == pytest.approx(1.0)
+    assert se.variance_share(torch.tensor([[0.0], [2.0], [2.0], [0.0]]), y) == pytest.approx(0.0)
+
+
+def test_slot_probe_finds_position_in_the_quadrants_mean_colours():
+    """Each quadrant's mean colour says where the shape is: held out, the position probe is right, and position is
+    the slot that explains most of those features' spread."""
+    probed = se.slot_probe(
+        lambda images: torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1), train_size=256, eval_size=128
+    )
+    assert set(probed) == set(SLOTS)
+    assert probed["position"]["accuracy"] >= 0.95
+    shares = {slot: result["variance_share"] for slot, result in probed.items()}
+    assert max(shares, key=shares.get) == "position" and 0 < shares["position"] < 1
+
+
 def test_scene_encoder_is_built_once_cached_and_loads_as_a_timm_encoder(tmp_path, monkeypatch):
     """A short build (3 steps) lands in the cache as a timm folder; the second call reuses it; both methods load it
     by name with `vision_pretrained=True` and see exactly the saved weights, and an adapter on it reloads."""

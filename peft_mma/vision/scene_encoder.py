@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,20 +194,43 @@ def class_token_features(model: nn.Module, images: torch.Tensor, batch_size: int
 def linear_probe(model: nn.Module, seed: int = 0, train_size: int = 2048, eval_size: int = 512) -> dict[str, float]:
     """Held-out accuracy of a linear classifier per caption slot on the frozen class token: fit on "train"-split
     scenes, scored on "eval"-split scenes (disjoint), both drawn with `seed` + 100 (not the pretraining stream)."""
+    probed = slot_probe(lambda images: class_token_features(model, images), seed, train_size, eval_size)
+    return {slot: result["accuracy"] for slot, result in probed.items()}
+
+
+def slot_probe(
+    features: Callable[[torch.Tensor], torch.Tensor], seed: int = 0, train_size: int = 2048, eval_size: int = 512
+) -> dict[str, dict[str, float]]:
+    """Per caption slot, how plainly `features` (images (N, 3, H, W) → (N, D)) carry it: `accuracy`, held-out, of a
+    linear classifier on the standardised features (fit on "train"-split scenes, scored on "eval"-split scenes, both
+    drawn with `seed` + 100); and `variance_share`, the share of the features' spread over the training scenes that
+    the slot's class means explain, Σ_c n_c ‖μ_c − μ‖² / Σ_i ‖x_i − μ‖² (the scenes with the slot), unstandardised:
+    how much of what a downstream layer first sees is that slot."""
     train = scene_dataset(train_size, seed=seed + 100, split="train", image_size=IMAGE_SIZE)
     held_out = scene_dataset(eval_size, seed=seed + 100, split="eval", image_size=IMAGE_SIZE)
-    x_train = class_token_features(model, torch.stack([s["image"] for s in train]))
-    x_eval = class_token_features(model, torch.stack([s["image"] for s in held_out]))
+    x_train = features(torch.stack([s["image"] for s in train])).flatten(1)
+    x_eval = features(torch.stack([s["image"] for s in held_out])).flatten(1)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
-    accuracy = {}
     targets_train, targets_eval = (_targets([s["scene"] for s in samples]) for samples in (train, held_out))
+    results = {}
     for slot, values in SLOTS.items():
         y_train, y_eval = targets_train[slot], targets_eval[slot]
         fit, score = y_train != IGNORE, y_eval != IGNORE
-        probe = _fit_probe(x_train[fit], y_train[fit], len(values))
-        accuracy[slot] = float((probe(x_eval[score]).argmax(-1) == y_eval[score]).float().mean())
-    return accuracy
+        probe = _fit_probe((x_train[fit] - mean) / std, y_train[fit], len(values))
+        hits = probe((x_eval[score] - mean) / std).argmax(-1) == y_eval[score]
+        results[slot] = {
+            "accuracy": float(hits.float().mean()),
+            "variance_share": variance_share(x_train[fit], y_train[fit]),
+        }
+    return results
+
+
+def variance_share(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Σ_c n_c ‖μ_c − μ‖² / Σ_i ‖x_i − μ‖² for features x (N, D) and classes y (N,): 1 when the class decides each
+    feature vector, 0 when the class means coincide."""
+    centred = x - x.mean(0)
+    between = sum(centred[y == c].mean(0).square().sum() * (y == c).sum() for c in y.unique())
+    return float(between / centred.square().sum())
 
 
 def _fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 100) -> nn.Linear:
