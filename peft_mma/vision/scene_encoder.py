@@ -211,13 +211,14 @@ def slot_probe(
     x_train = features(torch.stack([s["image"] for s in train])).flatten(1)
     x_eval = features(torch.stack([s["image"] for s in held_out])).flatten(1)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    z_train, z_eval = (x_train - mean) / std, (x_eval - mean) / std  # the probe's input; the share reads x
     targets_train, targets_eval = (_targets([s["scene"] for s in samples]) for samples in (train, held_out))
     results = {}
     for slot, values in SLOTS.items():
         y_train, y_eval = targets_train[slot], targets_eval[slot]
         fit, score = y_train != IGNORE, y_eval != IGNORE
-        probe = _fit_probe((x_train[fit] - mean) / std, y_train[fit], len(values))
-        hits = probe((x_eval[score] - mean) / std).argmax(-1) == y_eval[score]
+        probe = _fit_probe(z_train[fit], y_train[fit], len(values))
+        hits = probe(z_eval[score]).argmax(-1) == y_eval[score]
         results[slot] = {
             "accuracy": float(hits.float().mean()),
             "variance_share": variance_share(x_train[fit], y_train[fit]),
