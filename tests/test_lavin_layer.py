@@ -234,3 +234,45 @@ def test_routed_adapter_node_dispatches_few_ops(per_token):
     backward = top_level_ops(lambda: torch.autograd.grad(outputs["out"], [x, *params], grad))
     assert len(forward) <= (17 if per_token else 14), forward
     assert len(backward) <= (29 if per_token else 25), backward  # nothing for the 8 gradients' `detach`
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])
+def test_compiled_routed_adapter_keeps_its_index_tensors_as_constants(per_token):
+    """Under `torch.compile` the paths' index tensors are constants of the graph: neither graph rebuilds them on
+    every call (an `arange`, `full`, `index_put` … per adapter and step before), Dynamo warns of no `lru_cache`,
+    and values and gradients are the eager ones."""
+    import collections
+    import warnings
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    from peft_mma.lavin.function import RoutedAdapter
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    shapes = [(4, 8), (4,), (2, 4, 2), (8,), (2, 4, 2), (8,), (2, 8), (2,)]  # A, a, B, b, D, d, W_m, b_m
+    params = [torch.randn(shape, requires_grad=True) for shape in shapes]
+
+    def loss(x):
+        return RoutedAdapter.apply(x, *params, 10.0, 0.5, 0.0, per_token, None)[0].square().sum()
+
+    graphs = []
+
+    def keep(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(loss, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+        got = torch.autograd.grad(compiled(x), [x, *params])
+    torch._dynamo.reset()
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    assert len(graphs) == 2  # forward and backward
+    ops = collections.Counter(str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function")
+    built = {op for op in ops if op.split(".")[1:2] in (["arange"], ["full"], ["index_put"], ["zeros"])}
+    assert not built, ops
+    expected = torch.autograd.grad(loss(x), [x, *params])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)

@@ -52,12 +52,21 @@ def _layout(
     return gather.view(2, size).to(device), scatter.to(device), torch.zeros(1, device=device, dtype=dtype)
 
 
+@torch.compiler.assume_constant_result
+def _constant_layout(
+    groups: int, part: int, width: int, bias: bool, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_layout`, which `torch.compile` takes as a constant: the compiled graph holds the index tensors instead of
+    building them again on every call (and Dynamo does not trace through the `lru_cache`)."""
+    return _layout(groups, part, width, bias, device, dtype)
+
+
 def paths(up0_w, up0_b, up1_w, up1_b) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, scatter): P = (P_0, P_1) flattened, (2, (h + 1)·C), from B, b, D, d (b, d may be None: zero);
     `scatter` for `path_grads`."""
     groups, rows, part = up0_w.shape
     bias = up0_b is not None
-    gather, scatter, zero = _layout(groups, part, groups * rows, bias, up0_w.device, up0_w.dtype)
+    gather, scatter, zero = _constant_layout(groups, part, groups * rows, bias, up0_w.device, up0_w.dtype)
     src = [up0_w.flatten(), up1_w.flatten()] + ([up0_b, up1_b] if bias else []) + [zero]
     return torch.cat(src).take(gather), scatter
 
