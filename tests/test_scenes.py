@@ -150,6 +150,32 @@ def test_slot_probe_finds_position_in_the_quadrants_mean_colours():
     assert max(shares, key=shares.get) == "position" and 0 < shares["position"] < 1
 
 
+def test_pretraining_reads_the_class_token_and_the_mean_of_the_patch_tokens():
+    """The slot heads read two things after the final norm: the class token (LaVIN's reading) and the mean of the
+    patch tokens (what V2's bridge starts out reading); the loss is every slot's cross-entropy from both readings,
+    scenes without the slot left out."""
+    torch.manual_seed(0)
+    model = se._create(0)
+    images = torch.rand(3, 3, se.IMAGE_SIZE, se.IMAGE_SIZE)
+    read = se.readings(model, images)
+    tokens = model.forward_features(images)  # (3, 1 + 16, C)
+    assert set(read) == set(se.READINGS) == {"class", "patches"}
+    torch.testing.assert_close(read["class"], tokens[:, 0], atol=0, rtol=0)
+    torch.testing.assert_close(read["patches"], tokens[:, 1:].mean(1), atol=1e-6, rtol=0)
+    width = model.num_features
+    heads = torch.nn.ModuleDict(
+        {r: torch.nn.ModuleDict({s: torch.nn.Linear(width, len(v)) for s, v in SLOTS.items()}) for r in se.READINGS}
+    )
+    targets = {slot: torch.tensor([0, se.IGNORE, len(values) - 1]) for slot, values in SLOTS.items()}
+    kept = torch.tensor([0, 2])
+    expected = sum(
+        torch.nn.functional.cross_entropy(heads[r][slot](read[r])[kept], targets[slot][kept])
+        for slot in SLOTS
+        for r in ("class", "patches")
+    )
+    torch.testing.assert_close(se.slot_loss(read, heads, targets), expected)
+
+
 def test_scene_encoder_is_built_once_cached_and_loads_as_a_timm_encoder(tmp_path, monkeypatch):
     """A short build (3 steps) lands in the cache as a timm folder; the second call reuses it; both methods load it
     by name with `vision_pretrained=True` and see exactly the saved weights, and an adapter on it reloads."""

@@ -3,10 +3,17 @@
 Both papers read a pretrained CLIP encoder; with a randomly initialised one, what a method learns depends on the
 draw of the encoder (issue 13). CLIP learnt to see from images paired with their captions; this encoder learns the
 same way from `peft_mma.data.scenes`: every caption is a few slots (kind, shape, colour, size, position, count, the
-colours of the larger and smaller shape, the printed word), and the encoder's class token, through one linear head
-per slot, is trained to predict the words of each slot (a parallel captioner):
+colours of the larger and smaller shape, the printed word), and two readings of the encoder, through one linear
+head per slot each, are trained to predict the words of each slot (a parallel captioner):
 
-    loss = Σ_slot CE(W_slot · CLS(x), caption slot)        (slots that a scene lacks are left out)
+    loss = Σ_slot [ CE(W_slot · CLS(x), caption slot) + CE(M_slot · mean_i PATCH_i(x), caption slot) ]
+
+(slots that a scene lacks are left out; CLS and PATCH_i are the final-norm outputs at the class token and at patch
+i). The class token is what LaVIN reads (after every block); the patch tokens are what LLaMA-Adapter V2's bridge
+reads, and its queries start by attending about evenly to all of them. With the class-token heads alone (`VERSION`
+1) nothing trained the patch tokens, and their mean carried where the shape is at a quarter to a half of the class
+token's share of the spread (`benchmarks.visual_probe`); the mean-token heads make the tokens themselves carry the
+scene, as a CLIP trained on web data has them do.
 
 It never sees a question or an answer letter. The heads are thrown away; what is kept is a timm ViT (`ARCH` with
 `MODEL_ARGS`: 64 px images, 16 px patches, so 16 patch tokens and a class token, 4 blocks of width 128, 0.89M
@@ -43,7 +50,7 @@ from ..data.cache import cache_root, write_folder
 from ..data.scenes import KINDS, SLOTS, draw_scenes, scene_dataset
 from ..utils import warmup_cosine
 
-VERSION = 1
+VERSION = 2  # 2: slot heads on the mean of the patch tokens too
 ARCH = "vit_tiny_patch16_224"
 MODEL_ARGS = dict(img_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=4, num_classes=0)
 IMAGE_SIZE = 64
@@ -51,6 +58,7 @@ DEFAULT_STEPS = 4000
 BATCH_SIZE = 32
 LEARNING_RATE = 1e-3
 IGNORE = -100
+READINGS = ("class", "patches")  # what the slot heads read: the class token, the mean of the patch tokens
 
 
 def scene_encoder_dir(seed: int = 0, steps: int = DEFAULT_STEPS) -> Path:
@@ -110,7 +118,14 @@ def pretrain(
     model = _create(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        heads = nn.ModuleDict({slot: nn.Linear(model.num_features, len(values)) for slot, values in SLOTS.items()})
+        heads = nn.ModuleDict(
+            {
+                reading: nn.ModuleDict(
+                    {slot: nn.Linear(model.num_features, len(values)) for slot, values in SLOTS.items()}
+                )
+                for reading in READINGS
+            }
+        )
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.98), weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps))
@@ -122,9 +137,7 @@ def pretrain(
     for _ in range(steps):
         scenes = draw_scenes(rng, KINDS, batch_size, "train", IMAGE_SIZE)
         images = torch.stack([scene.draw(generator) for scene in scenes])
-        pooled = model.forward_head(model.forward_features(images), pre_logits=True)  # (B, C): the class token
-        targets = _targets(scenes)
-        loss = sum(F.cross_entropy(heads[slot](pooled), targets[slot], ignore_index=IGNORE) for slot in SLOTS)
+        loss = slot_loss(readings(model, images), heads, _targets(scenes))
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -146,6 +159,24 @@ def pretrain(
         "torch_threads": torch.get_num_threads(),
     }
     return model, report
+
+
+def readings(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the slot heads read, after the final norm: the class token and the mean of the patch tokens,
+    {"class": (B, C), "patches": (B, C)}."""
+    tokens = model.forward_features(images)  # (B, 1 + N, C)
+    return {
+        "class": model.forward_head(tokens, pre_logits=True),
+        "patches": tokens[:, model.num_prefix_tokens :].mean(1),
+    }
+
+
+def slot_loss(read: dict[str, torch.Tensor], heads: nn.ModuleDict, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_slot Σ_reading CE(head[reading][slot](read[reading]), targets[slot]), scenes without the slot left out."""
+    return sum(
+        sum(F.cross_entropy(heads[r][slot](read[r]), targets[slot], ignore_index=IGNORE) for r in READINGS)
+        for slot in SLOTS
+    )
 
 
 def _progress(total: int, description: str):
