@@ -29,7 +29,7 @@ from .common import share_weights_copy
 SOFT_TOKENS = 4
 VQA_METHODS = ("lavin", "v2", "lora_projector", "blind")
 TEXT_METHODS = ("v2_bias_scale", "v2", "lora_qv")
-ENCODERS = ("scenes", "random")
+ENCODERS = ("scenes", "scenes_patches", "random")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class Encoder:
 
 def encoder(name: str = "scenes", seed: int = 0) -> Encoder:
     """``"scenes"``: the scene encoder pretrained on captions (`peft_mma.vision.scene_encoder`, built on first use);
-    ``"random"``: the same architecture, randomly initialised. Both read 64 px images; LaVIN reads the class token
+    ``"scenes_patches"``: the same with slot heads on the mean of its patch tokens too (`patch_heads=True`);
+    ``"random"``: the same architecture, randomly initialised. All read 64 px images; LaVIN reads the class token
     after each of their 4 blocks.
 
     The random one uses `weight_init="jax"` (xavier linears, the original ViT's scheme) instead of timm's default
@@ -59,8 +60,9 @@ def encoder(name: str = "scenes", seed: int = 0) -> Encoder:
     """
     from peft_mma.vision.scene_encoder import ARCH, IMAGE_SIZE, MODEL_ARGS, scene_encoder
 
-    if name == "scenes":
-        return Encoder(name, scene_encoder(seed=seed, progress=True), True, IMAGE_SIZE, 1)
+    if name in ("scenes", "scenes_patches"):
+        folder = scene_encoder(seed=seed, progress=True, patch_heads=name == "scenes_patches")
+        return Encoder(name, folder, True, IMAGE_SIZE, 1)
     if name == "random":
         return Encoder(name, ARCH, False, IMAGE_SIZE, 1, {**MODEL_ARGS, "weight_init": "jax"})
     raise ValueError(f"Unknown encoder {name!r}; choose from {ENCODERS}.")

@@ -54,6 +54,7 @@ def feature_functions(base: torch.nn.Module, vision: Encoder, seed: int) -> dict
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="the scene encoder's and the adapters' seed")
+    parser.add_argument("--encoder", choices=("scenes", "scenes_patches"), default="scenes")
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument("--eval-size", type=int, default=512)
     parser.add_argument("--out", default=str(RESULTS_DIR / "visual_probe.json"))
@@ -65,11 +66,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base.requires_grad_(False)
     probes = {
         name: slot_probe(fn, args.seed, args.train_size, args.eval_size)
-        for name, fn in feature_functions(base, encoder("scenes", seed=args.seed), args.seed).items()
+        for name, fn in feature_functions(base, encoder(args.encoder, seed=args.seed), args.seed).items()
     }
     command = "python -m benchmarks.visual_probe " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"benchmark": "visual_probe", "command": command.strip(), "machine": machine_info("cpu")}
-    result |= {"seed": args.seed, "train_size": args.train_size, "eval_size": args.eval_size, "probes": probes}
+    result |= {"seed": args.seed, "encoder": args.encoder, "train_size": args.train_size, "eval_size": args.eval_size}
+    result["probes"] = probes
     write_json(result, args.out)
     slots = list(next(iter(probes.values())))
     print("accuracy / variance share | " + " | ".join(slots))

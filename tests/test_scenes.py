@@ -151,9 +151,9 @@ def test_slot_probe_finds_position_in_the_quadrants_mean_colours():
 
 
 def test_pretraining_reads_the_class_token_and_the_mean_of_the_patch_tokens():
-    """The slot heads read two things after the final norm: the class token (LaVIN's reading) and the mean of the
-    patch tokens (what V2's bridge starts out reading); the loss is every slot's cross-entropy from both readings,
-    scenes without the slot left out."""
+    """Slot heads can read two things after the final norm: the class token (LaVIN's reading) and the mean of the
+    patch tokens (what V2's bridge starts out reading); the loss is every slot's cross-entropy from each reading the
+    heads have, scenes without the slot left out."""
     torch.manual_seed(0)
     model = se._create(0)
     images = torch.rand(3, 3, se.IMAGE_SIZE, se.IMAGE_SIZE)
@@ -174,6 +174,13 @@ def test_pretraining_reads_the_class_token_and_the_mean_of_the_patch_tokens():
         for r in ("class", "patches")
     )
     torch.testing.assert_close(se.slot_loss(read, heads, targets), expected)
+    # the default encoder's heads read the class token alone; `patch_heads=True` is cached in a folder of its own
+    class_only = torch.nn.ModuleDict({"class": heads["class"]})
+    alone = sum(
+        torch.nn.functional.cross_entropy(heads["class"][s](read["class"])[kept], targets[s][kept]) for s in SLOTS
+    )
+    torch.testing.assert_close(se.slot_loss(read, class_only, targets), alone)
+    assert se.scene_encoder_dir(patch_heads=True).name == se.scene_encoder_dir().name.replace("-seed", "-patches-seed")
 
 
 def test_scene_encoder_is_built_once_cached_and_loads_as_a_timm_encoder(tmp_path, monkeypatch):

@@ -3,17 +3,18 @@
 Both papers read a pretrained CLIP encoder; with a randomly initialised one, what a method learns depends on the
 draw of the encoder (issue 13). CLIP learnt to see from images paired with their captions; this encoder learns the
 same way from `peft_mma.data.scenes`: every caption is a few slots (kind, shape, colour, size, position, count, the
-colours of the larger and smaller shape, the printed word), and two readings of the encoder, through one linear
-head per slot each, are trained to predict the words of each slot (a parallel captioner):
+colours of the larger and smaller shape, the printed word), and the encoder's class token, through one linear head
+per slot, is trained to predict the words of each slot (a parallel captioner):
 
-    loss = Σ_slot [ CE(W_slot · CLS(x), caption slot) + CE(M_slot · mean_i PATCH_i(x), caption slot) ]
+    loss = Σ_slot CE(W_slot · CLS(x), caption slot)        (slots that a scene lacks are left out)
 
-(slots that a scene lacks are left out; CLS and PATCH_i are the final-norm outputs at the class token and at patch
-i). The class token is what LaVIN reads (after every block); the patch tokens are what LLaMA-Adapter V2's bridge
-reads, and its queries start by attending about evenly to all of them. With the class-token heads alone (`VERSION`
-1) nothing trained the patch tokens, and their mean carried where the shape is at a quarter to a half of the class
-token's share of the spread (`benchmarks.visual_probe`); the mean-token heads make the tokens themselves carry the
-scene, as a CLIP trained on web data has them do.
+With `patch_heads=True` the mean of the patch tokens gets heads of its own, M_slot · mean_i PATCH_i(x), whose
+cross-entropies join the sum (CLS and PATCH_i: the final-norm outputs at the class token and at patch i). The class
+token is what LaVIN reads (after every block); the patch tokens are what LLaMA-Adapter V2's bridge reads, and its
+queries start by attending about evenly to all of them. With the class-token heads alone nothing trains the patch
+tokens, and their mean carries where the shape is at a quarter to a half of the class token's share of the spread
+(`benchmarks.visual_probe`); the mean-token heads make the tokens themselves carry the scene, as a CLIP trained on
+web data has them do, and V2 then learns where the shape is (README, "Teach SmolLM2 to see").
 
 It never sees a question or an answer letter. The heads are thrown away; what is kept is a timm ViT (`ARCH` with
 `MODEL_ARGS`: 64 px images, 16 px patches, so 16 patch tokens and a class token, 4 blocks of width 128, 0.89M
@@ -50,7 +51,7 @@ from ..data.cache import cache_root, write_folder
 from ..data.scenes import KINDS, SLOTS, draw_scenes, scene_dataset
 from ..utils import warmup_cosine
 
-VERSION = 2  # 2: slot heads on the mean of the patch tokens too
+VERSION = 1
 ARCH = "vit_tiny_patch16_224"
 MODEL_ARGS = dict(img_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=4, num_classes=0)
 IMAGE_SIZE = 64
@@ -58,21 +59,22 @@ DEFAULT_STEPS = 4000
 BATCH_SIZE = 32
 LEARNING_RATE = 1e-3
 IGNORE = -100
-READINGS = ("class", "patches")  # what the slot heads read: the class token, the mean of the patch tokens
+READINGS = ("class", "patches")  # what slot heads can read: the class token, the mean of the patch tokens
 
 
-def scene_encoder_dir(seed: int = 0, steps: int = DEFAULT_STEPS) -> Path:
-    return cache_root() / f"scene-vit-v{VERSION}-seed{seed}-steps{steps}"
+def scene_encoder_dir(seed: int = 0, steps: int = DEFAULT_STEPS, patch_heads: bool = False) -> Path:
+    patches = "-patches" if patch_heads else ""
+    return cache_root() / f"scene-vit-v{VERSION}{patches}-seed{seed}-steps{steps}"
 
 
-def scene_encoder(seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = False) -> str:
+def scene_encoder(seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = False, patch_heads: bool = False) -> str:
     """The timm name (``"local-dir:<folder>"``) of the scene encoder for `seed`, built on first use.
 
     Pass it as `vision_model` with `vision_pretrained=True` to `LaVINConfig` or `LlamaAdapterV2Config`.
     """
-    folder = scene_encoder_dir(seed, steps)
+    folder = scene_encoder_dir(seed, steps, patch_heads)
     if not (folder / "model.safetensors").exists():
-        build_scene_encoder(folder, seed=seed, steps=steps, progress=progress)
+        build_scene_encoder(folder, seed=seed, steps=steps, progress=progress, patch_heads=patch_heads)
     return f"local-dir:{folder}"
 
 
@@ -108,10 +110,15 @@ def _sincos_2d(side: int, width: int) -> torch.Tensor:
 
 
 def pretrain(
-    seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int | None = None, progress: bool = False
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    batch_size: int | None = None,
+    progress: bool = False,
+    patch_heads: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the encoder for `steps` steps of `batch_size` (default `BATCH_SIZE`) fresh "train"-split scenes;
-    returns (encoder, training report)."""
+    """Train the encoder for `steps` steps of `batch_size` (default `BATCH_SIZE`) fresh "train"-split scenes, its
+    class token read by slot heads (and the mean of its patch tokens too, with `patch_heads`); returns (encoder,
+    training report)."""
     batch_size = BATCH_SIZE if batch_size is None else batch_size
     if steps < 1 or batch_size < 1:
         raise ValueError(f"`steps` and `batch_size` must be >= 1, got {steps} and {batch_size}.")
@@ -123,7 +130,7 @@ def pretrain(
                 reading: nn.ModuleDict(
                     {slot: nn.Linear(model.num_features, len(values)) for slot, values in SLOTS.items()}
                 )
-                for reading in READINGS
+                for reading in READINGS[: 2 if patch_heads else 1]
             }
         )
     params = [*model.parameters(), *heads.parameters()]
@@ -153,6 +160,7 @@ def pretrain(
         "steps": steps,
         "batch_size": batch_size,
         "seed": seed,
+        "patch_heads": patch_heads,
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "train_wall_s": round(time.perf_counter() - started, 1),
         "train_cpu_s": round(time.process_time() - cpu_started, 1),
@@ -172,9 +180,10 @@ def readings(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def slot_loss(read: dict[str, torch.Tensor], heads: nn.ModuleDict, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Σ_slot Σ_reading CE(head[reading][slot](read[reading]), targets[slot]), scenes without the slot left out."""
+    """Σ_slot Σ_reading CE(heads[reading][slot](read[reading]), targets[slot]) over the readings `heads` has,
+    scenes without the slot left out."""
     return sum(
-        sum(F.cross_entropy(heads[r][slot](read[r]), targets[slot], ignore_index=IGNORE) for r in READINGS)
+        sum(F.cross_entropy(heads[r][slot](read[r]), targets[slot], ignore_index=IGNORE) for r in heads)
         for slot in SLOTS
     )
 
@@ -186,12 +195,12 @@ def _progress(total: int, description: str):
 
 
 def build_scene_encoder(
-    folder: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = False
+    folder: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = False, patch_heads: bool = False
 ) -> dict[str, Any]:
     """Pretrain, probe and save the encoder into `folder` (timm's `save_for_hf` layout plus `report.json`); the folder
     appears whole or not at all, so concurrent first uses are safe. Returns the report."""
     folder = Path(folder)
-    model, report = pretrain(seed=seed, steps=steps, progress=progress)
+    model, report = pretrain(seed=seed, steps=steps, progress=progress, patch_heads=patch_heads)
     report["linear_probe"] = linear_probe(model, seed=seed)
     model.pretrained_cfg = dict(
         model.pretrained_cfg,
@@ -282,15 +291,17 @@ def _fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 100)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m peft_mma.vision.scene_encoder [--seed N] [--steps N]``: build the encoder (or find it in the
-    cache) and print its folder and report: training time and the held-out linear-probe accuracy per slot."""
+    """``python -m peft_mma.vision.scene_encoder [--seed N] [--steps N] [--patch-heads]``: build the encoder (or
+    find it in the cache) and print its folder and report: training time and the held-out linear-probe accuracy per
+    slot."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--patch-heads", action="store_true", help="slot heads on the mean of the patch tokens too")
     args = parser.parse_args(argv)
-    name = scene_encoder(seed=args.seed, steps=args.steps, progress=True)
+    name = scene_encoder(seed=args.seed, steps=args.steps, progress=True, patch_heads=args.patch_heads)
     report = json.loads((Path(name.removeprefix("local-dir:")) / "report.json").read_text())
     print(name)
     print(json.dumps(report, indent=2))
