@@ -71,6 +71,8 @@ def scene_encoder(seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = Fa
     """The timm name (``"local-dir:<folder>"``) of the scene encoder for `seed`, built on first use.
 
     Pass it as `vision_model` with `vision_pretrained=True` to `LaVINConfig` or `LlamaAdapterV2Config`.
+    `patch_heads=True`: slot heads on the mean of the patch tokens too, so that the tokens LLaMA-Adapter V2's bridge
+    reads carry the scene (a folder of its own).
     """
     folder = scene_encoder_dir(seed, steps, patch_heads)
     if not (folder / "model.safetensors").exists():
