@@ -16,13 +16,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .common import RESULTS_DIR, load_average, machine_info, median, timed, write_json
 from .models import MODELS, PRESETS, build_base
-from .speed import DTYPES, add_compile_arguments, build_variants, check_compile_arguments, compile_options, make_inputs
+from .speed import (
+    DTYPES,
+    adamw_kwargs,
+    add_adamw_argument,
+    add_compile_arguments,
+    build_variants,
+    check_compile_arguments,
+    compile_options,
+    make_inputs,
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -33,19 +43,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["plain", "v2"])
     parser.add_argument("--kind", choices=("train", "generate"), default="train")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--sort", default="self_cpu_time_total")
+    parser.add_argument("--sort", default="self_cpu_time_total", help="table order (self_device_time_total: kernels)")
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--tag", default="", help="suffix of the output file names (e.g. before/after a fix)")
-    parser.add_argument(
-        "--adamw",
-        choices=("default", "foreach", "fused"),
-        default="default",
-        help="AdamW implementation: torch's default for the device (foreach on CUDA, a per-tensor loop on the "
-        "CPU), or forced; `foreach` on the CPU dispatches what the CUDA default does",
-    )
+    add_adamw_argument(parser)
     add_compile_arguments(parser, "the profiled train step")
     parser.add_argument("--no-tables", action="store_true", help="write only the summary JSON")
-    parser.add_argument("--out", default=None, help="summary JSON (default: results/profile_<kind>[_<tag>].json)")
+    parser.add_argument(
+        "--out", default=None, help="summary JSON, the tables beside it (default: results/profile_<kind>[_<tag>].json)"
+    )
     args = parser.parse_args(argv)
     check_compile_arguments(parser, args)
     if args.compile and args.kind != "train":
@@ -61,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     preset = PRESETS[args.preset]
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
-    adamw = {} if args.adamw == "default" else {args.adamw: True}
+    adamw = adamw_kwargs(args.adamw)
     variants = build_variants(
         args.models, base, preset, inputs, [args.kind], adamw, args.compile, compile_options(args)
     )
@@ -83,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{key}: {summary[key]}")
         if not args.no_tables:
             table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=60)
-            path = RESULTS_DIR / f"profile_{args.kind}_{key}{suffix}.txt"
+            path = (Path(args.out).parent if args.out else RESULTS_DIR) / f"profile_{args.kind}_{key}{suffix}.txt"
             header = f"# {args.kind} {key} preset={preset.name} {machine_info(device)} load_after={load_average()}\n"
             path.write_text(header + table + "\n")
     out = {"command": "python -m benchmarks.profile " + " ".join(argv or sys.argv[1:]), "preset": preset.name}
@@ -99,13 +105,20 @@ def dispatch_counts(prof) -> dict[str, float | int]:
     events = prof.events()
     aten = [e for e in events if e.name.startswith("aten::")]
     ops = sum(1 for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = kernel_events(events)
     return {
         "aten_ops": ops,
         "aten_calls": len(aten),
         "kernels": len(kernels),
         "kernel_s": sum(e.device_time for e in kernels) / 1e6,
     }
+
+
+def kernel_events(events) -> list:
+    """The device's kernels and copies among a profile's events: not the ranges of user annotations
+    (`Optimizer.step#AdamW.step`), which span every kernel launched inside them and the gaps between."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return [e for e in events if e.device_type == cuda and not getattr(e, "is_user_annotation", False)]
 
 
 if __name__ == "__main__":

@@ -329,16 +329,17 @@ def main() -> str:
             )
             if "projection" in result:
                 parts.append(f"### LaVIN-7B ScienceQA projection: `{name}`\n\n" + projection_table(result))
-        compiled_name = name.replace(".json", "_compiled.json")
-        compiled = _load(compiled_name)
-        if compiled and "train" in compiled:
-            parts.append(f"### Eager and compiled training: `{compiled_name}`\n\n" + compiled_table(compiled, result))
-        graphs_name = name.replace(".json", "_compiled_cudagraphs.json")
-        graphs = _load(graphs_name)
-        if graphs and "train" in graphs:
-            parts.append(
-                f"### Compiled training with CUDA graphs: `{graphs_name}`\n\n" + compiled_table(graphs, result)
-            )
+        for suffix in ("", "_fused"):  # torch's default AdamW (foreach on CUDA), the HF Trainer's fused one
+            compiled_name = name.replace(".json", f"_compiled{suffix}.json")
+            compiled = _load(compiled_name)
+            if compiled and "train" in compiled:
+                title = f"### Eager and compiled training: `{compiled_name}`\n\n"
+                parts.append(title + compiled_table(compiled, result))
+            graphs_name = name.replace(".json", f"_compiled_cudagraphs{suffix}.json")
+            graphs = _load(graphs_name)
+            if graphs and "train" in graphs:
+                title = f"### Compiled training with CUDA graphs: `{graphs_name}`\n\n"
+                parts.append(title + compiled_table(graphs, result))
     recipe = _load("recipe_7b_cuda_compiled.json")
     if recipe:
         parts.append(

@@ -1,5 +1,5 @@
-"""Checks shared by both methods (which base models are supported, how their decoder is laid out), and the
-learning-rate schedule of the package's own training loops."""
+"""Checks shared by both methods (which base models are supported, how their decoder is laid out), the dtype cast
+their autograd nodes share, and the learning-rate schedule of the package's own training loops."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import torch
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def cast_to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`t` in `dtype`: itself (no op dispatched) when it already is, or None."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def check_supported_model(model: nn.Module) -> None:

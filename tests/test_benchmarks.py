@@ -267,6 +267,38 @@ def test_profile_counts_dispatched_ops(tmp_path, monkeypatch):
     assert counts["foreach"]["v2"] < counts["default"]["v2"]  # V2 steps ~90 tensors here
 
 
+def test_nodes_compare_each_adapter_node_with_the_frozen_op_it_adapts(tmp_path):
+    """`benchmarks.nodes` times like against like: at init every adapted node computes its frozen counterpart's
+    output (scale 1, bias 0, tuned norm weight 1), LaVIN's adapter as before (float32, rows h + 1) and now agree
+    to float32 precision, and the JSON carries every case's times and each method's cost per train step."""
+    from benchmarks import nodes
+    from peft_mma.lavin import function
+
+    cases = nodes.cases("tiny", torch.device("cpu"), torch.float32)
+    by_name = {case.name: case for case in cases}
+    for case in cases:
+        if case.frozen is not None:
+            torch.testing.assert_close(case.adapted(*case.inputs), case.frozen(*case.inputs), atol=1e-6, rtol=1e-6)
+    lavin, before = by_name["lavin_adapter"], by_name["lavin_adapter_before"]
+    torch.manual_seed(0)
+    now = lavin.adapted(*lavin.inputs)
+    function.ROW_MULTIPLE, multiple = 1, function.ROW_MULTIPLE
+    try:
+        torch.manual_seed(0)  # the same dropout mask
+        then = before.adapted(*before.inputs)
+    finally:
+        function.ROW_MULTIPLE = multiple
+    torch.testing.assert_close(now, then, atol=1e-6, rtol=1e-6)
+
+    out = tmp_path / "nodes.json"
+    nodes.main(["--preset", "tiny", "--reps", "2", "--no-compile", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["cases"]) == set(by_name) and result["command"].startswith("python -m benchmarks.nodes")
+    for row in result["cases"].values():
+        assert row["eager"]["adapted_s"] > 0 and row["per_step"] > 0 and "compiled" not in row
+    assert set(result["added_per_step_s"]) == {"v2", "lavin", "lavin_before"}
+
+
 def test_7b_layout_has_the_7b_layers_heads_and_vocabulary():
     layout, full = PRESETS["7b_layout"].llama, PRESETS["7b"].llama
     for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):

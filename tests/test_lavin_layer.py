@@ -192,23 +192,63 @@ def test_routed_adapter_node_has_the_gradients_of_its_formula(per_token, routed,
         torch.testing.assert_close(adapter(*inputs), expected, atol=1e-12, rtol=0)
 
 
-def test_routed_adapter_packs_and_unpacks_its_paths():
-    """`paths` writes B, b, D, d as the two (h + 1, C) matrices [B_denseᵀ; bᵀ], [D_denseᵀ; dᵀ]; `path_grads` reads
-    the parameters' entries back (g = 4 groups of 3 × 2 blocks, C = 12, h = 8)."""
-    from peft_mma.lavin.function import path_grads, paths
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])
+def test_routed_adapter_computes_in_the_activations_dtype(per_token):
+    """bfloat16 activations and float32 parameters (PEFT's default): the output is bfloat16, every tensor of the
+    activations' size that the node keeps for backward is bfloat16 (no float32 round trip), the parameters'
+    gradients are float32, and values and gradients are those of the node in float64 with the parameters rounded to
+    bfloat16, to bfloat16's precision."""
+    from peft_mma.lavin.function import RoutedAdapter
 
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(8, 64), (8,), (2, 32, 4), (64,), (2, 32, 4), (64,), (2, 64), (2,)]  # A, a, B, b, D, d, W_m, b_m
+    params = [(torch.randn(shape, generator=generator) * 0.3).requires_grad_() for shape in shapes]
+    x = torch.randn(2, 24, 64, generator=generator).bfloat16().requires_grad_()
+    grad = torch.randn(2, 24, 64, generator=generator).bfloat16()
+    kept = []
+
+    def keep(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = RoutedAdapter.apply(x, *params, 10.0, 0.5, 0.0, per_token, None)[0]
+    out.backward(grad)
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in kept if t.numel() >= x.numel())
+    assert all(p.grad.dtype == torch.float32 for p in params)
+
+    x64 = x.detach().double().requires_grad_()
+    params64 = [p.detach().bfloat16().double().requires_grad_() for p in params]
+    out64 = RoutedAdapter.apply(x64, *params64, 10.0, 0.5, 0.0, per_token, None)[0]
+    out64.backward(grad.double())
+    torch.testing.assert_close(out.double(), out64, atol=0.05, rtol=0.02)
+    for got, want in zip([x.grad, *[p.grad for p in params]], [x64.grad, *[p.grad for p in params64]]):
+        torch.testing.assert_close(got.double(), want, atol=0.05 * want.abs().max().item(), rtol=0.02)
+
+
+def test_routed_adapter_packs_and_unpacks_its_paths():
+    """`paths` writes B, b, D, d as the two (r, C) matrices [B_denseᵀ; bᵀ; 0], [D_denseᵀ; dᵀ; 0] with r = 16, h + 1
+    rounded up to a multiple of 8; `path_grads` reads the parameters' entries back (g = 4 groups of 3 × 2 blocks,
+    C = 12, h = 8)."""
+    from peft_mma.lavin.function import path_grads, path_rows, paths, with_ones
+
+    assert [path_rows(h) for h in (1, 7, 8, 15, 16)] == [8, 8, 16, 16, 24]
+    z = torch.randn(3, 8)
+    assert torch.equal(with_ones(z), torch.cat([z, torch.ones(3, 8)], 1))
     up0_w, up0_b, up1_w, up1_b = torch.randn(4, 3, 2), torch.randn(12), torch.randn(4, 3, 2), torch.randn(12)
     packed, scatter = paths(up0_w, up0_b, up1_w, up1_b)
-    assert packed.shape == (2, 9 * 12)
-    for got, (weight, bias) in zip(packed.view(2, 9, 12), [(up0_w, up0_b), (up1_w, up1_b)]):
-        torch.testing.assert_close(got, torch.cat([dense_up(weight).T, bias[None]]), atol=0, rtol=0)
+    assert packed.shape == (2, 16 * 12)
+    zeros = torch.zeros(7, 12)
+    for got, (weight, bias) in zip(packed.view(2, 16, 12), [(up0_w, up0_b), (up1_w, up1_b)]):
+        torch.testing.assert_close(got, torch.cat([dense_up(weight).T, bias[None], zeros]), atol=0, rtol=0)
     back = path_grads(packed, scatter, up0_w.shape)
     for got, want in zip(back, (up0_w, up0_b, up1_w, up1_b)):
         assert torch.equal(got, want)
-    # without biases (`adapter_bias=False`) P's last row is zero and the biases get no gradient
+    # without biases (`adapter_bias=False`) P's row h is zero too and the biases get no gradient
     packed, scatter = paths(up0_w, None, up1_w, None)
-    for got, weight in zip(packed.view(2, 9, 12), (up0_w, up1_w)):
-        torch.testing.assert_close(got, torch.cat([dense_up(weight).T, torch.zeros(1, 12)]), atol=0, rtol=0)
+    for got, weight in zip(packed.view(2, 16, 12), (up0_w, up1_w)):
+        torch.testing.assert_close(got, torch.cat([dense_up(weight).T, torch.zeros(8, 12)]), atol=0, rtol=0)
     g_up0, g_b0, g_up1, g_b1 = path_grads(packed, scatter, up0_w.shape)
     assert torch.equal(g_up0, up0_w) and torch.equal(g_up1, up1_w) and g_b0 is None and g_b1 is None
 

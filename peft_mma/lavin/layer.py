@@ -13,7 +13,8 @@ from torch import nn
 
 from ..attention import STATE_KWARG
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
-from .function import RoutedAdapter, mixed_per_sample, paths
+from ..utils import cast_to
+from .function import RoutedAdapter, mixed_per_sample, paths, with_ones
 from .inputs import LaVINCall
 
 
@@ -113,7 +114,7 @@ class LaVINLayer(MMATunerLayer):
             nn.init.normal_(self.mma_lavin_router[adapter_name].weight, std=1.0)
 
     def adapted(self, name: str, x: torch.Tensor, call: LaVINCall | None = None) -> torch.Tensor:
-        """out(x) of adapter `name` (the equation above), x: (B, T, C) in the adapter dtype.
+        """out(x) of adapter `name` (the equation above), x: (B, T, C), computed in x's dtype.
 
         Encoder adapters (routing "token") route every token from itself. Decoder adapters route each sample from
         its modality token, x[:, 0], and record the weights in `call`; on a decoding step (the call's input no
@@ -151,17 +152,19 @@ class LaVINLayer(MMATunerLayer):
     ) -> torch.Tensor:
         """out(x) on a decoding step (no gradients, no dropout), equal to `RoutedAdapter`'s forward with `given`:
 
-            out = x + z̄ U_b,    z̄ = [A x + a, 1],    U_b = s·(w0·P_0 + w1·P_1)    (B, h + 1, C)
+            out = x + z̄ U_b,    z̄ = [A x + a, 1, …, 1],    U_b = s·(w0·P_0 + w1·P_1)    (B, r, C)
 
         U_b is fixed for the whole `generate` call, so it is mixed at the first step and kept in the call
-        (`LaVINCall.mixed`); every later step costs one Linear, the column of ones and one batched matmul."""
+        (`LaVINCall.mixed`); every later step costs one Linear, the columns of ones and one batched matmul."""
         mixed = call.mixed.get(key)
         if mixed is None:
             up0, up1 = self.mma_lavin_up0[name], self.mma_lavin_up1[name]
-            packed, _ = paths(up0.weight, up0.bias, up1.weight, up1.bias)  # (2, (h + 1)·C), in x's dtype
-            mixed = call.mixed[key] = mixed_per_sample(given.to(x.dtype) * self.scale[name], packed, x.shape[-1])
+            packed, _ = paths(up0.weight, up0.bias, up1.weight, up1.bias)  # (2, r·C)
+            ws = cast_to(given, x.dtype) * self.scale[name]
+            mixed = call.mixed[key] = mixed_per_sample(ws, cast_to(packed, x.dtype), x.shape[-1])
         down = self.mma_lavin_down[name]
-        return torch.baddbmm(x, F.pad(F.linear(x, down.weight, down.bias), (0, 1), value=1.0), mixed)
+        z = F.linear(x, cast_to(down.weight, x.dtype), cast_to(down.bias, x.dtype))
+        return torch.baddbmm(x, with_ones(z), mixed)
 
     def fold(self, name: str, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, V, c) in float64 with out(x) = (I + U V) x + c for fixed routing weights (2,), dropout off.
@@ -215,9 +218,8 @@ class MMAdapter(nn.Module, LaVINLayer):
         x = hidden_states
         for name in self.active_adapters:
             if name in self.mma_lavin_down:
-                dtype = self.mma_lavin_down[name].weight.dtype
-                x = self.adapted(name, x if x.dtype == dtype else x.to(dtype), call)
-        return self.base_layer(x if x.dtype == hidden_states.dtype else x.to(hidden_states.dtype), *args, **kwargs)
+                x = self.adapted(name, x, call)  # in x's dtype, whatever the adapter's (`RoutedAdapter`)
+        return self.base_layer(x, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the adapter into the Linears that read its output, for the routing weights in `merge_routing`.

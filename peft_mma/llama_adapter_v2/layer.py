@@ -18,8 +18,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..attention import gated_prompt_key_value, prompt_attention
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
+from ..utils import cast_to as _cast
 from .config import LlamaAdapterV2Config
-from .function import OutputScale, ScaledLinear, TunedRMSNorm, _cast
+from .function import OutputScale, ScaledLinear, TunedRMSNorm
 
 PREFIX = "mma_adapter_v2_"
 _LLAMA_RMS_NORM = LlamaRMSNorm.forward  # the computation `Norm` reproduces with the tuned weight
