@@ -17,7 +17,8 @@
 #   OUT=/tmp/gpu PRESET=tiny DEVICE=cpu bash benchmarks/gpu.sh    # the same commands on a tiny model, on the CPU
 #
 # Results of 2026-12-04 (H200, commit 0a09b4c: compiled, recipe, eager, tests; then graphs for plain, V2 and LaVIN
-# text): benchmarks/README.md, "After the op diet".
+# text): benchmarks/README.md, "After the op diet"; later that day (b655ed7: nodes, graphs, compiled and profile):
+# "Where the adapters' time goes".
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 PRESET=${PRESET:-7b}
