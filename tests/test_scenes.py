@@ -183,6 +183,31 @@ def test_pretraining_reads_the_class_token_and_the_mean_of_the_patch_tokens():
     assert se.scene_encoder_dir(patch_heads=True).name == se.scene_encoder_dir().name.replace("-seed", "-patches-seed")
 
 
+def test_scene_encoder_builds_on_its_own_thread_count_and_gives_the_callers_back(tmp_path, monkeypatch):
+    """Pretraining and the probe run on `BUILD_THREADS` torch threads whatever the caller set (the weights depend on
+    the thread count, and the folder's name promises one encoder), and the caller's count is restored, also when
+    the build fails."""
+    seen = []
+
+    def pretrain(**kwargs):
+        seen.append(torch.get_num_threads())
+        return se._create(0), {}
+
+    monkeypatch.setattr(se, "pretrain", pretrain)
+    monkeypatch.setattr(se, "linear_probe", lambda model, seed=0: seen.append(torch.get_num_threads()) or {})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(se.BUILD_THREADS + 1)
+    try:
+        se.build_scene_encoder(tmp_path / "encoder", steps=1)
+        assert seen == [se.BUILD_THREADS] * 2 and torch.get_num_threads() == se.BUILD_THREADS + 1
+        monkeypatch.setattr(se, "linear_probe", lambda model, seed=0: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            se.build_scene_encoder(tmp_path / "failed", steps=1)
+        assert torch.get_num_threads() == se.BUILD_THREADS + 1 and not (tmp_path / "failed").exists()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_scene_encoder_is_built_once_cached_and_loads_as_a_timm_encoder(tmp_path, monkeypatch):
     """A short build (3 steps) lands in the cache as a timm folder; the second call reuses it; both methods load it
     by name with `vision_pretrained=True` and see exactly the saved weights, and an adapter on it reloads."""

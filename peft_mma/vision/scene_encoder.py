@@ -29,8 +29,11 @@ went from 0.71 to 0.98), and the patches' position embedding starts as fixed 2-D
 the probe's position accuracy was 0.53-0.96 over four runs without it, 1.0 with it).
 
 The folder is keyed by `VERSION` (bumped whenever the scenes or the recipe change), the seed and the step count;
-`build_scene_encoder` writes it once and `scene_encoder` reuses it after. ``python -m peft_mma.vision.scene_encoder``
-builds it and prints the report.
+`build_scene_encoder` writes it once and `scene_encoder` reuses it after. Every build runs on `BUILD_THREADS` torch
+threads, whatever the caller's: the CPU's reductions, and so the weights, depend on the thread count (seed 0 built
+with one thread and with two differs by up to 0.18 in a weight), and a folder's name promises one encoder per seed
+and step count. Version 3 is the first so pinned (2 was briefly the patch-head default, at a5734ff).
+``python -m peft_mma.vision.scene_encoder`` builds it and prints the report.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ from ..data.cache import cache_root, write_folder
 from ..data.scenes import KINDS, SLOTS, draw_scenes, scene_dataset
 from ..utils import warmup_cosine
 
-VERSION = 1
+VERSION = 3
+BUILD_THREADS = 1
 ARCH = "vit_tiny_patch16_224"
 MODEL_ARGS = dict(img_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=4, num_classes=0)
 IMAGE_SIZE = 64
@@ -202,8 +206,13 @@ def build_scene_encoder(
     """Pretrain, probe and save the encoder into `folder` (timm's `save_for_hf` layout plus `report.json`); the folder
     appears whole or not at all, so concurrent first uses are safe. Returns the report."""
     folder = Path(folder)
-    model, report = pretrain(seed=seed, steps=steps, progress=progress, patch_heads=patch_heads)
-    report["linear_probe"] = linear_probe(model, seed=seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)  # the same weights on every machine (module docstring)
+    try:
+        model, report = pretrain(seed=seed, steps=steps, progress=progress, patch_heads=patch_heads)
+        report["linear_probe"] = linear_probe(model, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
     model.pretrained_cfg = dict(
         model.pretrained_cfg,
         input_size=(3, IMAGE_SIZE, IMAGE_SIZE),
