@@ -65,7 +65,7 @@ def _layout(
     group, row, k = torch.meshgrid(torch.arange(groups), torch.arange(block), torch.arange(part), indexing="ij")
     weight_at = (group * part + k) * width + group * block + row  # W[g, j, k] sits at P[g·part + k, g·C/g + j]
     size = rows * width
-    bias_at = hidden * width + torch.arange(width)  # b sits in P's last row
+    bias_at = hidden * width + torch.arange(width)  # b sits in P's row h
     parts = [weight_at.flatten(), size + weight_at.flatten()] + ([bias_at, size + bias_at] if bias else [])
     scatter = torch.cat(parts)
     gather = torch.full((2 * size,), len(scatter), dtype=torch.long)
