@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from peft_mma.attention import gated_prompt_key_value, prompt_attention
 from peft_mma.lavin import function as lavin_function
@@ -67,11 +68,7 @@ def cases(preset_name: str, device: torch.device, dtype: torch.dtype) -> list[Ca
         return Case(name, "v2", per_step, [x, bias, scale], lambda x, b, s: ScaledLinear.apply(x, weight, b, s, True),
                     lambda x, b, s: torch.nn.functional.linear(x, weight))  # fmt: skip
 
-    def frozen_norm(x, weight, eps=1e-6):  # LlamaRMSNorm's computation
-        h = x.float()
-        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-    norm_weight = torch.ones(width, device=device, dtype=dtype)
+    frozen_norm = LlamaRMSNorm(width, eps=1e-6).to(device, dtype).requires_grad_(False)  # the frozen model's norm
     key, value, gate = rand(1, heads, prompt, head_dim), rand(1, heads, prompt, head_dim), rand(heads, act=False)
 
     def gated_prompt(q, o, k, v, g):
@@ -102,7 +99,7 @@ def cases(preset_name: str, device: torch.device, dtype: torch.dtype) -> list[Ca
             2 * layers + 1,
             [x, rand(width, act=False, std=0.0, mean=1.0)],
             lambda x, w: TunedRMSNorm.apply(x, w, 1e-6),
-            lambda x, w: frozen_norm(x, norm_weight),
+            lambda x, w: frozen_norm(x),
         ),  # fmt: skip
         Case(
             "v2_prompt",

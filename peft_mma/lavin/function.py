@@ -190,8 +190,8 @@ class RoutedAdapter(torch.autograd.Function):
                 g_x.select(1, 0).addmm_(g_r, router_w)  # the modality token feeds the router
                 g_router_w, g_router_b = g_r.T @ t, g_r.sum(0)
         g_down_w, g_down_b = torch.tensordot(g_z, x, ([0, 1], [0, 1])), g_z.sum((0, 1))  # Σ over (B, T)
-        g_up0, g_b0, g_up1, g_b1 = path_grads(cast_to(g_packed, ctx.dtypes[2]), scatter, ctx.up_shape)
-        down_dtype, down_b_dtype, _, up_b_dtype, router_dtype, router_b_dtype = ctx.dtypes
+        down_dtype, down_b_dtype, up_dtype, up_b_dtype, router_dtype, router_b_dtype = ctx.dtypes
+        g_up0, g_b0, g_up1, g_b1 = path_grads(cast_to(g_packed, up_dtype), scatter, ctx.up_shape)
         return (g_x, cast_to(g_down_w, down_dtype), cast_to(g_down_b, down_b_dtype), g_up0, cast_to(g_b0, up_b_dtype),
                 g_up1, cast_to(g_b1, up_b_dtype), cast_to(g_router_w, router_dtype),
                 cast_to(g_router_b, router_b_dtype), None, None, None, None, None)  # fmt: skip
