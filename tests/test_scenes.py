@@ -183,6 +183,75 @@ def test_pretraining_reads_the_class_token_and_the_mean_of_the_patch_tokens():
     assert se.scene_encoder_dir(patch_heads=True).name == se.scene_encoder_dir().name.replace("-seed", "-patches-seed")
 
 
+def test_a_steps_shards_add_up_to_its_batch():
+    """The shards' losses, each over the whole batch's count of scenes with the slot, sum to the batch's loss, and
+    their gradients to its gradients; a slot that no scene has adds nothing (no NaN)."""
+    torch.manual_seed(0)
+    model = se._create(0)
+    heads = torch.nn.ModuleDict(
+        {"class": torch.nn.ModuleDict({s: torch.nn.Linear(128, len(v)) for s, v in SLOTS.items()})}
+    )
+    params = [*model.parameters(), *heads.parameters()]
+    scenes = scene_dataset(6, seed=0)
+    images, targets = torch.stack([s["image"] for s in scenes]), se._targets([s["scene"] for s in scenes])
+    targets["word"] = torch.full((6,), se.IGNORE)  # nobody has it here
+    counts = {slot: int((t != se.IGNORE).sum()) for slot, t in targets.items()}
+    assert counts["word"] == 0 and 0 < counts["count"] < 6  # some slots on only some scenes
+    whole = se.slot_loss(se.readings(model, images), heads, targets)
+    assert torch.isfinite(whole)
+    grads = torch.autograd.grad(whole, params)
+    parts = [
+        se._shard_gradients(
+            model, heads, params, images[i : i + 3], {k: t[i : i + 3] for k, t in targets.items()}, counts
+        )
+        for i in (0, 3)
+    ]
+    assert sum(loss for loss, _ in parts) == pytest.approx(float(whole), rel=1e-6)
+    for g, a, b in zip(grads, parts[0][1], parts[1][1]):
+        torch.testing.assert_close(a + b, g, atol=1e-6, rtol=1e-5)
+
+
+def test_sharded_pretraining_is_the_same_on_threads_as_one_after_the_other(monkeypatch):
+    """The shards run at once on threads of a pool, each on `BUILD_THREADS` torch threads; the result is bitwise
+    that of running them in turn on the caller's thread, so the weights do not depend on how many cores there are."""
+    import threading
+
+    shard_gradients, seen = se._shard_gradients, []
+
+    def recording(*args, **kwargs):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return shard_gradients(*args, **kwargs)
+
+    class InTurn:
+        def __init__(self, max_workers):
+            assert max_workers == se.SHARDS
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, *iterables):
+            return [fn(*items) for items in zip(*iterables)]
+
+    monkeypatch.setattr(se, "_shard_gradients", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(se.BUILD_THREADS)
+    try:
+        on_threads, report = se.pretrain(seed=2, steps=3, batch_size=8)
+        assert len(seen) == 3 * se.SHARDS and threading.get_ident() not in {ident for ident, _ in seen}
+        assert {count for _, count in seen} == {se.BUILD_THREADS}
+        monkeypatch.setattr(se, "ThreadPoolExecutor", InTurn)
+        in_turn, _ = se.pretrain(seed=2, steps=3, batch_size=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["shards"] == se.SHARDS == 2 and {ident for ident, _ in seen[6:]} == {threading.get_ident()}
+    for (name, a), b in zip(on_threads.state_dict().items(), in_turn.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(on_threads.pos_embed, se._create(2).pos_embed)
+
+
 def test_scene_encoder_builds_on_its_own_thread_count_and_gives_the_callers_back(tmp_path, monkeypatch):
     """Pretraining and the probe run on `BUILD_THREADS` torch threads whatever the caller set (the weights depend on
     the thread count, and the folder's name promises one encoder), and the caller's count is restored, also when

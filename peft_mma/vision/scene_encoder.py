@@ -22,26 +22,33 @@ parameters) saved with timm's `save_for_hf` into the user cache, so that `vision
 ``local-dir:`` name) with `vision_pretrained=True` loads it in both methods like any other timm encoder. Its pixel
 values are the scene tensors as they are, in [0, 1] (mean 0, std 1 in its data config).
 
-Recipe (measured on a 2-core Xeon, one thread, `report.json` of each build): AdamW lr 1e-3, 4,000 steps of 32 fresh
-scenes, about 4.7 minutes. Many small steps beat fewer large ones at equal compute (1,200 × 32 reached a lower loss
-than 300 × 128), 16 px patches beat 8 px ones (4× cheaper steps, so 4× the steps: the probe's shape accuracy
-went from 0.71 to 0.98), and the patches' position embedding starts as fixed 2-D sin-cos values (at 8 px patches
-the probe's position accuracy was 0.53-0.96 over four runs without it, 1.0 with it).
+Recipe (`report.json` of each build): AdamW lr 1e-3, 4,000 steps of 32 fresh scenes, 183 s on a 2-core AMD EPYC
+(sharded, below; 281-334 s unsharded on one thread). Many small steps beat fewer large ones at equal compute (1,200 ×
+32 reached a lower loss than 300 × 128), 16 px patches beat 8 px ones (4× cheaper steps, so 4× the steps: the probe's
+shape accuracy went from 0.71 to 0.98), and the patches' position embedding starts as fixed 2-D sin-cos values (at
+8 px patches the probe's position accuracy was 0.53-0.96 over four runs without it, 1.0 with it).
+
+Each step's batch is cut into `SHARDS` equal shards whose gradients are computed at once, each on a Python thread of
+its own running `BUILD_THREADS` torch thread, and summed in a fixed order: a 2-core machine does a step in 46 ms
+instead of 70-84, and the weights do not depend on how many cores there are (a rebuild was bitwise the first). On
+torch's own threads they would: the CPU's reductions, and so the weights, depend on the thread count (seed 0 built
+with one torch thread and with two differs by up to 0.18 in a weight), and a folder's name promises one encoder per
+seed and step count.
 
 The folder is keyed by `VERSION` (bumped whenever the scenes or the recipe change), the seed and the step count;
-`build_scene_encoder` writes it once and `scene_encoder` reuses it after. Every build runs on `BUILD_THREADS` torch
-threads, whatever the caller's: the CPU's reductions, and so the weights, depend on the thread count (seed 0 built
-with one thread and with two differs by up to 0.18 in a weight), and a folder's name promises one encoder per seed
-and step count. Version 3 is the first so pinned (2 was briefly the patch-head default, at a5734ff).
+`build_scene_encoder` writes it once and `scene_encoder` reuses it after. Version 3 was the first built on a pinned
+thread count (one thread, unsharded; 2 was briefly the patch-head default, at a5734ff), version 4 the first sharded.
 ``python -m peft_mma.vision.scene_encoder`` builds it and prints the report.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +61,9 @@ from ..data.cache import cache_root, write_folder
 from ..data.scenes import KINDS, SLOTS, draw_scenes, scene_dataset
 from ..utils import warmup_cosine
 
-VERSION = 3
-BUILD_THREADS = 1
+VERSION = 4
+BUILD_THREADS = 1  # torch threads per shard
+SHARDS = 2  # each step's batch, in parts whose gradients are computed at once on threads of their own
 ARCH = "vit_tiny_patch16_224"
 MODEL_ARGS = dict(img_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=4, num_classes=0)
 IMAGE_SIZE = 64
@@ -147,24 +155,30 @@ def pretrain(
     bar = _progress(steps, "pretraining the scene encoder") if progress else None
     started, cpu_started, losses = time.perf_counter(), time.process_time(), []
     model.train()
-    for _ in range(steps):
-        scenes = draw_scenes(rng, KINDS, batch_size, "train", IMAGE_SIZE)
-        images = torch.stack([scene.draw(generator) for scene in scenes])
-        loss = slot_loss(readings(model, images), heads, _targets(scenes))
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    with ThreadPoolExecutor(max_workers=SHARDS) as pool:
+        for _ in range(steps):
+            scenes = draw_scenes(rng, KINDS, batch_size, "train", IMAGE_SIZE)
+            images, targets = torch.stack([scene.draw(generator) for scene in scenes]), _targets(scenes)
+            counts = {slot: int((target != IGNORE).sum()) for slot, target in targets.items()}
+            shard = functools.partial(_shard_gradients, model, heads, params, counts=counts)
+            shard_targets = [{slot: t.chunk(SHARDS)[i] for slot, t in targets.items()} for i in range(SHARDS)]
+            results = list(pool.map(shard, images.chunk(SHARDS), shard_targets))
+            for i, param in enumerate(params):
+                param.grad = functools.reduce(torch.add, [grads[i] for _, grads in results])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(sum(loss for loss, _ in results))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     if bar is not None:
         bar.close()
     model.eval().requires_grad_(False)
     report = {
         "steps": steps,
         "batch_size": batch_size,
+        "shards": SHARDS,
         "seed": seed,
         "patch_heads": patch_heads,
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
@@ -185,13 +199,37 @@ def readings(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def slot_loss(read: dict[str, torch.Tensor], heads: nn.ModuleDict, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+def slot_loss(
+    read: dict[str, torch.Tensor],
+    heads: nn.ModuleDict,
+    targets: dict[str, torch.Tensor],
+    counts: dict[str, int] | None = None,
+) -> torch.Tensor:
     """Σ_slot Σ_reading CE(heads[reading][slot](read[reading]), targets[slot]) over the readings `heads` has,
-    scenes without the slot left out."""
-    return sum(
-        sum(F.cross_entropy(heads[r][slot](read[r]), targets[slot], ignore_index=IGNORE) for r in heads)
-        for slot in SLOTS
-    )
+    scenes without the slot left out: each slot's cross-entropies summed and divided by `counts[slot]`, the scenes
+    with the slot in the whole batch when these are a shard of it (so that the shards' losses sum to the batch's),
+    by default in these; a slot no scene has adds 0."""
+    total = torch.zeros(())
+    for slot in SLOTS:
+        count = int((targets[slot] != IGNORE).sum()) if counts is None else counts[slot]
+        for r in heads:
+            ce = F.cross_entropy(heads[r][slot](read[r]), targets[slot], ignore_index=IGNORE, reduction="sum")
+            total = total + ce / max(count, 1)
+    return total
+
+
+def _shard_gradients(
+    model: nn.Module,
+    heads: nn.ModuleDict,
+    params: list[nn.Parameter],
+    images: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    counts: dict[str, int],
+) -> tuple[float, tuple[torch.Tensor, ...]]:
+    """One shard's share of the batch loss and its gradients for `params` (returned, not accumulated, so that the
+    shards can run at once and be summed in a fixed order)."""
+    loss = slot_loss(readings(model, images), heads, targets, counts)
+    return float(loss.detach()), torch.autograd.grad(loss, params)
 
 
 def _progress(total: int, description: str):
