@@ -27,8 +27,23 @@ def test_answers_are_scored_by_their_letter(see):
 
 
 def test_configs_read_the_scene_encoder(see):
-    lavin, v2 = see.build_peft_config("lavin", "local-dir:/x"), see.build_peft_config("adapter-v2", "local-dir:/x")
+    lavin, v2 = (
+        see.build_peft_config("lavin", "local-dir:/x", 30),
+        see.build_peft_config("adapter-v2", "local-dir:/x", 30),
+    )
     assert isinstance(lavin, LaVINConfig) and lavin.vision_feature_every == 1 and lavin.vision_pretrained
+    # every decoder layer gets LaVIN's adapters by default, as in the official code; `lavin_from_layer` leaves some out
+    assert see.LAVIN_FROM_LAYER == 0 and lavin.layers_to_transform is None
+    assert see.build_peft_config("lavin", "local-dir:/x", 30, lavin_from_layer=1).layers_to_transform == list(
+        range(1, 30)
+    )
+    assert see.build_peft_config("lavin", "local-dir:/x", 4, lavin_from_layer=3).layers_to_transform == [3]
+    with pytest.raises(ValueError, match=r"lavin_from_layer.*\[0, 4\)"):
+        see.build_peft_config("lavin", "local-dir:/x", 4, lavin_from_layer=4)
+    for wrong in (["--lavin-from-layer", "-1"], ["--method", "adapter-v2", "--lavin-from-layer", "1"]):
+        with pytest.raises(SystemExit):
+            see.parse_args(wrong)
+    assert see.parse_args([]).lavin_from_layer == 0 and see.parse_args([]).steps == 200
     assert isinstance(v2, LlamaAdapterV2Config) and (v2.visual_width, v2.visual_depth) == (192, 2)
     assert v2.visual_fusion == "all"  # every prompted layer gets the visual tokens, as in the official code
     assert lavin.vision_model == v2.vision_model == "local-dir:/x"
@@ -72,3 +87,54 @@ def test_job_trains_saves_reloads_bitwise_and_draws_answers(see, tmp_path, metho
     saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert any(float(t.abs().max()) > 0 for t in saved.values())
     assert torch.isfinite(torch.stack([t.float().abs().max() for t in saved.values()])).all()
+
+
+@pytest.mark.parametrize("method", ["lavin", "adapter-v2"])
+def test_training_loss_from_the_response_logits_alone_is_the_models_own_loss(see, method):
+    """The job asks the model for the logits of the last positions only, from the first that predicts a response
+    token, and scores them with `response_loss`: the same loss and gradients as the model's own loss on every
+    position, fewer positions through the LM head; a model that returns every position gives the same loss too."""
+    from peft import get_peft_model
+
+    from peft_mma.data.scenes import scene_qa_dataset
+
+    tokenizer = _tokenizer()
+    vision = dict(vision_model="vit_tiny_patch16_224", vision_pretrained=False, vision_model_kwargs=TINY_SCENE_VIT)
+    if method == "lavin":
+        config = LaVINConfig(**vision, vision_feature_every=1)
+    else:
+        config = LlamaAdapterV2Config(**vision, visual_width=16, visual_depth=1, visual_heads=2, prompt_length=3)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256), config)
+    for p in model.parameters():  # move the zero-initialised parts off their init so that every path has gradients
+        if p.requires_grad:
+            p.data.add_(0.05 * torch.randn_like(p))
+    model.eval()  # no dropout: the passes below must see the same function
+    samples = scene_qa_dataset(4, seed=0, image_size=64, questions=["colour", "word"])
+    batch = see.collator_for(model, tokenizer, 64)(samples)
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # right padding of unequal rows: the kept span covers the shortest's answer
+    kept = see.keep_response_logits(batch)
+    keep = len(kept["logits_to_keep"])
+    assert keep < batch["input_ids"].shape[1] and torch.equal(kept["logits_to_keep"], torch.arange(-keep, 0))
+
+    def loss_and_grads(loss_of):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    own, own_grads = loss_and_grads(lambda: model(**batch).loss)
+    inputs = {k: v for k, v in kept.items() if k != "labels"}
+    outputs = model(**inputs)
+    assert outputs.logits.shape[1] == keep
+    ours, our_grads = loss_and_grads(lambda: see.response_loss(model(**inputs), batch["labels"]))
+    torch.testing.assert_close(ours, own, atol=1e-6, rtol=1e-5)
+    for a, b in zip(our_grads, own_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    full = {k: v for k, v in batch.items() if k != "labels"}
+    torch.testing.assert_close(see.response_loss(model(**full), batch["labels"]), own, atol=1e-6, rtol=1e-5)
+    count = int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(see.response_loss(outputs, batch["labels"], count * 2), own.detach() / 2)
+    with pytest.raises(ValueError, match="no response tokens"):
+        see.keep_response_logits(batch | {"labels": torch.full_like(batch["labels"], -100)})
