@@ -28,12 +28,12 @@ Recipe (`report.json` of each build): AdamW lr 1e-3, 4,000 steps of 32 fresh sce
 shape accuracy went from 0.71 to 0.98), and the patches' position embedding starts as fixed 2-D sin-cos values (at
 8 px patches the probe's position accuracy was 0.53-0.96 over four runs without it, 1.0 with it).
 
-Each step's batch is cut into `SHARDS` equal shards whose gradients are computed at once, each on a Python thread of
-its own running `BUILD_THREADS` torch thread, and summed in a fixed order: a 2-core machine does a step in 46 ms
-instead of 70-84, and the weights do not depend on how many cores there are (a rebuild was bitwise the first). On
-torch's own threads they would: the CPU's reductions, and so the weights, depend on the thread count (seed 0 built
-with one torch thread and with two differs by up to 0.18 in a weight), and a folder's name promises one encoder per
-seed and step count.
+Each step's batch is cut into `SHARDS` shards (equal where the batch size allows) whose gradients are computed at
+once, each on a Python thread of its own running `BUILD_THREADS` torch thread, and summed in a fixed order: a 2-core
+machine does a step in 46 ms instead of 70-84, and the weights do not depend on how many cores there are (a rebuild
+was bitwise the first). On torch's own threads they would: the CPU's reductions, and so the weights, depend on the
+thread count (seed 0 built with one torch thread and with two differs by up to 0.18 in a weight), and a folder's name
+promises one encoder per seed and step count.
 
 The folder is keyed by `VERSION` (bumped whenever the scenes or the recipe change), the seed and the step count;
 `build_scene_encoder` writes it once and `scene_encoder` reuses it after. Version 3 was the first built on a pinned
@@ -161,8 +161,8 @@ def pretrain(
             images, targets = torch.stack([scene.draw(generator) for scene in scenes]), _targets(scenes)
             counts = {slot: int((target != IGNORE).sum()) for slot, target in targets.items()}
             shard = functools.partial(_shard_gradients, model, heads, params, counts=counts)
-            shard_targets = [{slot: t.chunk(SHARDS)[i] for slot, t in targets.items()} for i in range(SHARDS)]
-            results = list(pool.map(shard, images.chunk(SHARDS), shard_targets))
+            shard_targets = [{slot: t.tensor_split(SHARDS)[i] for slot, t in targets.items()} for i in range(SHARDS)]
+            results = list(pool.map(shard, images.tensor_split(SHARDS), shard_targets))
             for i, param in enumerate(params):
                 param.grad = functools.reduce(torch.add, [grads[i] for _, grads in results])
             optimizer.step()
