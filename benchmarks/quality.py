@@ -49,9 +49,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, prompt_and_response
+from peft_mma.data.collator import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    prompt_and_response,
+    response_cross_entropy,
+    response_keep_length,
+)
 from peft_mma.data.experts import TesseractOCR, with_experts
 from peft_mma.data.procedural import instruction_dataset
 from peft_mma.data.scenes import QUESTIONS, scene_dataset, scene_qa_dataset
@@ -149,22 +154,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- loss and metrics
 
 
-def keep_length(labels: torch.Tensor) -> int:
-    """Positions the LM head must see: from just before the earliest supervised token to the end."""
-    supervised = labels != IGNORE_INDEX
-    first = torch.where(supervised.any(1), supervised.float().argmax(1), labels.shape[1] - 1)
-    return int(labels.shape[1] - first.min()) + 1
-
-
-def response_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy of the last `logits.shape[1]` positions against the labels that follow them."""
-    keep = logits.shape[1]
-    targets = labels[:, labels.shape[1] - keep + 1 :]  # (B, keep - 1)
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
-    )
-
-
 def letter_ids(tokenizer) -> tuple[list[int], int]:
     """The token ids of A-D inside "The answer is X.", and the letter's index in that response."""
     rows = [tokenizer(scienceqa_answer(letter), add_special_tokens=False)["input_ids"] for letter in "ABCD"]
@@ -195,7 +184,7 @@ def vqa_accuracy(
         chunk = samples[start : start + batch]
         data = collator(chunk)
         labels = data.pop("labels")
-        keep = keep_length(labels)
+        keep = response_keep_length(labels)
         logits = method.logits(data, keep)  # (B, keep, V)
         first = (labels != IGNORE_INDEX).float().argmax(1)  # response start, per row
         position = first + offset - 1 - (labels.shape[1] - keep)  # logits index that predicts the letter
@@ -240,8 +229,8 @@ def text_loss(method: Method, samples: list[dict], collator, batch: int) -> floa
     for start in range(0, len(samples), batch):
         data = collator(samples[start : start + batch])
         labels = data.pop("labels")
-        logits = method.text_logits(data, keep_length(labels))
-        total += float(response_loss(logits, labels, reduction="sum"))
+        logits = method.text_logits(data, response_keep_length(labels))
+        total += float(response_cross_entropy(logits, labels, reduction="sum"))
         count += int((labels[:, labels.shape[1] - logits.shape[1] + 1 :] != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
@@ -277,7 +266,7 @@ def prose_loss(method: Method, chunks: torch.Tensor, batch: int) -> float:
         ids = chunks[start : start + batch]
         data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         logits = method.text_logits(data, ids.shape[1])
-        losses.append(response_loss(logits, ids, reduction="sum"))  # every token is a label
+        losses.append(response_cross_entropy(logits, ids, reduction="sum"))  # every token is a label
     return float(sum(losses)) / (chunks.shape[0] * (chunks.shape[1] - 1))
 
 
@@ -323,7 +312,7 @@ def train(
         for group, part in parts:
             labels = part.pop("labels")
             with training_only(groups, group) if group else nullcontext():
-                part_loss = response_loss(method.logits(part, keep_length(labels)), labels)
+                part_loss = response_cross_entropy(method.logits(part, response_keep_length(labels)), labels)
                 part_loss.backward()
             loss += float(part_loss.detach()) / len(parts)
         optimizer.step()

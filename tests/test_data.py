@@ -10,7 +10,14 @@ import torch
 from stand_in_tokenizer import word_tokenizer
 
 from peft_mma.data import ImageTokens
-from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator, lavin_image_transform, prompt_and_response
+from peft_mma.data.collator import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    lavin_image_transform,
+    prompt_and_response,
+    response_cross_entropy,
+    response_keep_length,
+)
 from peft_mma.data.procedural import (
     POSITIONS,
     TASKS,
@@ -440,3 +447,17 @@ def test_smollm2_cache_folder_is_keyed_by_release_not_install_time(tmp_path, mon
     second = smollm2.cached_smollm2_dir()
     assert first == second == tmp_path / "cache" / f"smollm2-135m-instruct-v{smollm2.CACHE_VERSION}-{release}-40"
     assert converted == [first, second]  # nothing was written, so each call converts (the real one writes config.json)
+
+
+def test_the_response_loss_needs_only_the_last_positions_logits():
+    """`response_keep_length` counts the positions from just before the earliest supervised token (a row without
+    one needs none); `response_cross_entropy` on those last positions is the usual shifted loss on all of them."""
+    m = IGNORE_INDEX
+    labels = torch.tensor([[m, m, m, 5, 6, m], [m, m, 7, 8, 9, 2], [m, m, m, m, m, m]])
+    assert response_keep_length(labels) == 6 - 2 + 1  # row 1's first answer token sits at column 2
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=m)
+    torch.testing.assert_close(response_cross_entropy(logits[:, -5:], labels), full)
+    torch.testing.assert_close(response_cross_entropy(logits, labels), full)
+    torch.testing.assert_close(response_cross_entropy(logits[:, -5:], labels, reduction="sum"), full * 6)

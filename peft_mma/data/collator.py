@@ -20,12 +20,30 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from .image_tokens import IMAGE_MARKER, ImageTokens
 from .templates import format_prompt, scienceqa_answer, scienceqa_prompt
 
 IGNORE_INDEX = -100
+
+
+def response_keep_length(labels: torch.Tensor) -> int:
+    """How many last positions the LM head must see for the loss on `labels` (B, T): from just before the earliest
+    supervised token to the end (pass it as `logits_to_keep`, by index: `torch.arange(-keep, 0)`)."""
+    supervised = labels != IGNORE_INDEX
+    first = torch.where(supervised.any(1), supervised.float().argmax(1), labels.shape[1] - 1)
+    return int(labels.shape[1] - first.min()) + 1
+
+
+def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of the last K = `logits.shape[1]` positions (B, K, V) against the labels (B, T) that
+    follow them: logit t predicts label t + 1, the ignored labels left out (K = T: the usual shifted loss)."""
+    targets = labels[:, labels.shape[1] - logits.shape[1] + 1 :]  # (B, K - 1)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
 
 
 def prompt_and_response(sample: dict[str, Any]) -> tuple[str, str]:
