@@ -195,7 +195,7 @@ def test_a_steps_shards_add_up_to_its_batch():
     scenes = scene_dataset(6, seed=0)
     images, targets = torch.stack([s["image"] for s in scenes]), se._targets([s["scene"] for s in scenes])
     targets["word"] = torch.full((6,), se.IGNORE)  # nobody has it here
-    counts = {slot: int((t != se.IGNORE).sum()) for slot, t in targets.items()}
+    counts = se.slot_counts(targets)
     assert counts["word"] == 0 and 0 < counts["count"] < 6  # some slots on only some scenes
     whole = se.slot_loss(se.readings(model, images), heads, targets)
     assert torch.isfinite(whole)

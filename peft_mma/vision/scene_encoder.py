@@ -159,7 +159,7 @@ def pretrain(
         for _ in range(steps):
             scenes = draw_scenes(rng, KINDS, batch_size, "train", IMAGE_SIZE)
             images, targets = torch.stack([scene.draw(generator) for scene in scenes]), _targets(scenes)
-            counts = {slot: int((target != IGNORE).sum()) for slot, target in targets.items()}
+            counts = slot_counts(targets)
             shard = functools.partial(_shard_gradients, model, heads, params, counts=counts)
             shard_targets = [{slot: t.tensor_split(SHARDS)[i] for slot, t in targets.items()} for i in range(SHARDS)]
             results = list(pool.map(shard, images.tensor_split(SHARDS), shard_targets))
@@ -209,13 +209,18 @@ def slot_loss(
     scenes without the slot left out: each slot's cross-entropies summed and divided by `counts[slot]`, the scenes
     with the slot in the whole batch when these are a shard of it (so that the shards' losses sum to the batch's),
     by default in these; a slot no scene has adds 0."""
+    counts = slot_counts(targets) if counts is None else counts
     total = torch.zeros(())
     for slot in SLOTS:
-        count = int((targets[slot] != IGNORE).sum()) if counts is None else counts[slot]
         for r in heads:
             ce = F.cross_entropy(heads[r][slot](read[r]), targets[slot], ignore_index=IGNORE, reduction="sum")
-            total = total + ce / max(count, 1)
+            total = total + ce / max(counts[slot], 1)
     return total
+
+
+def slot_counts(targets: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Per slot, how many scenes of `targets` have it."""
+    return {slot: int((target != IGNORE).sum()) for slot, target in targets.items()}
 
 
 def _shard_gradients(
