@@ -16,6 +16,22 @@ def cast_to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def apply_in_autocast_dtype(node: type[torch.autograd.Function], x: torch.Tensor, *args):
+    """`node.apply(x, *args)` computed as `torch.autocast` computes a matmul: where autocast is on for x's device, x
+    is cast to autocast's dtype (bf16 for `Trainer(bf16=True)`) and the node runs with autocast off, so that its
+    forward, and the backward autograd runs later without autocast, see one dtype; elsewhere it is `node.apply`.
+
+    Our nodes compute in x's dtype and cast their parameters to it. Under autocast their ops would otherwise come out
+    of it in mixed dtypes (a bf16 matmul beside an fp32 saved weight), and backward, outside autocast, would fail on
+    them. The result is in autocast's dtype, as a `Linear`'s under autocast is; x's gradient goes back to x's dtype
+    through the recorded cast."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return node.apply(x, *args)
+    with torch.autocast(device, enabled=False):
+        return node.apply(cast_to(x, torch.get_autocast_dtype(device)), *args)
+
+
 def check_supported_model(model: nn.Module) -> None:
     """Raise `TypeError` unless `model` is a LLaMA-architecture causal LM (spec `peft_plugin_api.md` §4)."""
     config = getattr(model, "config", None)

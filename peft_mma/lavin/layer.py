@@ -13,7 +13,7 @@ from torch import nn
 
 from ..attention import STATE_KWARG
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
-from ..utils import cast_to
+from ..utils import apply_in_autocast_dtype, cast_to
 from .function import RoutedAdapter, mixed_per_sample, paths, with_ones
 from .inputs import LaVINCall
 
@@ -139,9 +139,9 @@ class LaVINLayer(MMATunerLayer):
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         if given is not None and p == 0 and not torch.is_grad_enabled():
             return self._decoding_step(name, key, x, given, call)
-        out, w = RoutedAdapter.apply(
-            x, down.weight, down.bias, up0.weight, up0.bias, up1.weight, up1.bias, router.weight, router.bias,
-            self.temperature[name], self.scale[name], p, per_token, given,
+        out, w = apply_in_autocast_dtype(
+            RoutedAdapter, x, down.weight, down.bias, up0.weight, up0.bias, up1.weight, up1.bias, router.weight,
+            router.bias, self.temperature[name], self.scale[name], p, per_token, given,
         )  # fmt: skip
         if records and given is None:
             call.routing[key] = w

@@ -20,12 +20,13 @@ from ..utils import cast_to as _cast
 
 class ScaledLinear(torch.autograd.Function):
     """`ScaledLinear.apply(x, W, β, s, output_side)` → y; x: (…, in), W: (out, in), β: (out,) or None, s: (out,)
-    on the output side, (in,) on the input side. The result has x's dtype; s and β are cast to it, and their
-    gradients back to their own dtypes."""
+    on the output side, (in,) on the input side. The result has x's dtype; W, s and β are cast to it (W and β are
+    already in it unless autocast chose x's dtype, `utils.apply_in_autocast_dtype`), and s's and β's gradients back
+    to their own dtypes."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, output_side: bool):
-        s, b = _cast(scale, x.dtype), _cast(bias, weight.dtype)
+        weight, s, b = _cast(weight, x.dtype), _cast(scale, x.dtype), _cast(bias, x.dtype)
         if output_side:
             y = F.linear(x, weight, b) * s
             ctx.save_for_backward(y, weight, s)  # y, not W x + β: the next op keeps y anyway (no memory of our own)

@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..attention import gated_prompt_key_value, prompt_attention
 from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
+from ..utils import apply_in_autocast_dtype
 from ..utils import cast_to as _cast
 from .config import LlamaAdapterV2Config
 from .function import OutputScale, ScaledLinear, TunedRMSNorm
@@ -135,7 +136,9 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
         loras = [a for a in active if a in lora_A] if use_lora else []
         if len(scales) == 1 and not loras and self._plain_base(args, kwargs):  # the common case: one node
             s, side = scales[0]
-            return ScaledLinear.apply(x, self.base_layer.weight, self._total_bias(biases), s, side == "output")
+            return apply_in_autocast_dtype(
+                ScaledLinear, x, self.base_layer.weight, self._total_bias(biases), s, side == "output"
+            )
         for s, side in scales:
             if side == "input":
                 x = x * _cast(s, dtype)
