@@ -133,6 +133,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="config fields of the peft_mma methods of vqa and retention (and of V2 in joint and expert), VALUE as "
         "JSON (e.g. temperature=1.0)",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="train under bf16 autocast (mixed precision; the weights and the evaluation stay fp32)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default: results/quality_<experiment>.json")
@@ -287,9 +292,11 @@ def train(
     groups: dict[str, list[torch.nn.Parameter]] | None = None,
     visual_lr_ratio: float = 1.0,
     gate_lr_ratio: float = 1.0,
+    bf16: bool = False,
 ) -> list[dict[str, Any]]:
     """Train `steps` steps; every `eval_every` steps (and at 0 and the end) record `evaluate()` with the training
-    wall and CPU seconds spent so far (evaluation itself not counted).
+    wall and CPU seconds spent so far (evaluation itself not counted). `bf16`: the training forward passes run under
+    bf16 autocast (mixed precision, as `Trainer(bf16=True)`); the weights and the evaluation stay fp32.
 
     `split` cuts each batch into parts (group, part), each part's loss reaching only `groups[group]` (every trainable
     parameter where group is None); by default the batch is one part for every parameter."""
@@ -312,7 +319,9 @@ def train(
         for group, part in parts:
             labels = part.pop("labels")
             with training_only(groups, group) if group else nullcontext():
-                part_loss = response_cross_entropy(method.logits(part, response_keep_length(labels)), labels)
+                with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = method.logits(part, response_keep_length(labels))
+                part_loss = response_cross_entropy(logits, labels)
                 part_loss.backward()
             loss += float(part_loss.detach()) / len(parts)
         optimizer.step()
@@ -420,7 +429,7 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
             curve = caption_stage(method, captions, collator, lr, ratio, evaluate, args)
         tuned = train(
             method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every,
-            visual_lr_ratio=ratio, gate_lr_ratio=gate_ratio,
+            visual_lr_ratio=ratio, gate_lr_ratio=gate_ratio, bf16=args.bf16,
         )  # fmt: skip
         curve = tuned if not curve else curve + [continued(point, curve[-1]) for point in tuned[1:]]
         after = prose_loss(method, prose, args.batch_size)
@@ -443,6 +452,7 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
             "config_overrides": args.overrides,
             "caption_steps": args.caption_steps,
             "answer_format": qa.answer_format,
+            "bf16": args.bf16,
             "image_size": vision.image_size,
             "prose_eval_tokens": prose.numel(),
         },
@@ -466,7 +476,7 @@ def caption_stage(method: Method, captions: list[dict], collator, lr: float, rat
     groups = {"visual": visual, "rest": rest}
     return train(
         method, captions, collator, args.caption_steps, args.batch_size, lr, args.seed + 1, evaluate,
-        args.eval_every, lambda data: [("visual", data)], groups, visual_lr_ratio=ratio,
+        args.eval_every, lambda data: [("visual", data)], groups, visual_lr_ratio=ratio, bf16=args.bf16,
     )  # fmt: skip
 
 
@@ -496,13 +506,15 @@ def run_joint(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
         common = (args.batch_size, lr, args.seed, evaluate, args.eval_every)
         if arm == "staged":  # the visual group on images, then the instruction group on texts: two optimizers
             half = steps // 2
-            curve = train(method, images, collator, half, *common, lambda d: [("visual", d)], groups)
-            second = train(method, texts, collator, steps - half, *common, lambda d: [("instruction", d)], groups)
+            curve = train(method, images, collator, half, *common, lambda d: [("visual", d)], groups, bf16=args.bf16)
+            second = train(
+                method, texts, collator, steps - half, *common, lambda d: [("instruction", d)], groups, bf16=args.bf16
+            )
             curve += [continued(point, curve[-1]) for point in second[1:]]
         else:
             mixed = images + texts
             split = modality_parts if arm == "joint" else None
-            curve = train(method, mixed, collator, steps, *common, split, groups)
+            curve = train(method, mixed, collator, steps, *common, split, groups, bf16=args.bf16)
         after = prose_loss(method, prose, args.batch_size)
         runs[arm] = summarize_vqa(arm, lr, curve, before[0], after, count_trainable(method))
         runs[arm] |= {"instruction_loss_before": before[1], "instruction_loss_after": curve[-1]["instruction_loss"]}
@@ -556,7 +568,10 @@ def run_expert(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
         def evaluate(method=method, eval_set=eval_set) -> dict[str, float]:
             return vqa_accuracy(method, eval_set, collator, letters, 16)
 
-        curve = train(method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every)
+        curve = train(
+            method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every,
+            bf16=args.bf16,
+        )  # fmt: skip
         after = prose_loss(method, prose, args.batch_size)
         runs[arm] = summarize_vqa(arm, lr, curve, before, after, count_trainable(method))
         del method
@@ -687,7 +702,10 @@ def run_instruction(base, tokenizer, args: argparse.Namespace) -> dict[str, Any]
         def evaluate(method=method) -> dict[str, float]:
             return {"held_out_loss": text_loss(method, held_out, collator, args.batch_size)}
 
-        curve = train(method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every)
+        curve = train(
+            method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every,
+            bf16=args.bf16,
+        )  # fmt: skip
         runs[name] = {
             "lr": lr,
             "trainable_params": count_trainable(method),

@@ -226,9 +226,10 @@ def quality_tables(vqas: list[dict[str, Any]], instruction: dict[str, Any] | Non
             if settings.get("answer_format", "A") == "EA"
             else ""
         )
+        precision = ", training under bf16 autocast (fp32 weights)" if settings.get("bf16") else ""
         lines += [
             *_provenance(vqa),
-            f"Visual QA: {stage}{settings['steps']} steps × batch {settings['batch_size']}, held-out "
+            f"Visual QA: {stage}{settings['steps']} steps × batch {settings['batch_size']}{precision}, held-out "
             f"{settings['eval_size']} questions{answers}, {_encoder(settings)}; {text_only} of the "
             f"{settings['train_size'] + text_only} tuning samples are text only. Prose loss: held-out English prose, "
             "text only (goal ≤ +2 %).",

@@ -358,11 +358,13 @@ def test_routing_summary_reads_lavins_routes_and_how_far_its_up_paths_are_apart(
     assert config_for("lavin-image").temperature == 10.0  # the official 7B value the retention runs compare with
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("name", ["lavin", "v2"])
-def test_caption_stage_trains_the_visual_path_alone(name):
+def test_caption_stage_trains_the_visual_path_alone(name, bf16):
     """`quality.caption_stage` (LLaVA's stage 1): the visual path changes (LaVIN's projector; V2's bridge, prompts
     and gates), every other parameter stays bitwise and trainable again afterwards, and the curve has a point per
-    evaluation."""
+    evaluation; with `--bf16` the same, the forward passes computed in bf16 (the LM head's logits) and the weights
+    kept in fp32."""
     import argparse
 
     from stand_in_tokenizer import word_tokenizer
@@ -394,8 +396,14 @@ def test_caption_stage_trains_the_visual_path_alone(name):
     visual_names = {n for n, p in trainable.items() if any(p is v for v in visual)}
     assert visual_names and len(visual_names) < len(trainable)
 
-    args = argparse.Namespace(caption_steps=3, batch_size=2, seed=0, eval_every=1)
+    args = argparse.Namespace(caption_steps=3, batch_size=2, seed=0, eval_every=1, bf16=bf16)
+    dtypes = []
+    head = method.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
     curve = quality.caption_stage(method, captions, collator, 1e-2, 1.0, lambda: {"accuracy": 0.25}, args)
+    hook.remove()
+    assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
 
     assert [p["step"] for p in curve] == [0, 1, 2, 3] and curve[-1]["train_loss"] > 0
     changed = {n for n, p in trainable.items() if not torch.equal(p.detach(), before[n])}

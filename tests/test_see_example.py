@@ -57,12 +57,36 @@ def _tokenizer():
     return word_tokenizer(texts=texts, words=words)
 
 
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse2 avx2 fma", False),
+        ("fpu avx512f avx512_bf16 avx512_vnni", True),  # AMD Zen 4, Intel Cooper Lake on
+        ("fpu avx512f amx_bf16 amx_tile", True),  # Intel Sapphire Rapids
+    ],
+)
+def test_mixed_precision_by_default_where_the_cpu_computes_bf16(see, tmp_path, monkeypatch, flags, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert see.native_bf16(cpuinfo) is native
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")  # an Arm CPU with BF16
+    assert see.native_bf16(cpuinfo)
+    assert not see.native_bf16(tmp_path / "absent")  # no /proc/cpuinfo (macOS, Windows): fp32
+    monkeypatch.setattr(see, "native_bf16", lambda: native)
+    assert see.parse_args([]).bf16 is native
+    assert see.parse_args(["--bf16"]).bf16 and not see.parse_args(["--no-bf16"]).bf16
+
+
+@pytest.mark.parametrize("precision", [["--no-bf16"], ["--bf16"]])
 @pytest.mark.parametrize("method", ["lavin", "adapter-v2"])
-def test_job_trains_saves_reloads_bitwise_and_draws_answers(see, tmp_path, method):
+def test_job_trains_saves_reloads_bitwise_and_draws_answers(see, tmp_path, method, precision):
+    """The job end to end on a tiny LLaMA; with `--bf16` (the Trainer's mixed precision, which wraps the model's
+    forward in autocast) the evaluation and the reload check run in fp32 again after training."""
     tokenizer = _tokenizer()
     args = see.parse_args(
         ["--method", method, "--steps", "4", "--batch-size", "4", "--train-size", "16", "--eval-size", "12"]
-        + ["--show", "5", "--lr", "1e-2", "--output-dir", str(tmp_path / "out")]
+        + ["--show", "5", "--lr", "1e-2", "--output-dir", str(tmp_path / "out"), *precision]
     )
     vision = dict(vision_model="vit_tiny_patch16_224", vision_pretrained=False, vision_model_kwargs=TINY_SCENE_VIT)
     if method == "lavin":
