@@ -205,6 +205,11 @@ def _encoder(settings: dict[str, Any]) -> str:
     """The frozen encoder of a visual-QA run, in words."""
     if settings.get("encoder") == "scenes":
         return "frozen scene encoder pretrained on captions (`peft_mma.vision.scene_encoder`)"
+    if settings.get("encoder") == "scenes_patches":
+        return (
+            "frozen scene encoder pretrained on captions, the mean of its patch tokens too "
+            "(`peft_mma.vision.scene_encoder(patch_heads=True)`)"
+        )
     return f"frozen random `{settings['vision_model']}` {settings['vision_kwargs']}"
 
 

@@ -585,3 +585,22 @@ def test_visual_probe_reads_what_each_method_hands_its_llm():
         expected = v2.model.base_model._visual_tokens(images, None, 3)["default"]  # what V2's forward adds
     torch.testing.assert_close(features["v2_visual_tokens"], expected)
     assert features["lavin_visual_tokens"].shape == (3, 4, 32)  # the class token after each of the 4 blocks
+
+
+def test_quality_report_names_the_encoder_and_mixed_precision():
+    """`report.quality_tables` says which scene encoder a run read (the patch-headed one by its name, not as a
+    random timm model) and that it trained under bf16 autocast when it did."""
+    import json
+
+    from benchmarks import report
+    from benchmarks.common import RESULTS_DIR
+
+    path = RESULTS_DIR / "quality_vqa_scenes_all_kinds_v2_fusion_all_visual_only_ea_scenes_patches_bf16_steps290.json"
+    result = json.loads(path.read_text())
+    text = report.quality_tables([result], None)
+    assert "training under bf16 autocast (fp32 weights)" in text and "patch_heads=True" in text
+    assert "frozen random" not in text
+    assert "| v2 | 0.002 | 1,196,421 | 0:0.00 145:0.86 290:0.98 |" in text
+    result["settings"] |= {"bf16": False, "encoder": "scenes"}
+    text = report.quality_tables([result], None)
+    assert "bf16 autocast" not in text and "(`peft_mma.vision.scene_encoder`)" in text
