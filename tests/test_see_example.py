@@ -43,7 +43,9 @@ def test_configs_read_the_scene_encoder(see):
     for wrong in (["--lavin-from-layer", "-1"], ["--method", "adapter-v2", "--lavin-from-layer", "1"]):
         with pytest.raises(SystemExit):
             see.parse_args(wrong)
-    assert see.parse_args([]).lavin_from_layer == 0 and see.parse_args([]).steps == 200
+    assert see.parse_args([]).lavin_from_layer == 0
+    assert see.parse_args(["--bf16"]).steps == 300 and see.parse_args(["--no-bf16"]).steps == 200
+    assert see.parse_args(["--bf16", "--steps", "7"]).steps == 7
     assert isinstance(v2, LlamaAdapterV2Config) and (v2.visual_width, v2.visual_depth) == (192, 2)
     assert v2.visual_fusion == "all"  # every prompted layer gets the visual tokens, as in the official code
     assert lavin.vision_model == v2.vision_model == "local-dir:/x"
