@@ -15,19 +15,26 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import lavin_batch, model_for, tiny_lavin, train_steps
+from conftest import LAVIN_VISION, lavin_batch, model_for, tiny_lavin, tiny_llama, train_steps
+from peft import get_peft_model
 from torch.nn.parallel import DistributedDataParallel
+
+from peft_mma import LaVINConfig
 
 
 def build(method: str):
     if method == "lavin":
         return tiny_lavin("gqa", "sdpa", seed=3)
+    if method == "lavin-modality":  # no modality token: the text-only rank's zero goes into the embeddings
+        torch.manual_seed(3)
+        config = LaVINConfig(router="modality", init_weights=False, adapter_dropout=0.0, **LAVIN_VISION)
+        return get_peft_model(tiny_llama("gqa", "sdpa"), config)
     return model_for("v2-image", seed=3, init_weights=True)
 
 
 def batch_of(method: str, model, rank: int) -> dict:
     """Rank 0: text only, no images at all. Rank 1: one sample with an image and one without."""
-    if method == "lavin":
+    if method.startswith("lavin"):
         batch = lavin_batch(model, has_image=(False, False) if rank == 0 else (True, False), seed=rank)
     else:
         generator = torch.Generator().manual_seed(rank)
@@ -41,7 +48,7 @@ def batch_of(method: str, model, rank: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=("lavin", "v2"), required=True)
+    parser.add_argument("--method", choices=("lavin", "lavin-modality", "v2"), required=True)
     parser.add_argument("--find-unused", type=int, choices=(0, 1), required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -19,7 +19,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 @pytest.mark.parametrize("find_unused", [0, 1], ids=["find_unused_parameters=False", "find_unused_parameters=True"])
-@pytest.mark.parametrize("method", ["lavin", "v2"])
+@pytest.mark.parametrize("method", ["lavin", "lavin-modality", "v2"])
 def test_ranks_of_different_modality_train_to_equal_replicas(tmp_path, method, find_unused):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -18,6 +18,7 @@ from .presets import PRESETS
 PLACEMENTS = ("attn", "block")
 IMAGE_TOKEN_POSITIONS = ("after_bos", "placeholder")
 MODALITIES = ("text", "image")
+ROUTERS = ("learnt", "modality")
 
 
 @dataclass
@@ -52,6 +53,16 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
             Benchmarks: "Is it the text half?"). Official checkpoints need True.
         temperature (`float`):
             τ in `w = softmax(router(t)/τ)`: 10 for LaVIN-7B, 5 for LaVIN-13B and the chatbot (§2).
+        router (`str`):
+            How the decoder's adapters weigh their two up-paths. `"learnt"` (the official code, §3): a router per
+            adapter reads the modality token E_m[m] in front of every sequence, `w = softmax(router(t)/τ)`.
+            `"modality"` (not in the official code): `w = (1, 0)` for a text-only sample and `(0, 1)` for one with
+            an image, so text-only samples use up-path B alone and image samples D alone, and neither trains the
+            other's path; there is then no router, no modality embedding and no token in front. The official router
+            starts at w ≈ (½, ½) for both modalities (τ = 10), so both paths get the same updates and tuning on
+            images changes text-only outputs as much as image ones (README, Benchmarks: "Does the router separate
+            the modalities?"). Identity at init either way; the encoder's adapters keep their per-token routers.
+            Needs `adapter_placement="attn"`.
         adapter_placement (`str`):
             `"attn"`: one adapter on the normalised attention input (every official script). `"block"`: a second
             one on the normalised FFN input, routed from its own input as in official training (§2, §3).
@@ -115,6 +126,9 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
     adapter_dropout: float = field(default=0.1, metadata={"help": "Dropout probability on the adapter hidden z."})
     adapter_bias: bool = field(default=True, metadata={"help": "Up-projection biases b, d (official: True)."})
     temperature: float = field(default=10.0, metadata={"help": "Router softmax temperature τ."})
+    router: str = field(
+        default="learnt", metadata={"help": "'learnt' (official: routed from the modality token) or 'modality'."}
+    )
     adapter_placement: str = field(default="attn", metadata={"help": "'attn' or 'block'."})
     vision_model: str | None = field(default=None, metadata={"help": "Frozen image encoder name; None = text only."})
     vision_pretrained: bool = field(default=True, metadata={"help": "Load pretrained encoder weights."})
@@ -148,6 +162,13 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
             )
         if self.adapter_placement not in PLACEMENTS:
             raise ValueError(f"`adapter_placement`={self.adapter_placement!r} is not one of {PLACEMENTS}.")
+        if self.router not in ROUTERS:
+            raise ValueError(f"`router`={self.router!r} is not one of {ROUTERS}.")
+        if self.router == "modality" and self.adapter_placement != "attn":
+            raise ValueError(
+                "`router='modality'` needs `adapter_placement='attn'`: the FFN adapters of placement 'block' are "
+                "called without the call's modality flags. Use router='learnt' with 'block'."
+            )
         if self.target_modules is None:
             names = ["self_attn"] + (["mlp"] if self.adapter_placement == "block" else [])
             self.target_modules = names

@@ -117,8 +117,9 @@ class RoutedAdapter(torch.autograd.Function):
     dropout probability in training (0: none).
 
     `per_token`: route every token from itself (w: (B, T, 2)), else each sample from x[:, 0] (w: (B, 2)).
-    `given`: routing weights to use instead of routing (decoding steps, which hold no modality token); then W_m and
-    b_m get no gradient. `w` is returned for the call to keep, and is not differentiable.
+    `given`: routing weights to use instead of routing (decoding steps, which hold no modality token, and the fixed
+    weights of `router="modality"`, whose adapters have no router: W_m and b_m None); then W_m and b_m get no
+    gradient. `w` is returned for the call to keep, and is not differentiable.
 
     The node computes in x's dtype, as `torch.autocast` would: the parameters (float32 by PEFT's default) are cast
     to it, their gradients back to their own dtypes. In a bfloat16 model the activations (B, T, C) thus never take

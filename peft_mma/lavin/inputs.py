@@ -44,9 +44,12 @@ class LaVINCall:
     `forward` call, and the prefill of a `generate` call). The MM-adapters then route from it and, without gradients,
     record their weights in `routing`; the decoding steps that follow read them there. A call under gradients
     records nothing, so that every decoder layer runs the same code (one graph under regional compilation).
+    `fixed` holds the weights of `router="modality"` instead, (1, 0) for a text-only sample and (0, 1) for one with
+    an image, (B, 2); such a call has no modality token.
     """
 
     modality_token: bool = True
+    fixed: torch.Tensor | None = None  # (B, 2) routing weights by modality (`LaVINConfig.router="modality"`)
     routing: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key → (B, 2) routing weights
     mixed: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key → U_b of the decoding steps
 

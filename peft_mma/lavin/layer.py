@@ -53,7 +53,8 @@ class LaVINLayer(MMATunerLayer):
     B, D = `mma_lavin_up0`, `mma_lavin_up1` (h → C block-diagonal with g groups, weight and bias 0, so the adapter
     starts as the identity; no biases with `adapter_bias=False`); router = `mma_lavin_router` (C → 2, PyTorch
     default init). No nonlinearity: the adapter is linear, and folds into the consumers of its output (see `merge`).
-    All four are trainable.
+    All four are trainable. With `LaVINConfig(router="modality")` the decoder's adapters have no router: w = (1, 0)
+    for a text-only sample and (0, 1) for one with an image (the call's `fixed` weights).
 
     Routing input t (`routing`):
       * ``"sample"`` (decoder): the adapter's own input at position 0, the modality token (`lavin.inputs`), giving
@@ -88,7 +89,8 @@ class LaVINLayer(MMATunerLayer):
         self.mma_lavin_down[adapter_name] = nn.Linear(c, h, **kw)
         self.mma_lavin_up0[adapter_name] = GroupedLinear(h, c, g, bias=config.adapter_bias, **kw)
         self.mma_lavin_up1[adapter_name] = GroupedLinear(h, c, g, bias=config.adapter_bias, **kw)
-        self.mma_lavin_router[adapter_name] = nn.Linear(c, 2, **kw)
+        if self.routing == "token" or config.router == "learnt":  # `router="modality"`: the decoder has none
+            self.mma_lavin_router[adapter_name] = nn.Linear(c, 2, **kw)
         p = config.adapter_dropout
         self.mma_lavin_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.scale[adapter_name] = config.adapter_scale
@@ -110,7 +112,7 @@ class LaVINLayer(MMATunerLayer):
                 nn.init.normal_(up.weight, std=0.5)
             if up.bias is not None:
                 nn.init.zeros_(up.bias) if init_weights else nn.init.normal_(up.bias, std=0.1)
-        if not init_weights:
+        if not init_weights and adapter_name in self.mma_lavin_router:
             nn.init.normal_(self.mma_lavin_router[adapter_name].weight, std=1.0)
 
     def adapted(self, name: str, x: torch.Tensor, call: LaVINCall | None = None) -> torch.Tensor:
@@ -118,30 +120,37 @@ class LaVINLayer(MMATunerLayer):
 
         Encoder adapters (routing "token") route every token from itself. Decoder adapters route each sample from
         its modality token, x[:, 0], and record the weights in `call`; on a decoding step (the call's input no
-        longer holds the token) they reuse them. Both go through one autograd node, `lavin.function.RoutedAdapter`,
-        except a decoding step without gradients, which reuses the call's mixed up-path (`_decoding_step`).
+        longer holds the token) they reuse them. With `router="modality"` they take the call's `fixed` weights
+        instead. All go through one autograd node, `lavin.function.RoutedAdapter`, except a step without gradients
+        on given weights, which reuses the call's mixed up-path (`_decoding_step`).
         """
         per_token = self.routing == "token"
-        decoding = not per_token and call is not None and not call.modality_token  # routing from the prefill
-        records = not per_token and call is not None and not torch.is_grad_enabled()  # kept for decoding steps
+        fixed = None if per_token or call is None else call.fixed  # `router="modality"`: weights by modality
+        if fixed is not None and len(fixed) != len(x):  # `generate` repeats each sample for its beams / sequences
+            fixed = fixed.repeat_interleave(len(x) // len(fixed), dim=0)
+        routed = not per_token and call is not None and fixed is None
+        decoding = routed and not call.modality_token  # routing from the prefill
+        records = routed and not torch.is_grad_enabled()  # kept for decoding steps
         # the layer's own key only where read or written: under gradients every layer runs the same code (one graph
         # for all of them under regional compilation)
-        key = f"{self.lavin_key}.{name}" if decoding or records else None
-        given = call.routing.get(key) if decoding else None
+        mixes = fixed is not None and not torch.is_grad_enabled()  # `_decoding_step` keeps the mixed up-path
+        key = f"{self.lavin_key}.{name}" if decoding or records or mixes else None
+        given = fixed if fixed is not None else call.routing.get(key) if decoding else None
         if decoding and given is None:
             raise ValueError(
                 f"No routing weights for `{key}`: the call's first forward held no modality token. Call the model "
                 "through its `PeftModel` (or `base_model`), which puts the token in front of every sequence."
             )
-        down, up0, up1, router = (self.mma_lavin_down[name], self.mma_lavin_up0[name], self.mma_lavin_up1[name],
-                                  self.mma_lavin_router[name])  # fmt: skip
+        down, up0, up1 = self.mma_lavin_down[name], self.mma_lavin_up0[name], self.mma_lavin_up1[name]
+        router = self.mma_lavin_router[name] if name in self.mma_lavin_router else None  # None: `given` weights
         dropout = self.mma_lavin_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         if given is not None and p == 0 and not torch.is_grad_enabled():
             return self._decoding_step(name, key, x, given, call)
         out, w = apply_in_autocast_dtype(
-            RoutedAdapter, x, down.weight, down.bias, up0.weight, up0.bias, up1.weight, up1.bias, router.weight,
-            router.bias, self.temperature[name], self.scale[name], p, per_token, given,
+            RoutedAdapter, x, down.weight, down.bias, up0.weight, up0.bias, up1.weight, up1.bias,
+            None if router is None else router.weight, None if router is None else router.bias,
+            self.temperature[name], self.scale[name], p, per_token, given,
         )  # fmt: skip
         if records and given is None:
             call.routing[key] = w

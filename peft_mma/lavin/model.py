@@ -11,7 +11,8 @@ The tuner puts an `MMAdapter` on the normalised input of every decoder layer's `
   1. checks its inputs, embeds the text and writes the visual tokens of `pixel_values` at the image placeholders of
      `input_ids` (n per image; `peft_mma.data.ImageTokens` puts them there);
   2. puts the modality token E_m[m] in front of every sequence (m = 1 with an image), which each adapter routes
-     from, inside the same model call;
+     from, inside the same model call (with `router="modality"` no token: each adapter takes its weights from the
+     modality flag, `LaVINCall.fixed`);
   3. hands one `LaVINCall` down as the keyword `attention.STATE_KWARG`, and returns logits that line up with
      `input_ids` (`generate`: the prompt ids followed by the new tokens).
 
@@ -25,12 +26,14 @@ Usage::
 
 One LaVIN adapter may be active at a time (the modality token comes from one embedding, the visual tokens from one
 encoder); `set_adapter` refuses several. Known deviations from the official code: images do not couple across the
-batch (§4 layout bug not reproduced); the routing weights are not rounded to fp16 (§9).
+batch (§4 layout bug not reproduced); the routing weights are not rounded to fp16 (§9). Options the official code
+does not have: `adapter_bias=False` and `router="modality"` (`LaVINConfig`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.integrations import skip_init_on_device
 from torch import nn
@@ -135,7 +138,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
     def _add_model_level(
         self, model: nn.Module, adapter_name: str, config: LaVINConfig, visual: VisionBackbone | None
     ) -> None:
-        """E_m ~ N(0, 1) (2, C); with a vision model, the encoder's adapters and the projector (`lavin.visual`)."""
+        """E_m ~ N(0, 1) (2, C) for the learnt router; with a vision model, the encoder's adapters and the projector
+        (`lavin.visual`)."""
         for role, kind in (
             ("modality", nn.ParameterDict),
             ("visual", nn.ModuleDict),
@@ -146,9 +150,10 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 setattr(self, self.prefix + role, kind())
         embed = model.get_input_embeddings().weight
         width = embed.shape[1]
-        self.mma_lavin_modality[adapter_name] = nn.Parameter(
-            torch.randn(2, width, device=embed.device, dtype=torch.float32)
-        )
+        if config.router == "learnt":  # `router="modality"` routes by the modality flag: no token, no E_m
+            self.mma_lavin_modality[adapter_name] = nn.Parameter(
+                torch.randn(2, width, device=embed.device, dtype=torch.float32)
+            )
         if visual is None:
             return
         if embed.is_floating_point() and embed.device.type != "meta":
@@ -216,7 +221,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         """The active LaVIN adapter, or None when adapters are disabled."""
         if self._lavin_disabled:
             return None
-        active = [a for a in self.active_adapters if a in getattr(self, "mma_lavin_modality", {})]
+        active = [a for a in self.active_adapters if a in self.peft_config]
         return active[0] if active else None
 
     # ---------------------------------------------------------------- per call
@@ -312,12 +317,11 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             if pixel_values is not None:
                 visual.check_pixel_values(pixel_values)
             has_image = check_call(config, input_ids, inputs_embeds, pixel_values, has_image, kwargs)
-        modality = self.mma_lavin_modality[name]
-        if not self._routes(name):
-            modality = None  # merged: the routing is in the weights, and the call runs as the base does
-        elif pixel_values is None:
-            zero = self._image_side_zero(name)
-            modality = modality if zero is None else modality + zero
+        learnt, routes = config.router == "learnt", self._routes(name)
+        modality = self.mma_lavin_modality[name] if learnt and routes else None  # None: no token in front
+        zero = self._image_side_zero(name) if routes and pixel_values is None else None
+        if zero is not None and modality is not None:
+            modality = modality + zero
         batch = assemble(
             config,
             self.model.get_input_embeddings(),
@@ -331,7 +335,16 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             pixel_values,
             has_image,
         )
-        return LaVINCall(modality_token=bool(batch.front)), batch
+        if learnt or not routes:  # the learnt router; or merged, the routing in the weights: the call runs as the base
+            return LaVINCall(modality_token=bool(batch.front)), batch
+        if zero is not None:
+            batch.inputs_embeds = batch.inputs_embeds + zero.to(batch.inputs_embeds.dtype)
+        return LaVINCall(modality_token=False, fixed=self._fixed_routing(batch.has_image)), batch
+
+    @staticmethod
+    def _fixed_routing(has_image: torch.Tensor) -> torch.Tensor:
+        """The weights of `router="modality"`: (1, 0) for a text-only sample, (0, 1) for one with an image, (B, 2)."""
+        return F.one_hot(has_image.long(), 2).float()
 
     def _routes(self, name: str) -> bool:
         """Whether adapter `name`'s decoder adapters read the modality token: False once every one is merged (their
@@ -363,6 +376,9 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         """{adapter key: (2, 2)}: each decoder adapter's routing weights for the text (row 0) and image (row 1)
         modality token, from one call on the two tokens alone (no text), without dropout or gradients."""
         name = adapter_name or self._active_name()
+        if self.peft_config[name].router == "modality":
+            fixed = self._fixed_routing(torch.tensor([False, True]))  # identity: text → B, image → D
+            return {m.lavin_key: fixed.clone() for m in self._llm_adapters() if name in m.mma_lavin_down}
         modality = self.mma_lavin_modality[name]
         embeds = modality.to(self.model.get_input_embeddings().weight.dtype)[:, None]  # (2, 1, C)
         call, training = LaVINCall(), self.model.training
