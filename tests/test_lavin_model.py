@@ -263,6 +263,14 @@ def test_trainable_parameter_counts_match_the_paper(preset, width, layers, ffn, 
         base = LlamaForCausalLM(config)
     no_bias = LaVINConfig.from_preset(preset, vision_pretrained=False, adapter_bias=False)
     assert get_peft_model(base, no_bias).get_nb_trainable_parameters()[0] == without_up_biases
+    with torch.device("meta"):  # `router="modality"`: no E_m (2·C) and no decoder router (2·C + 2 per layer)
+        base = LlamaForCausalLM(config)
+    by_modality = LaVINConfig.from_preset(preset, vision_pretrained=False, router="modality")
+    assert (
+        get_peft_model(base, by_modality).get_nb_trainable_parameters()[0]
+        == {"lavin-7b": 3_510_896, "lavin-13b": 4_970_160}[preset]
+        == expected - 2 * width - layers * (2 * width + 2)
+    )
 
 
 def test_peft_is_not_patched_and_no_call_state_is_left_on_modules():
