@@ -127,15 +127,17 @@ def build_base(preset: Preset, device: torch.device, dtype: torch.dtype) -> Llam
     return model.eval()
 
 
-def lavin_config(preset: Preset, vision: bool) -> LaVINConfig:
-    """LaVIN's released recipe (adapter dim 8, 2 groups, τ = 10, dropout 0.1), text-only or with the encoder."""
+def lavin_config(preset: Preset, vision: bool, router: str = "learnt") -> LaVINConfig:
+    """LaVIN's released recipe (adapter dim 8, 2 groups, τ = 10, dropout 0.1), text-only or with the encoder;
+    `router="modality"` routes by the modality flag instead (no router, no modality token)."""
     if not vision:
-        return LaVINConfig()
+        return LaVINConfig(router=router)
     return LaVINConfig(
         vision_model=preset.vision_model,
         vision_pretrained=False,
         vision_model_kwargs=preset.vision_kwargs or None,
         vision_feature_every=preset.vision_every,
+        router=router,
     )
 
 
@@ -149,6 +151,8 @@ CONFIGS: dict[str, Callable[[Preset, int], Any]] = {
     "v2": lambda p, n: LlamaAdapterV2Config(),  # paper defaults: bias+scale on 7 linears, norms, prompts N−1
     "lavin_text": lambda p, n: lavin_config(p, vision=False),
     "lavin_image": lambda p, n: lavin_config(p, vision=True),
+    "lavin_text_modality": lambda p, n: lavin_config(p, vision=False, router="modality"),
+    "lavin_image_modality": lambda p, n: lavin_config(p, vision=True, router="modality"),
 }
 # model key → (train variant name, generate variant name); None where that measurement does not apply. "plain" is
 # the frozen base itself: the floor of training and the plain base of generation.
@@ -165,12 +169,17 @@ MODELS: dict[str, tuple[str | None, str | None]] = {
     "plain_image": ("floor_image", "base_image"),
     "lavin_image": ("lavin_image", "lavin_image"),
     "lavin_image_merged": (None, "lavin_image_merged"),
+    "lavin_text_modality": ("lavin_text_modality", "lavin_text_modality"),  # `router="modality"`
+    "lavin_image_modality": ("lavin_image_modality", "lavin_image_modality"),
 }
 TRAIN_VARIANTS = tuple(train for train, _ in MODELS.values() if train)
 GEN_VARIANTS = tuple(gen for _, gen in MODELS.values() if gen)
-OURS = ("v2", "v2_merged", "lavin_text", "lavin_text_merged", "lavin_image", "lavin_image_merged")
+OURS = (
+    "v2", "v2_merged", "lavin_text", "lavin_text_merged", "lavin_image", "lavin_image_merged", "lavin_text_modality",
+    "lavin_image_modality",
+)  # fmt: skip
 PEERS = ("lora_qv", "lora_all", "ia3", "adaption_prompt")
-IMAGE_VARIANTS = ("floor_image", "base_image", "lavin_image", "lavin_image_merged")
+IMAGE_VARIANTS = ("floor_image", "base_image", "lavin_image", "lavin_image_merged", "lavin_image_modality")
 REFERENCE = {"train": "floor", "generate": "base"}  # what the ratios of text variants divide by
 IMAGE_REFERENCE = {"train": "floor_image", "generate": "base_image"}  # ... and of image variants
 
