@@ -138,8 +138,9 @@ def tiny_lavin(kind: str = "mha", attn: str = "eager", seed: int = 1, **kwargs):
     torch.manual_seed(seed)
     config = LaVINConfig(**{"init_weights": False, "adapter_dropout": 0.0, **LAVIN_VISION, **kwargs})
     model = get_peft_model(tiny_llama(kind, attn), config)
-    with torch.no_grad():
-        model.base_model.mma_lavin_modality["default"].normal_(0, 3)
+    if config.router == "learnt":  # `router="modality"` has no modality embedding
+        with torch.no_grad():
+            model.base_model.mma_lavin_modality["default"].normal_(0, 3)
     return model.eval()
 
 

@@ -15,20 +15,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import LAVIN_VISION, lavin_batch, model_for, tiny_lavin, tiny_llama, train_steps
-from peft import get_peft_model
+from conftest import lavin_batch, model_for, tiny_lavin, train_steps
 from torch.nn.parallel import DistributedDataParallel
-
-from peft_mma import LaVINConfig
 
 
 def build(method: str):
     if method == "lavin":
         return tiny_lavin("gqa", "sdpa", seed=3)
     if method == "lavin-modality":  # no modality token: the text-only rank's zero goes into the embeddings
-        torch.manual_seed(3)
-        config = LaVINConfig(router="modality", init_weights=False, adapter_dropout=0.0, **LAVIN_VISION)
-        return get_peft_model(tiny_llama("gqa", "sdpa"), config)
+        return tiny_lavin("gqa", "sdpa", seed=3, router="modality")
     return model_for("v2-image", seed=3, init_weights=True)
 
 

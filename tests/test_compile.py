@@ -10,8 +10,8 @@ from conftest import batch_for, lavin_batch, model_for, tiny_lavin
 
 def model_and_batch(method: str):
     """A tiny model with random adapters and a batch of one image sample and one text-only sample."""
-    if method == "lavin":
-        model = tiny_lavin("gqa", "sdpa")
+    if method.startswith("lavin"):
+        model = tiny_lavin("gqa", "sdpa", router="modality" if method == "lavin-modality" else "learnt")
         return model, lavin_batch(model, has_image=(True, False))
     model = model_for("v2-image").eval()
     return model, batch_for("v2-image", model)
@@ -24,7 +24,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("method", ["v2", "lavin"])
+@pytest.mark.parametrize("method", ["v2", "lavin", "lavin-modality"])
 def test_training_step_compiles_as_one_graph_with_the_eager_numbers(method):
     model, batch = model_and_batch(method)
     model.train()
@@ -44,7 +44,9 @@ def test_training_step_compiles_as_one_graph_with_the_eager_numbers(method):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method, cache", [("v2", "static"), ("lavin", "static"), ("lavin", "dynamic")])
+@pytest.mark.parametrize(
+    "method, cache", [("v2", "static"), ("lavin", "static"), ("lavin", "dynamic"), ("lavin-modality", "static")]
+)
 def test_cached_decoding_compiles_as_full_graphs_with_the_eager_tokens(method, cache):
     """The LLaMA forward that `generate` calls, compiled with `fullgraph=True` (a graph break would raise): prefill
     and decoding steps give the eager tokens."""

@@ -135,7 +135,11 @@ class LaVINLayer(MMATunerLayer):
         # for all of them under regional compilation)
         mixes = fixed is not None and not torch.is_grad_enabled()  # `_decoding_step` keeps the mixed up-path
         key = f"{self.lavin_key}.{name}" if decoding or records or mixes else None
-        given = fixed if fixed is not None else call.routing.get(key) if decoding else None
+        given = None
+        if fixed is not None:
+            given = fixed
+        elif decoding:
+            given = call.routing.get(key)
         if decoding and given is None:
             raise ValueError(
                 f"No routing weights for `{key}`: the call's first forward held no modality token. Call the model "

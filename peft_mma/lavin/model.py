@@ -347,8 +347,9 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         return F.one_hot(has_image.long(), 2).float()
 
     def _routes(self, name: str) -> bool:
-        """Whether adapter `name`'s decoder adapters read the modality token: False once every one is merged (their
-        routing weights are then folded into the base's Linears, `MMAdapter.merge`)."""
+        """Whether adapter `name`'s decoder adapters still route (from the modality token, or by the modality flag):
+        False once every one is merged (their routing weights are then folded into the base's Linears,
+        `MMAdapter.merge`)."""
         return not all(name in m.merged_adapters for m in self._llm_adapters() if name in m.mma_lavin_down)
 
     def _check_no_placeholders(self, input_ids: torch.Tensor | None) -> None:
@@ -374,7 +375,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     def modality_routing(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """{adapter key: (2, 2)}: each decoder adapter's routing weights for the text (row 0) and image (row 1)
-        modality token, from one call on the two tokens alone (no text), without dropout or gradients."""
+        modality token, from one call on the two tokens alone (no text), without dropout or gradients; the identity
+        for `router="modality"`."""
         name = adapter_name or self._active_name()
         if self.peft_config[name].router == "modality":
             fixed = self._fixed_routing(torch.tensor([False, True]))  # identity: text → B, image → D
