@@ -218,19 +218,26 @@ def compile_layers(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     32-layer 7B compiles one layer instead of unrolling 32. The model keeps its class, hooks and adapters;
     embeddings, the final norm, the head and whatever runs around the layers stay eager.
 
-    Every layer of every model compiled in one process shares dynamo's cache of `Module._call_impl`: the limit is
-    raised so that several models side by side never fall back to eager, and hitting it raises instead.
+    Every layer of every model compiled in one process shares dynamo's cache of `Module._call_impl`
+    (`raise_recompile_limit`).
     """
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 64)
-    if hasattr(config, "fail_on_recompile_limit_hit"):
-        config.fail_on_recompile_limit_hit = True
+    raise_recompile_limit()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in decoder_layers(inner):
         layer.compile(**compile_kwargs)
     return model
+
+
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Models compiled side by side in one process share dynamo's cache of each code object they run (a module's
+    `_call_impl`, `LlamaForCausalLM.forward`), one entry per model and input shape: the limit is raised so that
+    they never fall back to eager, and hitting it raises instead of timing eager code as compiled."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
 
 
 def compile_stats() -> dict[str, int]:

@@ -9,6 +9,8 @@
 #            kernels by device time: where the adapters' time goes);
 #   recipe   the LaVIN-7B ScienceQA recipe at effective batch 32, micro-batch 4/8/16/32 × accumulation, compiled;
 #   eager    eager 7B train steps, peak memory and cached generation of every method and its merged form;
+#   decode   compiled decoding: generate with a static cache, each decoder layer compiled, against the base
+#            decoding the same way (`DECODE` variants);
 #   tests    the CUDA tests (tests/test_cuda.py, tests/test_quantized.py).
 #
 #   bash benchmarks/gpu.sh                                   # every part; JSON and logs into benchmarks/results
@@ -26,12 +28,14 @@ DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 PARTS=${PARTS:-nodes graphs compiled profile recipe eager tests}
 TRAIN=${TRAIN:-plain lora_qv ia3 v2 lavin_text plain_image lavin_image}  # the train variants of graphs and compiled
+DECODE=${DECODE:-plain v2 v2_merged lavin_text lavin_text_merged}  # the generate variants of decode
 ADAMW=${ADAMW:-fused}  # the HF Trainer's default optimizer (adamw_torch_fused); torch's own default is foreach
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 tag="${PRESET}_${DEVICE}"
 if [ "$PRESET" = tiny ]; then lengths=(8 16); micro=(2 4); else lengths=(128 256 512); micro=(4 8 16 32); fi
 read -r -a train <<<"$TRAIN"
+read -r -a decode <<<"$DECODE"
 
 part() {  # part NAME SECONDS COMMAND...: when NAME is in $PARTS, COMMAND under a time limit, its log in $OUT
   local name=$1 limit=$2
@@ -62,4 +66,6 @@ part recipe 170 $PYTHON -m benchmarks.projection --preset "$PRESET" --device "$D
 part eager 140 $PYTHON -m benchmarks.speed --preset "$PRESET" --device "$DEVICE" --rounds 3 --no-projection --adamw "$ADAMW" \
   --variants plain lora_qv ia3 v2 v2_merged lavin_text lavin_text_merged plain_image lavin_image lavin_image_merged \
   --out "$OUT/speed_${tag}.json"
+part decode 240 $PYTHON -m benchmarks.speed --preset "$PRESET" --device "$DEVICE" --compile layers --kinds generate \
+  --rounds 3 --variants "${decode[@]}" --out "$OUT/speed_${tag}_compiled_generate.json"
 part tests 70 $PYTHON -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_quantized.py

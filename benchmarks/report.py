@@ -83,22 +83,24 @@ def speed_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def compiled_table(compiled: dict[str, Any], eager: dict[str, Any] | None) -> str:
-    """Train steps under torch.compile beside the same steps in eager mode, each ÷ its floor run the same way."""
+def compiled_table(compiled: dict[str, Any], eager: dict[str, Any] | None, kind: str = "train") -> str:
+    """Train steps (or generate calls) under torch.compile beside the same in eager mode, each ÷ its floor (base)
+    run the same way."""
     metric = compiled.get("decisive_metric", "ratio_wall")
     spread = metric.replace("ratio_", "ratios_")
+    reference, what = ("floor", "train step") if kind == "train" else ("base", "generate, speed")
     lines = [
         *_provenance(compiled, f" (eager: `{eager['command']}`)" if eager else ""),
-        f"Each ratio divides by the floor run the same way (eager ÷ eager floor, compiled ÷ compiled floor); "
-        f"`{metric}`, medians of A-B-A paired ratios over {compiled['rounds']} rounds; the compiling warm-up round "
-        "is not timed.",
+        f"Each ratio divides by the {reference} run the same way (eager ÷ eager {reference}, compiled ÷ compiled "
+        f"{reference}); `{metric}`, medians of A-B-A paired ratios over {compiled['rounds']} rounds; the compiling "
+        "warm-up round is not timed.",
         "",
-        "| train step | eager ratio | compiled ratio | compiled range over rounds | eager median s | "
+        f"| {what} | eager ratio | compiled ratio | compiled range over rounds | eager median s | "
         "compiled median s | compiled ÷ eager time |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, row in compiled["train"].items():
-        before = (eager or {}).get("train", {}).get(name, {})
+    for name, row in compiled[kind].items():
+        before = (eager or {}).get(kind, {}).get(name, {})
         seconds = before.get("median_wall_s")
         speedup = row["median_wall_s"] / seconds if seconds else None
         lines.append(
@@ -341,6 +343,12 @@ def main() -> str:
             if compiled and "train" in compiled:
                 title = f"### Eager and compiled training: `{compiled_name}`\n\n"
                 parts.append(title + compiled_table(compiled, result))
+            decoding_name = name.replace(".json", f"_compiled{suffix}_generate.json")
+            decoding = _load(decoding_name)
+            if decoding and decoding.get("generate"):
+                title = f"### Eager and compiled decoding: `{decoding_name}`\n\n"
+                eager_decoding = _load(name.replace(".json", "_generate.json")) or result
+                parts.append(title + compiled_table(decoding, eager_decoding, "generate"))
             graphs_name = name.replace(".json", f"_compiled_cudagraphs{suffix}.json")
             graphs = _load(graphs_name)
             if graphs and "train" in graphs:

@@ -15,9 +15,14 @@ measured in the same round (train: the frozen-base floor; generate: the plain ba
 * generate = `generate(do_sample=False, use_cache=True)` of exactly `gen_new` tokens after `gen_prompt` tokens,
   tokens/s = batch × gen_new / wall time (prefill included).
 * `--compile`: every variant's model call goes through `torch.compile` (inductor, default mode; the floor's and
-  the image reference's too), the optimizer stays eager, and the warm-up round compiles; train steps only, no
-  memory pass. Results go to `speed_<preset>_<device>_compiled.json`, with the targets of compiled training.
-  `--compile layers` compiles each decoder layer instead (`common.compile_layers`), every variant alike.
+  the image reference's too), the optimizer stays eager, and the warm-up round compiles; train steps only unless
+  `--kinds` says otherwise, no memory pass. Results go to `speed_<preset>_<device>_compiled.json`, with the targets
+  of compiled training. `--compile layers` compiles each decoder layer instead (`common.compile_layers`), every
+  variant alike.
+* `--compile --kinds generate`: compiled decoding, as the README shows it: `generate(cache_implementation="static")`
+  with the forward that `generate` calls (the `LlamaForCausalLM`'s, or each decoder layer's with `--compile
+  layers`) through `torch.compile`, the base's alike; results in `speed_<preset>_<device>_compiled_generate.json`,
+  with the generation targets.
 * image variants (`lavin_image*`) are compared with references that do the unavoidable work of an image
   sample: the same frozen encoder and n visual tokens in front of the text (`floor_image`, `base_image`).
 """
@@ -25,6 +30,7 @@ measured in the same round (train: the frozen-base floor; generate: the plain ba
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import random
 import sys
@@ -47,6 +53,7 @@ from .common import (
     machine_info,
     median,
     peak_memory,
+    raise_recompile_limit,
     timed,
     trainable_parameters,
     write_json,
@@ -92,8 +99,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--kinds",
         nargs="+",
         choices=("train", "generate"),
-        default=["train", "generate"],
-        help="what to measure (default: both)",
+        default=None,
+        help="what to measure (default: both; train alone with --compile)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory pass")
     parser.add_argument(
@@ -107,11 +114,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="LaVIN-7B ScienceQA projection and memory at 4 x 512 (default: on for --preset 7b)",
     )
-    add_compile_arguments(parser, "train steps")
+    add_compile_arguments(parser, "train steps (and generate calls, with --kinds generate)")
     add_adamw_argument(parser)
     parser.add_argument("--out", default=None, help="result JSON (default: results/speed_<preset>_<device>.json)")
     args = parser.parse_args(argv)
     check_compile_arguments(parser, args)
+    if args.kinds is None:
+        args.kinds = ["train"] if args.compile else ["train", "generate"]
     return args
 
 
@@ -255,20 +264,49 @@ def train_step(
     return step
 
 
-def generate_call(name: str, model: nn.Module, inputs: Inputs, prefix: FrozenVisualPrefix | None):
-    """Cached greedy `generate` of exactly `gen_new` tokens (in eval mode, without grad)."""
+def generate_call(
+    name: str,
+    model: nn.Module,
+    inputs: Inputs,
+    prefix: FrozenVisualPrefix | None,
+    compile_mode: str | None = None,
+    compile_kwargs: dict[str, Any] | None = None,
+):
+    """Cached greedy `generate` of exactly `gen_new` tokens (in eval mode, without grad).
+
+    `compile_mode` "model": compiled decoding, with a static cache and the forward that `generate` calls (the
+    `LlamaForCausalLM`'s: prefill and every step) through `torch.compile` during the call; "layers": a static cache,
+    the decoder layers compiled by `compile_layers` beforehand."""
     image = name in IMAGE_VARIANTS and prefix is None
     batch = image_inputs(model, inputs.prompt, inputs.pixel_values) if image else {"input_ids": inputs.prompt}
     mask = torch.ones_like(batch["input_ids"])
+    generation = inputs.generation
+    causal_lm = compiled_forward = None
+    if compile_mode:
+        generation = copy.deepcopy(generation)
+        generation.cache_implementation = "static"
+    if compile_mode == "model":
+        raise_recompile_limit()
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        compiled_forward = torch.compile(causal_lm.forward, **(compile_kwargs or {}))
+
+    def call() -> torch.Tensor:
+        if prefix is None:
+            return model.generate(**batch, attention_mask=mask, generation_config=generation)
+        embeds = prefix(inputs.pixel_values, model.get_input_embeddings()(inputs.prompt))  # base_image
+        full_mask = mask.new_ones(embeds.shape[:2])
+        return model.generate(inputs_embeds=embeds, attention_mask=full_mask, generation_config=generation)
 
     @torch.no_grad()
     def generate() -> torch.Tensor:
         model.eval()
-        if prefix is None:
-            return model.generate(**batch, attention_mask=mask, generation_config=inputs.generation)
-        embeds = prefix(inputs.pixel_values, model.get_input_embeddings()(inputs.prompt))  # base_image
-        full_mask = mask.new_ones(embeds.shape[:2])
-        return model.generate(inputs_embeds=embeds, attention_mask=full_mask, generation_config=inputs.generation)
+        if compiled_forward is None:
+            return call()
+        causal_lm.forward = compiled_forward  # the instance's forward for this call, the class's again after it
+        try:
+            return call()
+        finally:
+            del causal_lm.forward
 
     return generate
 
@@ -290,17 +328,19 @@ def build_variants(
     compile_kwargs = compile_kwargs or {}
     device = base.get_input_embeddings().weight.device
     prefix = FrozenVisualPrefix(preset, base.config.hidden_size, device, base.dtype) if "plain_image" in keys else None
-    if prefix is not None and compile_mode == "model":  # "layers": eager, as LaVIN's own encoder then is
-        prefix = torch.compile(prefix, **compile_kwargs)
+    if compile_mode == "model":
+        raise_recompile_limit()  # the variants' calls share code objects
+        if prefix is not None:  # "layers": eager, as LaVIN's own encoder then is
+            prefix = torch.compile(prefix, **compile_kwargs)
     variants = {}
     for key in keys:
         model = build_model(key, base, preset)
         train_name, gen_name = MODELS[key]
         variant = Variant(key, model, {"train": train_name, "generate": gen_name})
         own_prefix = prefix if key == "plain_image" else None
+        if compile_mode == "layers":
+            compile_layers(model, **compile_kwargs)
         if train_name and "train" in kinds:
-            if compile_mode == "layers":
-                compile_layers(model, **compile_kwargs)
             run = torch.compile(model, **compile_kwargs) if compile_mode == "model" else model
             forward = (
                 _floor_forward(model, inputs, own_prefix, run)
@@ -309,7 +349,9 @@ def build_variants(
             )
             variant.calls["train"] = train_step(model, forward, adamw)
         if gen_name and "generate" in kinds:
-            variant.calls["generate"] = generate_call(gen_name, model, inputs, own_prefix)
+            variant.calls["generate"] = generate_call(
+                gen_name, model, inputs, own_prefix, compile_mode, compile_kwargs
+            )
         variants[key] = variant
     return variants
 
@@ -423,8 +465,11 @@ def summarize(variants: dict[str, Variant], preset: Preset) -> dict[str, dict[st
 # ---------------------------------------------------------------- main
 
 
-def default_out(preset: str, device: torch.device, compiled: bool = False, mode: str | None = None) -> str:
+def default_out(
+    preset: str, device: torch.device, compiled: bool = False, mode: str | None = None, kinds: Sequence[str] = ()
+) -> str:
     suffix = "_compiled" + COMPILE_MODE_SUFFIX[mode] if compiled else ""
+    suffix += "_generate" if list(kinds) == ["generate"] else ""
     return str(RESULTS_DIR / f"speed_{preset}_{device.type}{suffix}.json")
 
 
@@ -466,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
-    kinds = ["train"] if args.compile or args.memory_only else args.kinds
+    kinds = ["train"] if args.memory_only else args.kinds
     variants = build_variants(
         args.variants or list(MODELS),
         base,
@@ -502,7 +547,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["projection"] = measure_projection(base, preset, device, dtype)
     result["load_after"] = load_average()
     result["elapsed_s"] = round(time.time() - started, 1)
-    path = write_json(result, args.out or default_out(preset.name, device, bool(args.compile), args.compile_mode))
+    path = write_json(
+        result, args.out or default_out(preset.name, device, bool(args.compile), args.compile_mode, kinds)
+    )
     print_summary(result)
     print(f"wrote {path}")
     return result

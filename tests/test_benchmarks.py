@@ -77,6 +77,59 @@ def test_compiled_speed_runs_every_model_call_compiled_and_reports_beside_eager(
     )
 
 
+@pytest.mark.parametrize("key", ["v2", "lavin_image"])
+def test_compiled_decoding_gives_the_eager_tokens_with_a_static_cache(key, monkeypatch):
+    """`--compile --kinds generate` times `generate(cache_implementation="static")` with the forward it calls
+    compiled: the same tokens as eager decoding, a static cache, and the class's forward again after each call."""
+    preset = PRESETS["tiny"]
+    base = speed.build_base(preset, torch.device("cpu"), torch.float32)
+    inputs = speed.make_inputs(preset, base.config, torch.device("cpu"), torch.float32)
+    model = speed.build_model(key, base, preset)
+    eager = speed.generate_call(key, model, inputs, None)()
+    caches = []
+    generate = type(model.get_base_model()).generate
+    monkeypatch.setattr(
+        type(model.get_base_model()),
+        "generate",
+        lambda self, *a, **kw: caches.append(kw["generation_config"].cache_implementation) or generate(self, *a, **kw),
+    )
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = speed.generate_call(key, model, inputs, None, compile_mode="model")()
+    stats = speed.compile_stats()
+    torch._dynamo.reset()
+    # prompt (with LaVIN's visual-token positions) + exactly gen_new tokens, the compiled ones the eager ones
+    assert eager.shape[1] >= preset.gen_prompt + preset.gen_new and torch.equal(compiled, eager)
+    assert caches == ["static"] and stats["unique_graphs"] >= 2 and stats["graph_breaks"] == 0  # prefill, steps
+    assert "forward" not in vars(model.get_base_model())  # the instance's compiled forward lasted one call
+    assert inputs.generation.cache_implementation is None  # the shared config is untouched
+
+
+def test_compiled_decoding_reports_generation_targets_beside_eager(tiny_result, tmp_path):
+    from benchmarks.report import compiled_table
+
+    torch._dynamo.reset()
+    out = tmp_path / "decoding.json"
+    variants = ["plain", "v2", "v2_merged"]
+    args = ["--preset", "tiny", "--rounds", "1", "--compile", "--kinds", "generate", "--variants", *variants]
+    result = speed.main([*args, "--out", str(out)])
+    torch._dynamo.reset()
+    assert result["compiled"] and not result["train"] and set(result["generate"]) == {"base", "v2", "v2_merged"}
+    assert result["compile_stats"]["graph_breaks"] == 0
+    goals = {(t["variant"], t["goal"]) for t in result["targets"]}
+    assert goals == {("v2", ">= 0.9"), ("v2_merged", ">= 0.97")}
+    table = compiled_table(result, tiny_result, "generate")
+    row = next(line for line in table.splitlines() if line.startswith("| v2 (÷ base)"))
+    eager, compiled = (float(cell) for cell in row.split("|")[2:4])
+    assert eager == round(tiny_result["generate"]["v2"]["ratio_cpu"], 3)
+    assert compiled == round(result["generate"]["v2"]["ratio_cpu"], 3)
+    cpu = torch.device("cpu")
+    assert speed.default_out("smollm2", cpu, True, None, ["generate"]).endswith(
+        "speed_smollm2_cpu_compiled_generate.json"
+    )
+    assert speed.parse_args(["--compile"]).kinds == ["train"] and speed.parse_args([]).kinds == ["train", "generate"]
+
+
 def test_memory_probe_reports_peak_and_saved_activations():
     preset = PRESETS["tiny"]
     base = speed.build_base(preset, torch.device("cpu"), torch.float32)
