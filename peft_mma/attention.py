@@ -13,8 +13,10 @@ call, also when activation checkpointing recomputes a layer.
   a separate softmax over the K prompt keys (no mask, no RoPE), added *before* `o_proj`. Which prompts a layer has
   is asked of its `o_proj`: a module there with a `gated_prompt_term(attention, query, state)` method returns the
   term (the prompts are an input-side term of `o_proj`).
-* LaVIN (spec `lavin_mma.md` §3, DESIGN decision 3): when the call's input starts with the modality token, its row
-  attends to itself alone (`peft_mma.router.modality_token_attention`).
+* LaVIN (spec `lavin_mma.md` §3, DESIGN decision 3): when the call's keys start with the modality token (its learnt
+  router), no other token attends to it: the wrapped kernel runs on the other positions alone, with the caller's mask
+  sliced to them (`peft_mma.router.without_modality_token`), and where the queries hold the token too, its row, which
+  attends to itself alone, goes in front (`peft_mma.router.modality_token_attention`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from .router import modality_token_attention
+from .router import modality_token_attention, without_modality_token
 
 STATE_KWARG = "mma_call"
 SUFFIX = "+mma"
@@ -80,8 +82,15 @@ def _wrapped(base_name: str):
         seen = module
         if reads_its_name:
             seen = _SeenAsBase(module, config=_SeenAsBase(module.config, _attn_implementation=base_name))
-        output, weights = base(seen, query, key, value, attention_mask, **kwargs)
-        if getattr(state, "modality_token", False):  # LaVIN: position 0 is the modality token
+        rows = 0  # LaVIN: query rows of the modality token in front (1 in the call's first forward, 0 decoding)
+        if getattr(state, "front", 0):  # LaVIN: key position 0 is the modality token
+            rows = int(state.modality_token)
+            kwargs = _without_front_positions(kwargs, rows, query.shape[2])
+            attention_mask = without_modality_token(attention_mask, rows)
+            output, weights = base(seen, query[:, :, rows:], key[:, :, 1:], value[:, :, 1:], attention_mask, **kwargs)
+        else:
+            output, weights = base(seen, query, key, value, attention_mask, **kwargs)
+        if rows:
             output = modality_token_attention(output, value)
         prompt_term = getattr(module.o_proj, "gated_prompt_term", None)  # LLaMA-Adapter V2: the gated prompts
         if prompt_term is not None:
@@ -92,6 +101,15 @@ def _wrapped(base_name: str):
 
     attention.__name__ = f"mma_attention_{base_name}"
     return attention
+
+
+def _without_front_positions(kwargs: dict, rows: int, length: int) -> dict:
+    """The kernel's keyword arguments for the positions after the modality token: flash attention reads
+    `position_ids` (B, length) to find packed sequences, which must line up with the queries it gets."""
+    positions = kwargs.get("position_ids")
+    if rows and isinstance(positions, torch.Tensor) and positions.shape[-1] == length:
+        return {**kwargs, "position_ids": positions[..., rows:]}
+    return kwargs
 
 
 @contextmanager

@@ -71,6 +71,48 @@ def test_modality_token_in_the_call_gives_the_official_logits(kind, attn):
     torch.testing.assert_close(got * real, ours * real, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_kernel_runs_on_the_tokens_after_the_modality_token(monkeypatch, padded):
+    """The learnt router's modality token stays out of the wrapped kernel's call: its queries, keys and values are the
+    positions after it, with no mask on an unpadded batch (SDPA's causal kernel, which reads grouped key/value heads
+    as they are; given a mask, transformers repeats them and keeps the copies for backward) and the caller's mask
+    over those positions on a padded one; the logits are those of the official formulation (test above)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = tiny_lavin("gqa", "sdpa")
+    config = model.config
+    sdpa, calls = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append((tuple(query.shape), tuple(key.shape), None if attention_mask is None else attention_mask.shape))
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", spy)
+    batch = lavin_batch(model, has_image=(True, False) if padded else (True, True))
+    length = batch["input_ids"].shape[1]
+    assert bool((batch["attention_mask"] == 0).any()) == padded
+    model.train()
+    model(**batch).loss.backward()
+    head_dim = config.hidden_size // config.num_attention_heads
+    query, key = (2, config.num_attention_heads, length, head_dim), (2, config.num_key_value_heads, length, head_dim)
+    mask = (2, 1, length, length) if padded else None
+    assert calls == [(query, key, mask)] * config.num_hidden_layers
+
+
+def test_without_modality_token_slices_the_masks_kernels_take_and_refuses_others():
+    from peft_mma.router import without_modality_token
+
+    square, padding = torch.zeros(2, 1, 5, 5), torch.ones(2, 5)
+    assert without_modality_token(None, 1) is None
+    assert without_modality_token(square, 1).shape == (2, 1, 4, 4) and without_modality_token(
+        square[:, :, -1:], 0
+    ).shape == (2, 1, 1, 4)
+    assert torch.equal(without_modality_token(square, 1), square[:, :, 1:, 1:])
+    assert without_modality_token(padding, 1).shape == (2, 4)
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        without_modality_token(object(), 1)
+
+
 @pytest.mark.parametrize("kind, attn", KINDS)
 def test_routing_weights_are_the_official_tokens_alone(kind, attn):
     """Every layer's weights for each modality (`modality_routing`) equal the official formulation's on the

@@ -7,7 +7,7 @@ collator does it); a text-only sample holds none. The tuner embeds the text, wri
 the placeholders and puts the modality token E_m[m] (m = 1 with an image, 0 without) in front:
 
     inputs_embeds  = [E_m[m], embed(input_ids) with V at the placeholders]        (B, 1 + S, C)
-    attention_mask = [0, mask]                    every other token sees the modality token as padding
+    attention_mask = [1, mask]                    the caller's mask, the token an ordinary position in it
     position_ids   = [0, positions]               the text keeps the positions it has without the token
     labels         = [-100, -100, labels[1:]]     unchanged targets; -100 at the placeholders
 
@@ -15,11 +15,14 @@ Once every decoder adapter of the call's adapter is merged (`merge_adapter`), it
 nothing reads the token: the call then puts none in front (`modality_embedding=None`), and runs as the merged LLaMA
 would on its own, with the caller's mask and positions (so SDPA keeps its unmasked causal kernel when decoding).
 
-The modality token attends to itself alone, as in the official code (§3): the attention function gives its row its
-own value (`peft_mma.router.modality_token_attention`), and each MM-adapter routes the whole sample from its input at
-position 0. Logits (and hidden states) come back without the token's row, so they line up with `input_ids`.
-`generate` prefills the same `inputs_embeds`; its decoding steps reuse the routing weights of the prefill, kept in
-the call's `LaVINCall`, and it returns the prompt ids followed by the new tokens, as any Hugging Face model does.
+The modality token attends to itself alone and no other token attends to it, as in the official code (§3): the
+attention function runs its kernel on the other positions, with the caller's mask (none for an unpadded batch, so
+SDPA keeps its causal kernel), and gives the token's row its own value (`peft_mma.router`); each MM-adapter routes
+the whole sample from its input at position 0. The KV cache keeps the token's key and value at position 0, and the
+decoding steps leave it out the same way (`LaVINCall.front`). Logits (and hidden states) come back without the
+token's row, so they line up with `input_ids`. `generate` prefills the same `inputs_embeds`; its decoding steps
+reuse the routing weights of the prefill, kept in the call's `LaVINCall`, and it returns the prompt ids followed by
+the new tokens, as any Hugging Face model does.
 """
 
 from __future__ import annotations
@@ -40,15 +43,17 @@ IGNORE_INDEX = -100
 class LaVINCall:
     """What one call hands down to every layer, as the keyword `attention.STATE_KWARG`.
 
-    `modality_token` says that the current forward's input starts with the modality token (every forward of a
-    `forward` call, and the prefill of a `generate` call). The MM-adapters then route from it and, without gradients,
-    record their weights in `routing`; the decoding steps that follow read them there. A call under gradients
-    records nothing, so that every decoder layer runs the same code (one graph under regional compilation).
-    `fixed` holds the weights of `router="modality"` instead, (1, 0) for a text-only sample and (0, 1) for one with
-    an image, (B, 2); such a call has no modality token.
+    `front` says that the call put the modality token in front of its sequence (the learnt router), so that its
+    keys, cached ones too, start with the token; `modality_token` that the current forward's input starts with it
+    (every forward of a `forward` call, and the prefill of a `generate` call). The MM-adapters then route from it
+    and, without gradients, record their weights in `routing`; the decoding steps that follow read them there. A
+    call under gradients records nothing, so that every decoder layer runs the same code (one graph under regional
+    compilation). `fixed` holds the weights of `router="modality"` instead, (1, 0) for a text-only sample and
+    (0, 1) for one with an image, (B, 2); such a call has no modality token.
     """
 
     modality_token: bool = True
+    front: int = 0  # 1: the call's keys start with the modality token, which no other token attends to
     fixed: torch.Tensor | None = None  # (B, 2) routing weights by modality (`LaVINConfig.router="modality"`)
     routing: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key → (B, 2) routing weights
     mixed: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key → U_b of the decoding steps
@@ -172,7 +177,7 @@ def assemble(
     embeds = torch.cat([token[:, None], embeds], dim=1)  # (B, 1 + S, C)
     if attention_mask is None:
         attention_mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-    mask = torch.cat([attention_mask.new_zeros(batch, 1), attention_mask], dim=1)  # (B, 1 + S)
+    mask = torch.cat([attention_mask.new_ones(batch, 1), attention_mask], dim=1)  # (B, 1 + S)
     if position_ids is None:
         position_ids = torch.arange(length, device=embeds.device)[None]  # what LLaMA uses without a cache
     position_ids = torch.cat([position_ids.new_zeros(position_ids.shape[0], 1), position_ids], dim=1)
@@ -183,19 +188,14 @@ def assemble(
 
 def strip_modality_token(output, length: int):
     """Drop the modality token's row from the logits and hidden states of a model output (length 1 + S → S; an
-    output of length S is left as it is)."""
+    output of length S is left as it is). Attention weights have none: the kernel ran without the token."""
     logits = getattr(output, "logits", None)
     if logits is not None and logits.shape[1] == length + 1:
         output.logits = logits[:, 1:]
     hidden = getattr(output, "hidden_states", None)
     if hidden is not None:
         output.hidden_states = tuple(h[:, 1:] if h.shape[1] == length + 1 else h for h in hidden)
-    attentions = getattr(output, "attentions", None)
-    if attentions is not None:
-        output.attentions = tuple(
-            a[..., 1:, 1:] if a is not None and a.shape[-1] == length + 1 else a for a in attentions
-        )
-    return output
+    return output  # attention weights come from the kernel's run without the token
 
 
 def restore_prompt(output, input_ids: torch.Tensor, prompt_length: int, front: int = 1):

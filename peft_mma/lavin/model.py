@@ -336,7 +336,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             has_image,
         )
         if learnt or not routes:  # the learnt router; or merged, the routing in the weights: the call runs as the base
-            return LaVINCall(modality_token=bool(batch.front)), batch
+            return LaVINCall(modality_token=bool(batch.front), front=batch.front), batch
         if zero is not None:
             batch.inputs_embeds = batch.inputs_embeds + zero.to(batch.inputs_embeds.dtype)
         return LaVINCall(modality_token=False, fixed=self._fixed_routing(batch.has_image)), batch
@@ -375,22 +375,24 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     def modality_routing(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """{adapter key: (2, 2)}: each decoder adapter's routing weights for the text (row 0) and image (row 1)
-        modality token, from one call on the two tokens alone (no text), without dropout or gradients; the identity
-        for `router="modality"`."""
+        modality token, from one call on the two tokens, each followed by one zero embedding that it never attends
+        to (the attention kernel needs a position besides the token), without dropout or gradients; the identity for
+        `router="modality"`."""
         name = adapter_name or self._active_name()
         if self.peft_config[name].router == "modality":
             fixed = self._fixed_routing(torch.tensor([False, True]))  # identity: text → B, image → D
             return {m.lavin_key: fixed.clone() for m in self._llm_adapters() if name in m.mma_lavin_down}
         modality = self.mma_lavin_modality[name]
-        embeds = modality.to(self.model.get_input_embeddings().weight.dtype)[:, None]  # (2, 1, C)
-        call, training = LaVINCall(), self.model.training
+        tokens = modality.to(self.model.get_input_embeddings().weight.dtype)[:, None]  # (2, 1, C)
+        embeds = torch.cat([tokens, torch.zeros_like(tokens)], dim=1)  # (2, 2, C)
+        call, training = LaVINCall(front=1), self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), state_handed_to(self._keywordless_adapters(), call):
                 self.model(
                     inputs_embeds=embeds,
-                    attention_mask=torch.zeros(2, 1, dtype=torch.long, device=embeds.device),
-                    position_ids=torch.zeros(1, 1, dtype=torch.long, device=embeds.device),
+                    attention_mask=torch.ones(2, 2, dtype=torch.long, device=embeds.device),
+                    position_ids=torch.zeros(1, 2, dtype=torch.long, device=embeds.device),
                     use_cache=False,
                     **{STATE_KWARG: call},
                 )
