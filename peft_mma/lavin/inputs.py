@@ -54,7 +54,7 @@ class LaVINCall:
 
     modality_token: bool = True
     front: int = 0  # 1: the call's keys start with the modality token, which no other token attends to
-    fixed: torch.Tensor | None = None  # (B, 2) routing weights by modality (`LaVINConfig.router="modality"`)
+    fixed: torch.Tensor | None = None  # (B, 2) weights by modality (`router="modality"`); repeated once for beams
     routing: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key → (B, 2) routing weights
     mixed: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key → U_b of the decoding steps
 

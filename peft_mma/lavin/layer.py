@@ -127,7 +127,7 @@ class LaVINLayer(MMATunerLayer):
         per_token = self.routing == "token"
         fixed = None if per_token or call is None else call.fixed  # `router="modality"`: weights by modality
         if fixed is not None and len(fixed) != len(x):  # `generate` repeats each sample for its beams / sequences
-            fixed = fixed.repeat_interleave(len(x) // len(fixed), dim=0)
+            fixed = call.fixed = fixed.repeat_interleave(len(x) // len(fixed), dim=0)  # once, for every layer
         routed = not per_token and call is not None and fixed is None
         decoding = routed and not call.modality_token  # routing from the prefill
         records = routed and not torch.is_grad_enabled()  # kept for decoding steps
