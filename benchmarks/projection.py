@@ -1,29 +1,36 @@
 """LaVIN-7B ScienceQA recipe on one accelerator, projected from measured step times; training memory at 4 × 512.
 
-The recipe (spec `lavin_mma.md` §5): 12.7k training samples × 20 epochs, micro-batches of 4 with dynamic padding
-(each batch padded to its longest sample), visual tokens (n = 6) added to image samples. Step times T are measured
-at batch 4 for several text lengths L, once with 4 images and once text-only, and interpolated:
+The recipe (spec `lavin_mma.md` §5, §6): 12.7k training samples × 20 epochs at an effective batch of 32, with
+dynamic padding (each micro-batch padded to its longest sample), visual tokens (n = 6) added to image samples. Step
+times T are measured per micro-batch size m at several padded lengths L, once text-only and once with an image in
+every row, and interpolated in L. A micro-batch with k ≥ 1 images costs the image time, since the encoder runs on
+all m rows (a text-only row gets a zero image):
 
-    T(L, k images) = T_text(L) + k/4 · (T_image(L) − T_text(L))
+    T(L, k) = T_text(L) if k = 0, else T_image(L)
 
-The epochs are then simulated batch by batch with sample lengths drawn from `ASSUMPTIONS` (no ScienceQA offline).
-Memory: peak allocated bytes of one LaVIN image+text train step at batch 4 × 512 with activation checkpointing, in
-the benchmark dtype and with the decoder's linears in 4-bit NF4 (bitsandbytes).
+The epochs are then simulated batch by batch with sample lengths drawn from `ASSUMPTIONS` (no ScienceQA offline),
+in two arrangements: shuffled (the `Trainer`'s default sampler), and grouped by modality and length
+(transformers' `LengthGroupedSampler` with `peft_mma.data.collator.grouping_lengths`), where nearly every
+micro-batch holds one modality and little padding. `--reproject` projects the step times of an earlier run again,
+measuring nothing. Memory: peak allocated bytes of one LaVIN image+text train step at batch 4 × 512 with activation
+checkpointing, in the benchmark dtype and with the decoder's linears in 4-bit NF4 (bitsandbytes).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import math
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft import get_peft_model
 from torch import nn
 
-from .common import median, peak_memory, share_weights_copy, synchronize, timed
+from .common import git_commit, median, peak_memory, share_weights_copy, synchronize, timed
 from .models import Preset, image_inputs, lavin_config
 
 # ScienceQA, LaVIN's prompt ("Question/Context/Options/Response:" + "The answer is X. BECAUSE: lecture solution").
@@ -40,11 +47,13 @@ ASSUMPTIONS: dict[str, Any] = {
     "length_min_tokens": 64,
     "max_seq_len": 512,
     "visual_tokens": 6,
-    "padding": "dynamic: each micro-batch padded to its longest sample; samples shuffled every epoch",
+    "padding": "dynamic: each micro-batch padded to its longest sample; every epoch shuffled, or grouped by "
+    "modality and length (`ARRANGEMENTS`)",
     "optimizer_step": "AdamW on every micro-batch (the recipe steps every 8; the extra steps are counted, not saved)",
     "source": "ScienceQA paper averages (words) × 1.3 tokens/word; LaVIN's prompt format; not measured offline",
 }
 GOAL_HOURS = 1.4
+EFFECTIVE_BATCH = 32  # spec lavin_mma.md §6: 2 GPUs × micro-batch 4 × accumulation 4
 GOAL_MEMORY_GB = {"checkpointing": 20.0, "4bit_checkpointing": 8.0}
 
 
@@ -72,6 +81,27 @@ def interpolate(points: dict[int, float], length: float) -> float:
     return points[x0] + (points[x1] - points[x0]) * (length - x0) / (x1 - x0)
 
 
+ARRANGEMENTS = ("shuffled", "grouped")  # how an epoch's samples go into batches (`project_hours`)
+
+
+def epoch_order(
+    keys: list[int], arrangement: str, group: int, rng: random.Random, generator: torch.Generator
+) -> list[int]:
+    """The sample indices of one epoch in batch order: "shuffled", a random permutation (the HF `Trainer`'s
+    default sampler); "grouped", transformers' `get_length_grouped_indices` over `keys` for batches of `group`, as
+    its `LengthGroupedSampler` (`train_sampling_strategy="group_by_length"`) orders them with the keys of
+    `peft_mma.data.collator.grouping_lengths`: one modality per batch, similar lengths."""
+    if arrangement == "shuffled":
+        order = list(range(len(keys)))
+        rng.shuffle(order)
+        return order
+    if arrangement == "grouped":
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        return get_length_grouped_indices(keys, group, generator=generator)
+    raise ValueError(f"arrangement must be one of {ARRANGEMENTS}, got {arrangement!r}")
+
+
 def project_hours(
     text: dict[int, float],
     image: dict[int, float],
@@ -80,40 +110,76 @@ def project_hours(
     micro_batch: int | None = None,
     effective_batch: int | None = None,
     optimizer_s: float = 0.0,
+    arrangement: str = "shuffled",
 ) -> dict[str, Any]:
     """Simulate every epoch's micro-batches with dynamic padding; return hours and the padding overhead.
 
     `text`/`image` map a padded length to the time of one micro-batch of `micro_batch` samples (`a["micro_batch"]`
-    by default). The shuffled samples go `effective_batch` at a time into one optimizer step that costs
-    `optimizer_s` more, each step's samples cut into micro-batches; by default every micro-batch is a step whose
-    optimizer time `text`/`image` already include."""
+    by default), text-only and with an image in every row. A micro-batch with any image costs the image time: the
+    vision encoder runs on each of its rows (a text-only row gets a zero image). The samples, in `arrangement`'s
+    order (`epoch_order`), go `effective_batch` at a time into one optimizer step that costs `optimizer_s` more,
+    each step's samples cut into micro-batches; by default every micro-batch is a step whose optimizer time
+    `text`/`image` already include."""
+    from peft_mma.data.collator import grouping_lengths
+
     rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
     samples = sample_lengths(a["train_samples"], rng, a)
+    totals = [length + (a["visual_tokens"] if image else 0) for length, image in samples]  # placeholders included
+    keys = grouping_lengths(totals, [image for _, image in samples])
     batch = micro_batch or a["micro_batch"]
     group = effective_batch or batch
-    seconds, padded, real = 0.0, 0, 0
+    seconds, padded, mixed, count = 0.0, 0, 0, 0
     for _ in range(a["epochs"]):
-        rng.shuffle(samples)
-        for first in range(0, len(samples), group):
+        order = epoch_order(keys, arrangement, group, rng, generator)
+        for first in range(0, len(order), group):
             seconds += optimizer_s
-            step = samples[first : first + group]
+            step = order[first : first + group]
             for start in range(0, len(step), batch):
                 chunk = step[start : start + batch]
-                images = sum(image for _, image in chunk)
-                longest = max(length + (a["visual_tokens"] if image else 0) for length, image in chunk)
-                t_text = interpolate(text, longest) * len(chunk) / batch
-                t_image = interpolate(image, longest) * len(chunk) / batch
-                seconds += t_text + images / len(chunk) * (t_image - t_text)
+                images = sum(samples[i][1] for i in chunk)
+                longest = max(totals[i] for i in chunk)
+                seconds += interpolate(image if images else text, longest) * len(chunk) / batch
                 padded += longest * len(chunk)
-                real += sum(length + (a["visual_tokens"] if image else 0) for length, image in chunk)
+                mixed += 0 < images < len(chunk)
+                count += 1
     mean_length = sum(length for length, _ in samples) / len(samples)
     return {
         "hours": seconds / 3600,
-        "padding_overhead": padded / real - 1,
+        "arrangement": arrangement,
+        "padding_overhead": padded / (sum(totals) * a["epochs"]) - 1,
+        "mixed_micro_batches": mixed / count,  # share of micro-batches with both text-only and image samples
         "mean_text_tokens": mean_length,
         "goal_hours": GOAL_HOURS,
         "met": seconds / 3600 <= GOAL_HOURS,
     }
+
+
+def project_sweep(rows: dict[int, dict[str, Any]], optimizer_s: float) -> dict[str, Any]:
+    """Each micro-batch's projection at the effective batch, shuffled and grouped (`row["projection"]`, keyed by
+    arrangement), and the fastest (micro-batch, arrangement) of those that ran."""
+    best: tuple[float, int, str] | None = None
+    for m, row in rows.items():
+        if "error" in row:
+            continue
+        row["projection"] = {
+            arrangement: project_hours(
+                row["text"],
+                row["image"],
+                micro_batch=m,
+                effective_batch=EFFECTIVE_BATCH,
+                optimizer_s=optimizer_s,
+                arrangement=arrangement,
+            )  # fmt: skip
+            for arrangement in ARRANGEMENTS
+        }
+        for arrangement, projected in row["projection"].items():
+            if best is None or projected["hours"] < best[0]:
+                best = (projected["hours"], m, arrangement)
+    out: dict[str, Any] = {"micro_batches": rows, "optimizer_s": optimizer_s, "best_micro_batch": None}
+    if best is not None:
+        out |= {"best_hours": best[0], "best_micro_batch": best[1], "best_arrangement": best[2]}
+    return out
 
 
 # ---------------------------------------------------------------- measurement
@@ -240,8 +306,6 @@ def measure_projection(
 
 # ---------------------------------------------------------------- the recipe at its effective batch, on one device
 
-EFFECTIVE_BATCH = 32  # spec lavin_mma.md §6: 2 GPUs × micro-batch 4 × accumulation 4
-
 
 def forward_backward(
     model: nn.Module, ids: torch.Tensor, pixels: torch.Tensor | None, prefix: nn.Module | None = None
@@ -333,7 +397,8 @@ def measure_recipe(
     compile_mode: str | None = None,
 ) -> dict[str, Any]:
     """The LaVIN recipe at its effective batch of 32 on this one device: for every micro-batch m (accumulation
-    32 / m) the projected hours of LaVIN and of the frozen floor, and the fastest m that ran."""
+    32 / m) the projected hours of LaVIN and of the frozen floor, shuffled and grouped (`project_sweep`), and the
+    fastest that ran."""
     from .common import compile_layers
     from .models import FrozenVisualPrefix
 
@@ -354,19 +419,7 @@ def measure_recipe(
             compile_layers(model, dynamic=True)  # one graph for every micro-batch size and padded length
         sweep = micro_batch_times(model, preset, micro_batches, lengths, rounds, device, prefix)
         optimizer_s = optimizer_seconds(model, rounds, device) if name == "lavin" else 0.0
-        rows = {}
-        for m, row in sweep.items():
-            if "error" not in row:
-                hours = project_hours(
-                    row["text"], row["image"], micro_batch=m, effective_batch=EFFECTIVE_BATCH, optimizer_s=optimizer_s
-                )
-                row["projection"] = hours
-            rows[m] = row
-        ran = [m for m, row in rows.items() if "projection" in row]
-        best = min(ran, key=lambda m: rows[m]["projection"]["hours"]) if ran else None
-        out[name] = {"micro_batches": rows, "optimizer_s": optimizer_s, "best_micro_batch": best}
-        if best is not None:
-            out[name]["best_hours"] = rows[best]["projection"]["hours"]
+        out[name] = project_sweep(sweep, optimizer_s)
         del model
         models[name] = None
         gc.collect()
@@ -397,37 +450,76 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         choices=("layers",),
         help="each decoder layer through torch.compile with dynamic shapes",
     )
+    parser.add_argument(
+        "--reproject",
+        metavar="JSON",
+        default=None,
+        help="measure nothing: project the step times of an earlier run's JSON again (this simulation's batching)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if any(EFFECTIVE_BATCH % m for m in args.micro_batches):
-        parser.error(f"--micro-batches must divide the effective batch {EFFECTIVE_BATCH}; got {args.micro_batches}")
-    device, preset = torch.device(args.device), PRESETS[args.preset]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    started = time.time()
-    torch.manual_seed(0)
-    base = build_base(preset, device, dtype)
-    result: dict[str, Any] = {
-        "benchmark": "recipe_projection",
-        "command": "python -m benchmarks.projection " + " ".join(sys.argv[1:] if argv is None else argv),
-        "preset": preset.name,
-        "dtype": str(dtype).removeprefix("torch."),
-        "machine": machine_info(device),
-    }
-    result |= measure_recipe(base, preset, device, dtype, args.micro_batches, args.lengths, args.rounds, args.compile)
-    if args.compile:
-        result["compile_stats"] = compile_stats()
-    result["load_after"] = load_average()
-    result["elapsed_s"] = round(time.time() - started, 1)
-    suffix = "_compiled" if args.compile else ""
-    path = write_json(result, args.out or RESULTS_DIR / f"recipe_{preset.name}_{device.type}{suffix}.json")
+    command = "python -m benchmarks.projection " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.reproject:
+        if args.out is None:
+            parser.error("--reproject needs --out (the measured JSON stays as it is)")
+        result = reproject(json.loads(Path(args.reproject).read_text()), args.reproject, command)
+    else:
+        if any(EFFECTIVE_BATCH % m for m in args.micro_batches):
+            parser.error(f"--micro-batches must divide the effective batch {EFFECTIVE_BATCH}: {args.micro_batches}")
+        device, preset = torch.device(args.device), PRESETS[args.preset]
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        started = time.time()
+        torch.manual_seed(0)
+        base = build_base(preset, device, dtype)
+        result = {
+            "benchmark": "recipe_projection",
+            "command": command,
+            "preset": preset.name,
+            "dtype": str(dtype).removeprefix("torch."),
+            "machine": machine_info(device),
+        }
+        result |= measure_recipe(
+            base, preset, device, dtype, args.micro_batches, args.lengths, args.rounds, args.compile
+        )
+        if args.compile:
+            result["compile_stats"] = compile_stats()
+        result["load_after"] = load_average()
+        result["elapsed_s"] = round(time.time() - started, 1)
+    suffix = "_compiled" if result.get("compile_mode") else ""
+    path = write_json(result, args.out or RESULTS_DIR / f"recipe_{result['preset']}_{args.device}{suffix}.json")
     for name in ("lavin", "floor"):
         for m, row in result[name]["micro_batches"].items():
-            hours = row.get("projection", {}).get("hours")
+            hours = {k: f"{v['hours']:.2f} h" for k, v in row.get("projection", {}).items()}
             print(
                 f"{name:5s} micro-batch {m:3d} × accumulation {EFFECTIVE_BATCH // m:2d}: "
-                f"{'n/a' if hours is None else f'{hours:.2f} h'}, peak {row.get('peak_gb')} GB"
+                f"{hours or 'n/a'}, peak {row.get('peak_gb')} GB"
             )
-    print(f"LaVIN best: {result['lavin'].get('best_hours')} h (goal {GOAL_HOURS} h); wrote {path}")
+    lavin = result["lavin"]
+    print(
+        f"LaVIN best: {lavin.get('best_hours')} h at micro-batch {lavin['best_micro_batch']}, "
+        f"{lavin.get('best_arrangement')} (goal {GOAL_HOURS} h); wrote {path}"
+    )
+    return result
+
+
+def reproject(measured: dict[str, Any], source: str, command: str) -> dict[str, Any]:
+    """An earlier recipe run (`measure_recipe`'s JSON) projected again from its measured step times, by this
+    module's simulation; its machine, commit and times are kept, and its own projections left out."""
+    result = {k: v for k, v in measured.items() if k not in ("lavin", "floor", "met", "command")}
+    result |= {"command": command, "measured_by": measured["command"], "reprojected_from": source}
+    result["reprojected_at_commit"] = git_commit()
+    result |= {"assumptions": ASSUMPTIONS, "effective_batch": EFFECTIVE_BATCH, "goal_hours": GOAL_HOURS}
+    for name in ("lavin", "floor"):
+        rows = {}
+        for m, row in measured[name]["micro_batches"].items():
+            row = {k: v for k, v in row.items() if k != "projection"}
+            for kind in ("text", "image"):
+                if kind in row:
+                    row[kind] = {int(length): t for length, t in row[kind].items()}
+            rows[int(m)] = row
+        result[name] = project_sweep(rows, measured[name].get("optimizer_s", 0.0))
+    lavin = result["lavin"]
+    result["met"] = lavin.get("best_hours") is not None and lavin["best_hours"] <= GOAL_HOURS
     return result
 
 

@@ -165,12 +165,51 @@ def test_projection_simulates_the_recipe_from_step_times():
     assert all(64 <= length <= 512 for length, _ in lengths)
 
 
+def test_a_micro_batch_with_any_image_costs_the_image_time():
+    """The encoder runs on every row of a micro-batch that holds an image: with a text-only step of 1 s and an
+    image step of 3 s, whatever the length, every micro-batch costs 1 s or 3 s, and only all-text ones 1 s."""
+    a = {**projection.ASSUMPTIONS, "train_samples": 400, "epochs": 1, "image_fraction": 0.5}
+    text, image = {64: 1.0, 512: 1.0}, {64: 3.0, 512: 3.0}
+    for arrangement in projection.ARRANGEMENTS:
+        out = projection.project_hours(text, image, a, micro_batch=4, arrangement=arrangement)
+        seconds = out["hours"] * 3600
+        rng = random.Random(0)
+        flags = [has for _, has in projection.sample_lengths(400, rng, a)]
+        images = sum(flags)
+        # between every micro-batch with one image at least (3 s each) and images packed 4 to a micro-batch
+        assert 100 * 1.0 + -(-images // 4) * 2.0 <= seconds + 1e-9, arrangement
+        assert seconds <= 100 * 3.0 + 1e-9
+        if arrangement == "shuffled":  # 1 - 0.5⁴ of random micro-batches hold an image
+            assert seconds > 100 + 2.0 * 0.85 * 100
+        else:  # grouped by modality: about half the micro-batches hold images, a few both
+            assert seconds == pytest.approx(100 + 2.0 * 100 * (images / 400 + out["mixed_micro_batches"]), rel=0.03)
+
+
+def test_grouped_epochs_pad_less_and_mix_modalities_less():
+    a = {**projection.ASSUMPTIONS, "train_samples": 3200, "epochs": 2}
+    text, image = {128: 1.0, 512: 4.0}, {128: 1.5, 512: 4.5}
+    shuffled, grouped = (
+        projection.project_hours(text, image, a, micro_batch=16, effective_batch=32, arrangement=arrangement)
+        for arrangement in projection.ARRANGEMENTS
+    )
+    assert shuffled["arrangement"] == "shuffled" and grouped["arrangement"] == "grouped"
+    assert shuffled["padding_overhead"] > 0.5 > 0.05 > grouped["padding_overhead"] >= 0
+    assert shuffled["mixed_micro_batches"] > 0.95 and grouped["mixed_micro_batches"] < 0.03
+    assert grouped["hours"] < 0.7 * shuffled["hours"]
+    assert shuffled["mean_text_tokens"] == grouped["mean_text_tokens"]  # the same samples
+    with pytest.raises(ValueError, match="arrangement must be one of"):
+        projection.project_hours(text, image, a, arrangement="sorted")
+
+
 def test_recipe_at_the_effective_batch_counts_micro_batches_and_optimizer_steps():
     flat = {32: 1.0, 1024: 1.0}  # one second per micro-batch, whatever its length
     a = {**projection.ASSUMPTIONS, "train_samples": 400, "epochs": 2}
-    # 400 samples: 13 optimizer steps of ≤ 32 per epoch (12 full, one of 16), cut into 50 micro-batches of 8
-    out = projection.project_hours(flat, flat, a, micro_batch=8, effective_batch=32, optimizer_s=3.0)
-    assert out["hours"] == pytest.approx(2 * (13 * 3.0 + 50 * 1.0) / 3600)
+    for arrangement in projection.ARRANGEMENTS:
+        # 400 samples: 13 optimizer steps of ≤ 32 per epoch (12 full, one of 16), cut into 50 micro-batches of 8
+        out = projection.project_hours(
+            flat, flat, a, micro_batch=8, effective_batch=32, optimizer_s=3.0, arrangement=arrangement
+        )
+        assert out["hours"] == pytest.approx(2 * (13 * 3.0 + 50 * 1.0) / 3600)
     # by default every micro-batch of 4 is a step whose time includes the optimizer: the earlier simulation
     assert projection.project_hours(flat, flat, a)["hours"] == pytest.approx(2 * 100 / 3600)
     with_accumulation = projection.project_hours(flat, flat, a, micro_batch=4, effective_batch=32)
@@ -200,13 +239,37 @@ def test_recipe_sweep_projects_each_micro_batch_and_picks_the_fastest(tmp_path):
         assert set(rows) == {2, 4}
         for row in rows.values():
             assert all(t > 0 for kind in ("text", "image") for t in row[kind].values())
-            assert row["projection"]["hours"] > 0 and (row["peak_gb"] is None or row["peak_gb"] > 0)
-        hours = {m: row["projection"]["hours"] for m, row in rows.items()}
-        assert result[name]["best_micro_batch"] == min(hours, key=hours.get)
+            assert set(row["projection"]) == set(projection.ARRANGEMENTS)
+            assert all(p["hours"] > 0 for p in row["projection"].values())
+            assert row["peak_gb"] is None or row["peak_gb"] > 0
+        hours = {(m, a): p["hours"] for m, row in rows.items() for a, p in row["projection"].items()}
+        best = min(hours, key=hours.get)
+        assert (result[name]["best_micro_batch"], result[name]["best_arrangement"]) == best
+        assert result[name]["best_hours"] == hours[best]
     assert result["lavin"]["optimizer_s"] > 0 and result["floor"]["optimizer_s"] == 0
     assert result["met"] == (result["lavin"]["best_hours"] <= projection.GOAL_HOURS)
     with pytest.raises(SystemExit):  # 3 does not divide 32
         projection.main(["--preset", "tiny", "--device", "cpu", "--micro-batches", "3"])
+
+    # the same step times projected again, measuring nothing: equal hours, the measured run named
+    again = tmp_path / "again.json"
+    reprojected = projection.main(["--reproject", str(out), "--out", str(again)])
+    assert reprojected["measured_by"] == result["command"] and reprojected["reprojected_from"] == str(out)
+    assert reprojected["machine"] == result["machine"] and "elapsed_s" in reprojected
+    for name in ("lavin", "floor"):
+        for m, row in result[name]["micro_batches"].items():
+            for a, p in row["projection"].items():
+                assert reprojected[name]["micro_batches"][m]["projection"][a]["hours"] == pytest.approx(p["hours"])
+    with pytest.raises(SystemExit):  # --reproject writes a new file, never over the measured one
+        projection.main(["--reproject", str(out)])
+
+    from benchmarks.report import recipe_table
+
+    for shown in (result, reprojected):
+        table = recipe_table(shown)
+        assert "LaVIN h, shuffled | LaVIN h, grouped" in table
+        assert f"micro-batch {result['lavin']['best_micro_batch']}, {result['lavin']['best_arrangement']}" in table
+    assert "Step times measured by" in recipe_table(reprojected)
 
 
 @pytest.mark.parametrize("name, graphs", [("lavin_text", 1), ("v2", 2)])

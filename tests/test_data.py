@@ -13,6 +13,7 @@ from peft_mma.data import ImageTokens
 from peft_mma.data.collator import (
     IGNORE_INDEX,
     CausalLMCollator,
+    grouping_lengths,
     lavin_image_transform,
     prompt_and_response,
     response_cross_entropy,
@@ -392,6 +393,40 @@ def test_collator_puts_an_images_placeholders_after_bos_or_at_the_marker():
         marked_only(samples[:1])
     with pytest.raises(ValueError, match="`max_length`=2 cuts into an image's 2 placeholders"):
         CausalLMCollator(tokenizer, max_length=2, image_tokens=ImageTokens(IMG, 2))(samples[:1])
+
+
+def test_grouping_lengths_give_length_grouped_batches_of_one_modality():
+    """With `grouping_lengths` as its lengths, transformers' `LengthGroupedSampler` makes batches of one modality
+    (but at most one per mega-batch of 50) and of similar lengths, while every sample still comes once an epoch."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(20, 300, (4000,), generator=rng).tolist()
+    has_image = (torch.rand(4000, generator=rng) < 0.5).tolist()
+    keys = grouping_lengths(lengths, has_image)
+    assert keys[:3] == [length + (300 if image else 0) for length, image in zip(lengths[:3], has_image[:3])]
+    batch = 16
+    for sampler in (LengthGroupedSampler(batch, lengths=keys, generator=rng), torch.randperm(4000).tolist()):
+        order = list(sampler)
+        assert sorted(order) == list(range(4000))
+        batches = [order[i : i + batch] for i in range(0, 4000, batch)]
+        mixed = sum(len({has_image[i] for i in b}) > 1 for b in batches)
+        padding = sum(max(lengths[i] for i in b) * len(b) for b in batches) / sum(lengths) - 1
+        if isinstance(sampler, LengthGroupedSampler):
+            assert mixed <= -(-len(batches) // 50) and padding < 0.1, (mixed, padding)
+        else:  # shuffled: nearly every batch holds both, padded by about half
+            assert mixed > 0.9 * len(batches) and padding > 0.4, (mixed, padding)
+    with pytest.raises(ValueError, match="Got 2 lengths and 1 image flags"):
+        grouping_lengths([3, 4], [True])
+
+
+def test_collator_grouping_lengths_count_the_image_placeholders():
+    tokenizer = letters_tokenizer(add_bos=True)
+    collator = CausalLMCollator(tokenizer, image_size=28, image_tokens=ImageTokens(IMG, 2))
+    image = torch.rand(3, 28, 28)
+    samples = [{"prompt": "a b", "response": "c", "image": image}, {"prompt": "a b c", "response": "c"}]
+    # [BOS, IMG, IMG, a, b, c, EOS]: 7 tokens, with an image → 7 + the longest (7) + 1; [BOS, a, b, c, c, EOS]: 6
+    assert collator.grouping_lengths(samples) == [15, 6]
 
 
 # ---------------------------------------------------------------- SmolLM2 tokenizer

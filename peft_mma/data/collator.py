@@ -46,6 +46,26 @@ def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction
     )
 
 
+def grouping_lengths(lengths: Sequence[int], has_image: Sequence[bool]) -> list[int]:
+    """Keys for transformers' `LengthGroupedSampler` (the `Trainer`'s `group_by_length`) that make its batches
+    hold one modality each and samples of similar length: a text-only sample's key is its length, a sample with an
+    image its length plus the longest length + 1.
+
+    The sampler sorts every mega-batch of 50 batches by key, so the image samples come first, longest first, then
+    the text-only ones; at most one batch per mega-batch holds both. A batch without images then needs no vision
+    encoder (a batch holding one image runs it on every row), and one of similar lengths little padding
+    (`benchmarks.projection`: the LaVIN-7B ScienceQA recipe, shuffled and grouped).
+
+    Args:
+        lengths: each sample's token count (with its image placeholders, as `CausalLMCollator.encode` gives it).
+        has_image: whether each sample has an image.
+    """
+    if len(lengths) != len(has_image):
+        raise ValueError(f"Got {len(lengths)} lengths and {len(has_image)} image flags; give one of each per sample.")
+    offset = max(lengths, default=0) + 1
+    return [int(length) + (offset if image else 0) for length, image in zip(lengths, has_image)]
+
+
 def prompt_and_response(sample: dict[str, Any]) -> tuple[str, str]:
     """The (prompt, response) texts of a sample, chosen by its keys.
 
@@ -234,6 +254,13 @@ class CausalLMCollator:
         pixel_values = torch.stack([zero if image is None else image.float() for image in images])
         has_image = torch.tensor([image is not None for image in images])
         return {"pixel_values": pixel_values, "has_image": has_image}
+
+    def grouping_lengths(self, samples: Sequence[dict[str, Any]]) -> list[int]:
+        """`grouping_lengths` of `samples` as this collator encodes them: pass the result as `lengths` to
+        transformers' `LengthGroupedSampler`, or as the dataset column that `TrainingArguments.length_column_name`
+        names, for batches of one modality and similar lengths."""
+        lengths = [len(self.encode(sample)[0]) for sample in samples]
+        return grouping_lengths(lengths, [sample.get("image") is not None for sample in samples])
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not samples:
