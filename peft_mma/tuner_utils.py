@@ -106,8 +106,16 @@ class MMATunerMixin:
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         """`…<prefix><role>.<adapter>[.rest]` → `…<prefix><role>[.rest]`; a pure per-key function (PEFT reuses it
         in reverse on load)."""
-        pattern = rf"(^|\.)({re.escape(cls.prefix)}[a-z0-9_]+)\.{re.escape(adapter_name)}(?=\.|$)"
+        pattern = rf"(^|\.)({re.escape(cls.prefix)}[A-Za-z0-9_]+)\.{re.escape(adapter_name)}(?=\.|$)"
         return re.sub(pattern, r"\1\2", key)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Files saved before 2026-12-05 kept the adapter's name in the keys of roles with capitals in their names
+        (V2's `…lora_A.<name>.weight`), which then loaded under that name alone: those keys lose it here."""
+        old = re.compile(rf"(^|\.)({re.escape(cls.prefix)}[A-Za-z0-9_]*[A-Z][A-Za-z0-9_]*)\.[^.]+(?=\.[^.]+$)")
+        state_dict = {old.sub(r"\1\2", key): value for key, value in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

@@ -41,6 +41,11 @@ def test_config_rejects_bad_values(kwargs, match):
         LaVINConfig(**kwargs)
 
 
+def test_the_modality_router_refuses_mlp_targets():
+    with pytest.raises(ValueError, match="`router='modality'` adapts the attention inputs only"):
+        LaVINConfig(router="modality", target_modules=["self_attn", "mlp"])
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="Unknown LaVIN preset 'lavin-70b'"):
         LaVINConfig.from_preset("lavin-70b")
@@ -52,6 +57,15 @@ def test_unknown_preset():
         (dict(adapter_dim=6, adapter_groups=3), "`adapter_groups`=3 must divide the model width 32"),
         (dict(target_modules=["q_proj"]), "LaVIN adapts `self_attn`"),
         (dict(VISION, vision_feature_every=3), "`vision_feature_every`=3 must divide the depth 4"),
+        (
+            dict(
+                VISION,
+                adapter_dim=16,
+                adapter_groups=16,
+                vision_model_kwargs=dict(VISION["vision_model_kwargs"], embed_dim=24, num_heads=4),
+            ),
+            "`adapter_groups`=16 must divide the vision encoder's width 24 too",
+        ),
     ],
 )
 def test_model_dependent_config_errors_leave_the_model_untouched(kwargs, match):
@@ -85,8 +99,13 @@ def test_images_for_a_text_only_adapter_are_refused_and_change_nothing():
         model(input_ids=ids(), pixel_values=torch.randn(2, 3, 28, 28))
     with pytest.raises(ValueError, match="adapter 'default' has no vision model"):
         model.generate(input_ids=ids(), pixel_values=torch.randn(2, 3, 28, 28), max_new_tokens=2)
-    with pytest.raises(ValueError, match="Samples have images .* but no `pixel_values` were passed"):
+    no_vision = r"Samples have images .* but this adapter has no vision model \(`vision_model`=None\)"
+    with pytest.raises(ValueError, match=no_vision):
         model(input_ids=ids(), has_image=torch.tensor([True, False]))
+    placeholders = ids().clone()
+    placeholders[0, 1:3] = model.peft_config["default"].image_token_id
+    with pytest.raises(ValueError, match=no_vision):
+        model(input_ids=placeholders)
     assert_unchanged(model, before)
 
 

@@ -136,3 +136,21 @@ def test_bad_router_settings_are_refused():
         LaVINConfig(router="auto")
     with pytest.raises(ValueError, match="needs `adapter_placement='attn'`"):
         LaVINConfig(router="modality", adapter_placement="block")
+
+
+def test_merging_again_for_the_other_modality_is_refused_and_unmerge_restores_the_base():
+    """A merged layer keeps the routing it was folded with: merging it again for the other modality raises and
+    changes nothing, merging it again for the same one is a no-op, and unmerging gives the base weights back."""
+    model = get_peft_model(tiny_llama(), LaVINConfig(router="modality", init_weights=False)).eval()
+    q_proj = model.base_model.model.model.layers[0].self_attn.base_layer.q_proj
+    before = q_proj.weight.detach().clone()
+    model.base_model.merge_adapter(modality="image")
+    merged = q_proj.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"merged for another modality than .text.; call `unmerge_adapter\(\)`"):
+        model.base_model.merge_adapter(modality="text")
+    assert torch.equal(q_proj.weight, merged)
+    with pytest.warns(UserWarning, match="already merged"):
+        model.base_model.merge_adapter(modality="image")
+    assert torch.equal(q_proj.weight, merged)
+    model.base_model.unmerge_adapter()
+    torch.testing.assert_close(q_proj.weight, before, atol=1e-6, rtol=0)

@@ -407,3 +407,25 @@ def test_projector_init_scale_scales_the_output_layer_and_nothing_else():
         torch.testing.assert_close(parts[0.25][name], expected, rtol=1e-6, atol=0, msg=name)
     bound = 6**0.5 / sum(parts[1.0][out[0]].shape) ** 0.5  # xavier-uniform's bound
     assert 0.9 * bound < parts[1.0][out[0]].abs().max() <= bound
+
+
+@pytest.mark.parametrize("router", ["learnt", "modality"])
+def test_tuple_outputs_kept_logits_and_generate_lengths_are_those_of_input_ids(router):
+    """`return_dict=False` and `logits_to_keep` as positions see the caller's sequence, not the one with the
+    modality token in front; `generate(max_length=...)` gives as many new tokens as the base does."""
+    model = tiny_lavin(router=router)
+    batch = lavin_batch(model)
+    batch.pop("labels")
+    with torch.no_grad():
+        full = model(**batch).logits
+        as_tuple = model(**batch, return_dict=False)
+        kept = model(**batch, logits_to_keep=torch.tensor([3, 5])).logits
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], full)
+    assert full.shape[1] == batch["input_ids"].shape[1]
+    torch.testing.assert_close(kept, full[:, [3, 5]], atol=1e-6, rtol=0)
+    text = {"input_ids": torch.tensor([[1, 5, 6, 7, 8, 9, 10]])}
+    with torch.no_grad():
+        new = model.generate(**text, max_length=10, min_length=10, do_sample=False, eos_token_id=None)
+        with model.disable_adapter():
+            base = model.generate(**text, max_length=10, min_length=10, do_sample=False, eos_token_id=None)
+    assert new.shape == base.shape == (1, 10)

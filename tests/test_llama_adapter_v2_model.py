@@ -160,3 +160,32 @@ def test_parameter_counts_of_the_presets_match_the_spec():
     caption = count_trainable(LlamaAdapterV2Config.from_preset("CAPTION-7B", **vision), **LLAMA_7B)
     biases, norms = 32 * (2 * 4096 + 2 * 11008 + 4096), (2 * 32 + 1) * 4096
     assert caption == 63_095_552 - biases - norms == 61_731_584
+
+
+def test_lora_weights_reload_under_any_adapter_name_and_from_files_that_kept_the_name(tmp_path):
+    """The saved keys of V2's LoRA matrices carry no adapter name, like every other part's, so the adapter reloads
+    under any name; a file from before, whose `…lora_A.<name>.weight` keys kept it, reloads the same."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    config = LlamaAdapterV2Config(init_weights=False, lora_modules=["q_proj", "v_proj"], r=2, prompt_length=3)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama("gqa"), config).eval()
+    ids = token_ids()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "new")
+    saved = load_file(tmp_path / "new" / "adapter_model.safetensors")
+    lora = [k for k in saved if "lora_A" in k]
+    assert lora and all(k.endswith("mma_adapter_v2_lora_A.weight") for k in lora)
+    old = tmp_path / "old"
+    model.save_pretrained(old)
+    renamed = {k.replace("_lora_A.", "_lora_A.default.").replace("_lora_B.", "_lora_B.default."): v
+               for k, v in saved.items()}  # fmt: skip
+    save_file(renamed, old / "adapter_model.safetensors")
+    for folder in ("new", "old"):
+        for name in ("default", "other"):
+            torch.manual_seed(123)  # other random LoRA weights at init: the loaded ones must replace them
+            loaded = PeftModel.from_pretrained(tiny_llama("gqa"), tmp_path / folder, adapter_name=name).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=0, rtol=0)

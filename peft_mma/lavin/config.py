@@ -174,6 +174,13 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
             self.target_modules = names
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
+        targets = self.target_modules if isinstance(self.target_modules, list) else [str(self.target_modules)]
+        if self.router == "modality" and any("mlp" in target for target in targets):
+            raise ValueError(
+                f"`router='modality'` adapts the attention inputs only, and `target_modules`={self.target_modules!r} "
+                "names the MLP, whose adapters are called without the call's modality flags. Leave `target_modules` "
+                "at its default, or use router='learnt'."
+            )
         self._check_positive("adapter_dim", "adapter_groups", "projector_hidden", "vision_feature_every")
         if self.adapter_dim % self.adapter_groups:
             raise ValueError(

@@ -120,6 +120,13 @@ def check_call(
         return torch.zeros(batch, dtype=torch.bool, device=inputs_embeds.device)
     counts = (input_ids == config.image_token_id).sum(-1)  # (B,)
     flags = has_image.to(counts.device) if has_image is not None else counts > 0
+    if not config.has_vision and bool((flags | (counts > 0)).any()):
+        raise ValueError(
+            "Samples have images (`has_image`, or image placeholders "
+            f"`image_token_id`={config.image_token_id} in `input_ids`) but this adapter has no vision model "
+            "(`vision_model`=None); build the config with `vision_model=...` (e.g. LaVINConfig.from_preset("
+            "'lavin-7b')) to use images."
+        )
     n = config.num_image_tokens or 0
     wrong = (counts != flags.long() * n).nonzero().flatten().tolist()
     if wrong:

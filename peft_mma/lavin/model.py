@@ -92,6 +92,11 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             )
         on_meta = model.get_input_embeddings().weight.device.type == "meta"
         visual = skip_init_on_device(build_encoder)(config, on_meta) if config.has_vision else None
+        if visual is not None and config.vision_adapters and visual.width % groups:
+            raise ValueError(
+                f"`adapter_groups`={groups} must divide the vision encoder's width {visual.width} too (its blocks "
+                f"carry MM-adapters); pick a common divisor of {width} and {visual.width}, or vision_adapters=False."
+            )
         image_tokens = self._image_tokens(config, model, visual)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         self._add_model_level(model, adapter_name, config, visual)
@@ -247,15 +252,21 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             self._check_no_placeholders(input_ids)
             return self.model(**plain, position_ids=position_ids, **kwargs)
         call, batch = self._prepare(name, plain, position_ids, pixel_values, has_image, kwargs)
+        keep = kwargs.get("logits_to_keep")
+        if batch.front and isinstance(keep, torch.Tensor):  # positions of `input_ids`: one on, past the token
+            kwargs = {**kwargs, "logits_to_keep": keep + batch.front}
+        as_tuple = kwargs.pop("return_dict", None) is False
         output = self.model(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             labels=batch.labels,
+            return_dict=True,
             **kwargs,
             **{STATE_KWARG: call},
         )
-        return strip_modality_token(output, batch.inputs_embeds.shape[1] - batch.front)
+        output = strip_modality_token(output, batch.inputs_embeds.shape[1] - batch.front)
+        return output.to_tuple() if as_tuple else output
 
     def generate(
         self,
@@ -284,6 +295,9 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         if batch.front:
             processors.append(ModalityTokenConsumed(call))
+            for key in ("max_length", "min_length"):  # they count the prompt, which is one longer with the token
+                if kwargs.get(key) is not None:
+                    kwargs[key] += batch.front
         with state_handed_to([self.model, *self._keywordless_adapters()], call):
             output = self.model.generate(
                 input_ids=shown,
@@ -419,9 +433,22 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             if chosen not in ("text", "image"):
                 raise ValueError(f"`modality`={chosen!r} must be 'text' or 'image'.")
             routing = self.modality_routing(name)
-            for adapter in self._llm_adapters():
-                if adapter.lavin_key in routing:
-                    adapter.merge_routing[name] = routing[adapter.lavin_key][int(chosen == "image")]
+            chosen_weights = {
+                adapter: routing[adapter.lavin_key][int(chosen == "image")]
+                for adapter in self._llm_adapters()
+                if adapter.lavin_key in routing
+            }
+            # a merged layer keeps the weights it was folded with, which `unmerge` folds out again
+            if any(
+                name in adapter.merged_adapters and not torch.equal(adapter.merge_routing[name], weights)
+                for adapter, weights in chosen_weights.items()
+            ):
+                raise ValueError(
+                    f"Adapter {name!r} is merged for another modality than {chosen!r}; call `unmerge_adapter()` first."
+                )
+            for adapter, weights in chosen_weights.items():
+                if name not in adapter.merged_adapters:
+                    adapter.merge_routing[name] = weights
 
     def merge_adapter(
         self, adapter_names: list[str] | None = None, safe_merge: bool = False, modality: str | None = None
