@@ -18,8 +18,9 @@ fusion "all", 150 steps at lr 2e-3), the gates do not press against that limit: 
 (`benchmarks/README.md`, "What V2's visual path is not held back by"). So the default is 1.
 
 The official recipes train every parameter at one learning rate (both ratios 1, the default) over 20 epochs.
-`weight_decay` applies to matrices only, not to one-dimensional tensors (biases, gains, scales, gates), as timm's
-`param_groups_weight_decay` does in the official LaVIN recipe (`lavin_mma.md` §6).
+`weight_decay` applies to matrices only, not to one-dimensional tensors (biases, gains, scales), as timm's
+`param_groups_weight_decay` does in the official LaVIN recipe (`lavin_mma.md` §6), and to V2's gates, which the
+official V2 code keeps as (1, H, 1, 1) tensors and so decays (`llama_adapter_v2.md` §4; ours are (H,)).
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups of `model`'s trainable parameters: the visual path (`visual`, by default
     `visual_path_parameters(model)`) at lr × `visual_lr_ratio`, V2's gates (`gate_parameters`) at lr ×
-    `gate_lr_ratio`, the rest at lr; `weight_decay` on matrices only. Raises `ValueError` before building anything
-    for a non-positive lr or ratio, a model with nothing to train, or a ratio other than 1 for a model without the
-    parameters it sets."""
+    `gate_lr_ratio`, the rest at lr; `weight_decay` on matrices and gates only. Raises `ValueError` before building
+    anything for a non-positive lr or ratio, a model with nothing to train, or a ratio other than 1 for a model
+    without the parameters it sets."""
     if not lr > 0 or not visual_lr_ratio > 0 or not gate_lr_ratio > 0:
         raise ValueError(
             f"`lr`, `visual_lr_ratio` and `gate_lr_ratio` must be positive; got lr={lr}, "
@@ -93,7 +94,7 @@ def param_groups(
     groups = []
     for kind in rates:
         for decays in (True, False):
-            params = [p for p in trainable if role(p) == kind and (p.ndim >= 2) == decays]
+            params = [p for p in trainable if role(p) == kind and (p.ndim >= 2 or id(p) in gate_ids) == decays]
             if params:
                 groups.append({"params": params, "lr": rates[kind], "weight_decay": weight_decay if decays else 0.0})
     return groups

@@ -189,3 +189,46 @@ def test_lora_weights_reload_under_any_adapter_name_and_from_files_that_kept_the
             loaded = PeftModel.from_pretrained(tiny_llama("gqa"), tmp_path / folder, adapter_name=name).eval()
             with torch.no_grad():
                 torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+@pytest.mark.parametrize("lora", [[], ["q_proj", "k_proj"]], ids=["no-lora", "lora"])
+def test_several_adapters_merge_to_their_joint_forward_and_unmerge_to_the_base(side, lora):
+    """Two active adapters: their forward multiplies the scales and adds the biases and LoRA terms; merged one
+    after the other they give the same logits, and unmerged the base weights."""
+    kw = dict(init_weights=False, prompt_layers=0, scale_side=side, lora_modules=lora, r=2)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LlamaAdapterV2Config(**kw))
+    model.add_adapter("b", LlamaAdapterV2Config(**kw))
+    model.base_model.set_adapter(["default", "b"])
+    model.eval()
+    ids = token_ids()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    want = logits_of(model, input_ids=ids)
+    model.base_model.merge_adapter(["default", "b"])
+    torch.testing.assert_close(logits_of(model, input_ids=ids), want, atol=2e-5, rtol=0)
+    model.base_model.unmerge_adapter()
+    torch.testing.assert_close(logits_of(model, input_ids=ids), want, atol=2e-5, rtol=0)
+    state = model.state_dict()
+    for key, weight in weights.items():
+        torch.testing.assert_close(state[key], weight, atol=1e-5, rtol=0)
+    assert not any(k.endswith("base_layer.bias") for k in state)  # the biases the merge created are gone
+
+
+def test_a_layer_whose_prompts_read_the_frozen_weights_stays_unmerged_for_every_adapter():
+    """Adapter 'default' has prompts reading k_proj / v_proj through their frozen weights and biases there; 'b'
+    has biases there too. Merging both keeps those layers unmerged for both (folding 'b' alone would change what
+    the prompts read, and skipping 'default' alone would drop it): the logits are kept."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LlamaAdapterV2Config(init_weights=False, scale_modules=[], prompt_length=3))
+    model.add_adapter("b", LlamaAdapterV2Config(init_weights=False, scale_modules=[], prompt_layers=0))
+    model.base_model.set_adapter(["default", "b"])
+    model.eval()
+    ids = token_ids()
+    want = logits_of(model, input_ids=ids)
+    model.base_model.merge_adapter(["default", "b"])
+    k_proj = model.base_model.model.model.layers[1].self_attn.k_proj
+    assert k_proj.merged_adapters == [] and model.base_model.model.model.layers[1].self_attn.q_proj.merged
+    torch.testing.assert_close(logits_of(model, input_ids=ids), want, atol=2e-5, rtol=0)
+    model.base_model.unmerge_adapter()
+    torch.testing.assert_close(logits_of(model, input_ids=ids), want, atol=2e-5, rtol=0)

@@ -1,5 +1,5 @@
 """`peft_mma.create_mma_optimizer`: the visual path at lr × `visual_lr_ratio`, V2's gates at lr × `gate_lr_ratio`,
-weight decay on matrices only."""
+weight decay on matrices (and V2's gates) only."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def test_groups_hold_every_trainable_parameter_once_and_the_visual_path_at_its_r
         for p in group["params"]:
             visual = any(part in VISUAL[row] for part in names[id(p)].split("."))
             assert group["lr"] == pytest.approx(1e-2 if visual else 1e-3), names[id(p)]
-            assert group["weight_decay"] == (0.02 if p.ndim >= 2 else 0.0), names[id(p)]
+            gate = "mma_adapter_v2_gate." in names[id(p)]  # 1-D here, (1, H, 1, 1) and decayed in the official V2
+            assert group["weight_decay"] == (0.02 if p.ndim >= 2 or gate else 0.0), names[id(p)]
     projector = visual_path_parameters(model)
     assert projector and all(any(part in VISUAL[row] for part in names[id(p)].split(".")) for p in projector)
     if row == "lavin-image":  # the encoder's MM-adapters start as the identity and keep the base rate

@@ -80,7 +80,7 @@ class OutputScale(torch.autograd.Function):
 
 class TunedRMSNorm(torch.autograd.Function):
     """`TunedRMSNorm.apply(x, w, ε)` → y = w ⊙ n(x),  n(x) = x / √(mean(x²) + ε): LlamaRMSNorm's own computation (in
-    fp32, or fp64 for fp64 x; n cast back to x's dtype) with a trainable weight w = w₀ + Δ (spec §2c).
+    fp32, or fp64 for fp64 x; n cast back to x's dtype) with a trainable weight w = w₀ + Δ (spec §2f).
 
     Autograd would keep n(x) for ∂L/∂w, a tensor of the residual stream's size per norm that no other op keeps. This
     node keeps x (which the norm's own backward needs anyway) and 1 / √(mean(x²) + ε), one value per token, and

@@ -193,32 +193,57 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
             lora = (lora_B.float() @ lora_A.float()) * self.lora_scaling[adapter]
         return scale, bias, lora
 
-    def _foldable(self, adapter: str) -> bool:
-        """False where prompts read this k_proj / v_proj differently from the tokens: folding would change them."""
-        scale, bias, lora = self.get_delta(adapter)
-        path = self.prompt_path.get(adapter)
-        if path == "base":
-            return scale is None and bias is None and lora is None
-        return path != "adapted" or lora is None
+    def _foldable(self, adapters: list[str]) -> bool:
+        """False where prompts read this k_proj / v_proj differently from the tokens, so that folding `adapters`
+        would change what they read: through the frozen weights ("base") while an adapter has any part here, or
+        with bias and scale but no LoRA ("adapted") while one has LoRA here."""
+        paths = set(self.prompt_path.values())
+        deltas = [self.get_delta(adapter) for adapter in adapters]
+        if "base" in paths and any(part is not None for delta in deltas for part in delta):
+            return False
+        return "adapted" not in paths or all(lora is None for _, _, lora in deltas)
+
+    def _merged_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(P_out, P_in): the products of the output-side and input-side scales of the adapters merged so far (fp32;
+        None where there are none)."""
+        products: dict[str, torch.Tensor | None] = {"output": None, "input": None}
+        for adapter in self.merged_adapters:
+            scale = self.get_delta(adapter)[0]
+            if scale is not None:
+                side = self.scale_side[adapter]
+                products[side] = scale if products[side] is None else products[side] * scale
+        return products["output"], products["input"]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold into W and b₀:
-        output side W′ = diag(s)(W + γBA), b₀′ = s ⊙ (b₀ + b);  input side W′ = (W + γBA) diag(s), b₀′ = b₀ + b.
+        """Fold into W and b₀, one adapter after another. With the scales of the adapters merged before it
+        multiplied into P_out (output side) and P_in (input side), adapter a (s, b, γ·B A) gives
 
-        The k_proj / v_proj of a prompted layer stay unmerged when its prompts read them without (some of) the
-        adapter (`prompt_kv_adapted`); their forward then applies the adapter as before, so the logits are kept."""
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if not self._foldable(adapter):
-                continue
+            W′ = diag(s_out) (W + diag(P_out) γBA diag(P_in)) diag(s_in),    b₀′ = s_out ⊙ (b₀ + P_out ⊙ b)
+
+        (s_out = s on the output side, s_in on the input side, 1 otherwise): after every adapter, y = W′x + b₀′ is
+        the forward of all of them, whose scales multiply and whose biases and LoRA terms add.
+
+        A prompted layer's k_proj / v_proj stay unmerged, for all the adapters at once, when its prompts read them
+        without (some of) the adapters (`prompt_kv_adapted`, `_foldable`); their forward then applies the adapters
+        as before, so the logits are kept."""
+        adapters = check_adapters_to_merge(self, adapter_names)
+        if not self._foldable(adapters):
+            return
+        for adapter in adapters:
             scale, bias, lora = self.get_delta(adapter)
             if scale is None and bias is None and lora is None:
                 self.merged_adapters.append(adapter)
                 continue
+            p_out, p_in = self._merged_scales()
             weight = self.get_base_weight()
             base_bias = self.get_base_layer().bias
-            w = weight.float() + (lora if lora is not None else 0)
+            w = weight.float()
+            if lora is not None:
+                lora = lora if p_out is None else p_out[:, None] * lora
+                w = w + (lora if p_in is None else lora * p_in[None, :])
             b = base_bias.float() if base_bias is not None else torch.zeros(self.out_features, device=w.device)
-            b = b + (bias if bias is not None else 0)
+            if bias is not None:
+                b = b + (bias if p_out is None else p_out * bias)
             if scale is not None and self.scale_side[adapter] == "output":
                 w, b = w * scale[:, None], b * scale
             elif scale is not None:
@@ -231,10 +256,14 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        """Invert `merge`, last merged adapter first (s must have no zero entries)."""
+        """Invert `merge`, last merged adapter first (s must have no zero entries):
+        W = diag(1/s_out) W′ diag(1/s_in) − diag(P_out) γBA diag(P_in),  b₀ = b₀′ / s_out − P_out ⊙ b."""
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             scale, bias, lora = self.get_delta(adapter)
+            if scale is None and bias is None and lora is None:
+                continue
+            p_out, p_in = self._merged_scales()  # of the adapters merged before this one
             weight, base_bias = self.get_base_weight(), self.get_base_layer().bias
             w = weight.float()
             b = base_bias.float() if base_bias is not None else None
@@ -243,14 +272,17 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
                 b = b / scale if b is not None else None
             elif scale is not None:
                 w = w / scale[None, :]
-            w = w - (lora if lora is not None else 0)
+            if lora is not None:
+                lora = lora if p_out is None else p_out[:, None] * lora
+                w = w - (lora if p_in is None else lora * p_in[None, :])
             new = {"weight": w.to(weight.dtype)}
             if b is not None:
-                new["bias"] = (b - (bias if bias is not None else 0)).to(base_bias.dtype)
+                b = b - (0 if bias is None else (bias if p_out is None else p_out * bias))
+                new["bias"] = b.to(base_bias.dtype)
             self._safe_assign(new, False, adapter)
-            if self._created_bias and not self.merged_adapters:
-                self.get_base_layer().bias = None
-                self._created_bias = False
+        if self._created_bias:
+            self.get_base_layer().bias = None
+            self._created_bias = False
 
 
 class OutputProjection(Linear):
