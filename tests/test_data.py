@@ -292,6 +292,11 @@ def test_collator_text_only_batch_carries_images_only_with_image_size():
     batch = CausalLMCollator(letters_tokenizer(), image_size=28)(SAMPLES)
     assert batch["pixel_values"].shape == (2, 3, 28, 28) and not batch["pixel_values"].any()
     assert batch["has_image"].tolist() == [False, False]
+    # LaVIN (image placeholders) reads no image of a text-only sample: such a batch runs no encoder
+    lavin = CausalLMCollator(letters_tokenizer(), image_size=28, image_tokens=ImageTokens(IMG, 2))
+    assert set(lavin(SAMPLES)) == {"input_ids", "attention_mask", "labels"}
+    mixed = lavin([{**SAMPLES[0], "image": torch.rand(3, 28, 28)}, SAMPLES[1]])
+    assert mixed["pixel_values"].shape == (2, 3, 28, 28) and mixed["has_image"].tolist() == [True, False]
 
 
 def test_collator_visual_qa_samples():

@@ -419,10 +419,10 @@ def test_tuple_outputs_kept_logits_and_generate_lengths_are_those_of_input_ids(r
     with torch.no_grad():
         full = model(**batch).logits
         as_tuple = model(**batch, return_dict=False)
-        kept = model(**batch, logits_to_keep=torch.tensor([3, 5])).logits
+        kept = model(**batch, logits_to_keep=torch.tensor([3, 5, -1])).logits
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], full)
     assert full.shape[1] == batch["input_ids"].shape[1]
-    torch.testing.assert_close(kept, full[:, [3, 5]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(kept, full[:, [3, 5, -1]], atol=1e-6, rtol=0)
     text = {"input_ids": torch.tensor([[1, 5, 6, 7, 8, 9, 10]])}
     with torch.no_grad():
         new = model.generate(**text, max_length=10, min_length=10, do_sample=False, eos_token_id=None)

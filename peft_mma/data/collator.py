@@ -132,7 +132,9 @@ class CausalLMCollator:
         image_model: timm model name whose eval transform is applied to PIL images.
         image_transform: callable applied to PIL images instead (overrides `image_model`'s transform).
         image_size: S of the zero image of text-only samples; when set (or with `image_model`) every batch
-            carries `pixel_values` and `has_image`, else only batches with at least one image do.
+            carries `pixel_values` and `has_image`, else only batches with at least one image do. With
+            `image_tokens` (LaVIN) a batch without images carries neither: LaVIN reads no image of a text-only
+            sample, so its encoder need not run for such a batch (V2 reads the zero image, as the official code).
         image_tokens: LaVIN's image placeholders, put into the ids of every sample with an image.
     """
 
@@ -243,7 +245,7 @@ class CausalLMCollator:
     def _images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [self._image(s["image"]) if s.get("image") is not None else None for s in samples]
         present = [image for image in images if image is not None]
-        if not present and self.image_size is None:
+        if not present and (self.image_size is None or self.image_tokens is not None):
             return {}
         shape = tuple(present[0].shape) if present else (3, self.image_size, self.image_size)
         if any(tuple(image.shape) != shape for image in present) or len(shape) != 3:

@@ -253,8 +253,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             return self.model(**plain, position_ids=position_ids, **kwargs)
         call, batch = self._prepare(name, plain, position_ids, pixel_values, has_image, kwargs)
         keep = kwargs.get("logits_to_keep")
-        if batch.front and isinstance(keep, torch.Tensor):  # positions of `input_ids`: one on, past the token
-            kwargs = {**kwargs, "logits_to_keep": keep + batch.front}
+        if batch.front and isinstance(keep, torch.Tensor):  # positions of `input_ids`; those from the end stay
+            kwargs = {**kwargs, "logits_to_keep": torch.where(keep >= 0, keep + batch.front, keep)}
         as_tuple = kwargs.pop("return_dict", None) is False
         output = self.model(
             inputs_embeds=batch.inputs_embeds,
