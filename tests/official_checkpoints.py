@@ -68,12 +68,13 @@ def llama_adapter_v2(
     visual_width: int = 16,
     visual_depth: int = 2,
     lora_rank: int = 2,
-    chat_prompts: bool = False,
+    chat_prompts: bool | str = False,
     seed: int = 1,
 ) -> dict:
     """An official V2 checkpoint for `base`: layout "bias" (BIAS-7B), "lora" (LORA-BIAS-7B), "caption" (CAPTION-7B:
     the pre-training phase's gates, prompts and visual path, no biases, no norms, spec §4) or "chat" (chat-65B, with
-    `chat_prompts` also prompts and gates in the top N − 1 layers as the chat code allows, spec §2e)."""
+    `chat_prompts` also prompts and gates in the top N − 1 layers as the chat code allows, spec §2e; with
+    `chat_prompts="every layer"` also the zero gate that the chat code keeps in the unprompted layer 0)."""
     config, r = base.config, _Random(seed)
     c, n, f = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     heads, kv = config.num_attention_heads, config.num_key_value_heads
@@ -99,6 +100,8 @@ def llama_adapter_v2(
             state[f"{p}layers.{i}.ffn_norm.weight"] = r.uniform(c)
         if layout != "chat" or (chat_prompts and i > 0):
             state[f"{p}layers.{i}.attention.gate"] = r.normal(1, heads, 1, 1)
+        elif chat_prompts == "every layer":  # the chat code's gate in every layer: layer 0's never trained
+            state[f"{p}layers.{i}.attention.gate"] = torch.zeros(1, heads, 1, 1)
         if layout == "lora":
             state[f"{p}layers.{i}.attention.new_gate"] = r.uniform(1, 1, 1, 1)
     if layout != "caption":

@@ -166,3 +166,16 @@ def test_frozen_weights_of_a_full_state_dict_are_left_out_and_counted(tmp_path):
     summary = v2(tmp_path, checkpoint, base)
     assert summary.frozen_skipped == len(frozen) and summary.tensors_read == len(checkpoint["model"]) - len(frozen)
     assert "frozen tensors left out:      6" in str(summary)
+
+
+def test_an_out_that_is_a_file_and_a_prompt_length_that_is_no_integer_are_refused(tmp_path):
+    base = parity_base()
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ConversionError, match="'.*out' is a file; `out` \\(--out\\) names the adapter folder"):
+        v2(tmp_path, llama_adapter_v2("bias", base), base)
+    assert (tmp_path / "out").read_text() == "a file"
+    checkpoint = llama_adapter_v2("chat", base, chat_prompts=True)
+    for bad in ("three", 0, True):
+        with pytest.raises(ConversionError, match=f"`prompt_length` must be a positive integer; got {bad!r}"):
+            convert_llama_adapter_v2(checkpoint, base, tmp_path / "chat", overrides={"prompt_length": bad})
+    assert not (tmp_path / "chat").exists()

@@ -89,15 +89,19 @@ def test_chat_65b_input_side_scale_gives_the_official_logits(tmp_path, kind):
     torch.testing.assert_close(got, reference(model, meta, official, x, None, prompt_kv="adapted"), atol=1e-5, rtol=0)
 
 
-def test_chat_checkpoint_with_prompts_reads_prompt_k_v_through_scale_and_bias(tmp_path):
-    model, meta, official, _ = convert("chat", "mha", tmp_path, overrides={}, chat_prompts=True)
-    assert model.peft_config["default"].prompt_length == 3  # rows of adapter_query / gates (prompted layers)
+@pytest.mark.parametrize("gates, length", [(True, 3), ("every layer", 3), ("every layer", 4)])
+def test_chat_checkpoint_with_prompts_reads_prompt_k_v_through_scale_and_bias(tmp_path, gates, length):
+    """The chat code keeps a gate in every layer (the unprompted ones' zero); a file may also hold only the
+    prompted layers' gates. Either way L = 3 of the 4 layers and K from the rows, even where L·K rows would also
+    split into 4 layers (K = 4: 12 rows)."""
+    model, meta, official, _ = convert("chat", "mha", tmp_path, overrides={}, chat_prompts=gates, prompt_length=length)
     config = model.peft_config["default"]
-    assert config.prompt_kv_adapted and (config.prompt_layers, config.prompt_length) == (3, 3)
+    assert config.prompt_kv_adapted and (config.prompt_layers, config.prompt_length) == (3, length)
+    assert config.gate_layers == ("all" if gates == "every layer" else "prompted")
     x = ids()
     with torch.no_grad():
         got = model(input_ids=x).logits
-    expected = reference(model, meta, official, x, None, prompt_kv="adapted", prompt_length=3)
+    expected = reference(model, meta, official, x, None, prompt_kv="adapted", prompt_length=length)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 

@@ -57,7 +57,8 @@ def expected_features(name: str, model, pixels: torch.Tensor, every: int) -> tup
     `every`-th block)."""
     tower = getattr(model, "vision_model", model)  # transformers 5: CLIPVisionModel is the tower itself
     out = tower(pixel_values=pixels, output_hidden_states=True)
-    tokens = tower.post_layernorm(out.last_hidden_state)
+    # CLIP's last_hidden_state is before its final norm, SigLIP's after it
+    tokens = out.last_hidden_state if name == "siglip" else tower.post_layernorm(out.last_hidden_state)
     if name in ("clip-projection", "clip-full"):
         tokens = model.visual_projection(tokens)
     cls = torch.stack([out.hidden_states[i][:, 0] for i in range(every, VISION["num_hidden_layers"] + 1, every)], 1)
@@ -78,6 +79,13 @@ def test_backbone_reads_transformers_towers(towers, name):
     assert not any(p.requires_grad for p in backbone.parameters())
     with pytest.raises(ValueError, match=r"\(batch, 3, 32, 32\)"):
         backbone.check_pixel_values(torch.randn(2, 3, 28, 28))
+
+
+def test_lavin_refuses_a_tower_without_a_class_token(towers):
+    path, _ = towers["siglip"]
+    assert VisionBackbone("hf:" + path).is_vit is False and VisionBackbone("hf:" + towers["clip-plain"][0]).is_vit
+    with pytest.raises(ValueError, match="LaVIN reads the class token .* has none .* such as SigLIP"):
+        get_peft_model(tiny_llama(), LaVINConfig(vision_model="hf:" + path, vision_feature_every=2))
 
 
 def test_unsupported_transformers_model_is_named(tmp_path):

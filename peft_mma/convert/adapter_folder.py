@@ -76,7 +76,9 @@ class ConversionSummary:
 
 
 def check_out(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to replace an adapter already in `out` unless `overwrite`."""
+    """Refuse to replace an adapter already in `out` unless `overwrite`, and an `out` that is a file."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConversionError(f"{str(out)!r} is a file; `out` (--out) names the adapter folder to write.")
     if not overwrite and any((Path(out) / name).exists() for name in FILES):
         raise ConversionError(f"{str(out)!r} already holds an adapter; pass `overwrite=True` (--overwrite).")
 

@@ -121,11 +121,19 @@ def build_config(
             fields["visual_depth"] = max(blocks) + 1
     if "adapter_query.weight" in t:
         rows = t["adapter_query.weight"].shape[0]
-        gates = sum(1 for key in t if re.search(r"(^|\.)layers\.\d+\.attention\.gate$", key))
-        if "prompt_length" not in fields and gates and rows % gates == 0:  # chat: one gate per prompted layer
-            fields["prompt_length"] = rows // gates
+        gates = [key for key in t if re.search(r"(^|\.)layers\.\d+\.attention\.gate$", key)]
+        prompted = len(gates)  # a gate per prompted layer
+        if gates and len(gates) == base.config.num_hidden_layers:
+            # the chat code keeps a gate in every layer and prompts the top L alone: the others' never trained (0)
+            prompted = sum(1 for key in gates if t[key].any()) or len(gates)
+            if prompted < len(gates):
+                fields["gate_layers"] = "all"
+        if "prompt_length" not in fields and prompted and rows % prompted == 0:
+            fields["prompt_length"] = rows // prompted
         default = fields.get("prompt_length", LlamaAdapterV2Config.from_preset(preset).prompt_length)
         length = overrides.get("prompt_length", default)
+        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+            raise ConversionError(f"`prompt_length` must be a positive integer; got {length!r}.")
         if rows % length:
             raise ConversionError(
                 f"`adapter_query.weight` has {rows} rows, not a multiple of the prompt length K={length}; pass the "

@@ -70,7 +70,8 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
             Frozen image encoder (a timm name or `"hf:<path>"`); `None` builds a text-only adapter. LaVIN uses
             OpenAI's CLIP ViT-L/14, `vision.backbone.CLIP_VIT_L14` (timm's QuickGELU variant, §4).
         vision_pretrained (`bool`):
-            Load the encoder's pretrained weights through timm (needs the weights cached or a network).
+            Load the encoder's pretrained weights through timm (needs the weights cached or a network). An
+            `"hf:<path>"` tower is a saved model and always loads its weights.
         vision_model_kwargs (`dict`, *optional*):
             Extra keyword arguments for the encoder constructor (tests build tiny ViTs this way).
         vision_feature_every (`int`):

@@ -30,8 +30,9 @@ def build_encoder(config: LaVINConfig, on_meta: bool) -> VisionBackbone:
     if not visual.is_vit:
         raise ValueError(
             f"LaVIN reads the class token after every k-th block of a vision transformer; `vision_model`="
-            f"{config.vision_model!r} is a convolutional network without one. Use a ViT (e.g. "
-            "'vit_large_patch14_clip_quickgelu_224.openai'); LLaMA-Adapter V2 can read a CNN's feature map."
+            f"{config.vision_model!r} has none (a convolutional network, or a ViT without one such as SigLIP). Use "
+            "a ViT with a class token (e.g. 'vit_large_patch14_clip_quickgelu_224.openai'); LLaMA-Adapter V2 can "
+            "read the others' tokens."
         )
     every = config.vision_feature_every
     if visual.depth % every:

@@ -44,7 +44,8 @@ class LlamaAdapterV2Config(MMAConfigMixin, PeftConfig):
         prompt_kv_adapted (`bool`): Prompt keys/values go through k_proj/v_proj with this adapter's bias and scale
             (chat-65B, LitGPT) instead of the frozen base weights only (multimodal 7B); never through LoRA (§9 trap 2).
         vision_model (`str`, *optional*): Frozen image encoder: a timm name or "hf:<path>"; `None` is text-only.
-        vision_pretrained (`bool`): Load the encoder's pretrained weights (timm's cache) when it is built.
+        vision_pretrained (`bool`): Load the encoder's pretrained weights (timm's cache) when it is built; an
+            "hf:<path>" tower is a saved model and always loads its weights.
         vision_model_kwargs (`dict`, *optional*): Extra keyword arguments for the encoder's constructor.
         visual_width (`int`): Width of the visual bridge (768 for the official model, spec §3).
         visual_depth (`int`): Number of ViT blocks in the bridge (8).

@@ -32,6 +32,7 @@ from torch import nn
 
 HF_PREFIX = "hf:"
 TIMM_SOURCES = ("local-dir:", "hf-hub:")  # timm names of a saved model: its folder, or its Hub repo
+NORMED_LAST_HIDDEN_STATE = ("siglip",)  # transformers towers whose `last_hidden_state` has the final norm already
 # OpenAI's CLIP ViT-L/14, the encoder of both papers. timm's QuickGELU variant is the exact one: its plain
 # `vit_large_patch14_clip_224.openai` loads the same weights with exact GELU, which moves logits by ~1e-2.
 CLIP_VIT_L14 = "vit_large_patch14_clip_quickgelu_224.openai"
@@ -150,9 +151,10 @@ class VisionBackbone(nn.Module):
 
     @property
     def is_vit(self) -> bool:
-        """A transformer with a class token (what LaVIN reads); otherwise a convolutional network."""
+        """A transformer with a class token (what LaVIN reads); otherwise a convolutional network, or a transformer
+        without one (transformers' SigLIP)."""
         if not self.is_timm:
-            return True
+            return getattr(self._hf_root.embeddings, "class_embedding", None) is not None
         return hasattr(self.encoder, "blocks") and getattr(self.encoder, "num_prefix_tokens", 0) > 0
 
     @property
@@ -231,8 +233,10 @@ class VisionBackbone(nn.Module):
             head = self.encoder.head
             return head(features) if isinstance(head, nn.Linear) else features
         output = self.encoder(pixel_values=x)
-        post_norm = getattr(self._hf_root, "post_layernorm", None) or nn.Identity()
-        features = post_norm(output.last_hidden_state)
+        features = output.last_hidden_state
+        post_norm = getattr(self._hf_root, "post_layernorm", None)
+        if post_norm is not None and not self._hf_root.config.model_type.startswith(NORMED_LAST_HIDDEN_STATE):
+            features = post_norm(features)  # CLIP's tower norms its pooled token only
         projection = getattr(self.encoder, "visual_projection", None)
         return projection(features) if projection is not None else features
 
