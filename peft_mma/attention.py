@@ -87,7 +87,12 @@ def _wrapped(base_name: str):
             rows = int(state.modality_token)
             kwargs = _without_front_positions(kwargs, rows, query.shape[2])
             attention_mask = without_modality_token(attention_mask, rows)
-            output, weights = base(seen, query[:, :, rows:], key[:, :, 1:], value[:, :, 1:], attention_mask, **kwargs)
+            sliced = (query[:, :, rows:], key[:, :, 1:], value[:, :, 1:])
+            if torch.compiler.is_compiling():
+                # laid out anew: over dynamic lengths inductor kept the RoPE outputs' slices at a stride of the text
+                # length instead of 1 + it, and the compiled backward of a third length failed its stride check
+                sliced = tuple(t.contiguous() for t in sliced)
+            output, weights = base(seen, *sliced, attention_mask, **kwargs)
         else:
             output, weights = base(seen, query, key, value, attention_mask, **kwargs)
         if rows:

@@ -69,7 +69,8 @@ def test_cached_decoding_compiles_as_full_graphs_with_the_eager_tokens(method, c
 
 @pytest.mark.parametrize("method", ["v2", "lavin"])
 def test_trainer_with_torch_compile_trains_every_part(method, tmp_path):
-    """`TrainingArguments(torch_compile=True)`: the Trainer compiles the model and every adapter part trains."""
+    """`TrainingArguments(torch_compile=True)`: the Trainer compiles the model and every adapter part trains, over
+    batches of several lengths (each a new shape: the third one runs the graph compiled for dynamic lengths)."""
     from stand_in_tokenizer import word_tokenizer
     from transformers import Trainer, TrainingArguments
 
@@ -79,13 +80,15 @@ def test_trainer_with_torch_compile_trains_every_part(method, tmp_path):
     model, _ = model_and_batch(method)
     texts = ["What is shown ?", "It is a cat .", "Say hello .", "hello"]
     samples = [
-        {"prompt": texts[0], "response": texts[1], "image": torch.randn(3, 28, 28)},
-        {"prompt": texts[2], "response": texts[3]},
-    ] * 2
+        {"prompt": " ".join([texts[0]] * n), "response": texts[1], "image": torch.randn(3, 28, 28)}
+        if n % 2
+        else {"prompt": " ".join([texts[2]] * n), "response": texts[3]}
+        for n in range(1, 9)
+    ]  # 8 lengths
     tokens = ImageTokens.from_config(model.peft_config["default"]) if method == "lavin" else None
     collator = CausalLMCollator(word_tokenizer(texts=texts, add_bos=True), image_size=28, image_tokens=tokens)
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2, report_to=[],
         save_strategy="no", remove_unused_columns=False, use_cpu=True, torch_compile=True,
     )  # fmt: skip
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
