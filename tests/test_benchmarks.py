@@ -720,3 +720,12 @@ def test_quality_report_names_the_encoder_and_mixed_precision():
     result["settings"] |= {"bf16": False, "encoder": "scenes"}
     text = report.quality_tables([result], None)
     assert "bf16 autocast" not in text and "(`peft_mma.vision.scene_encoder`)" in text
+
+
+def test_compiled_recipe_runs_over_three_lengths(tmp_path):
+    """`gpu.sh`'s recipe part compiles each layer for dynamic shapes: its third length is the first that runs the
+    dynamic graph (LaVIN's sliced attention inputs once failed a stride check there)."""
+    argv = ["--preset", "tiny", "--device", "cpu", "--compile", "--micro-batches", "4", "--lengths", "8", "16", "24"]
+    result = projection.main([*argv, "--rounds", "1", "--out", str(tmp_path / "recipe.json")])
+    rows = result["lavin"]["micro_batches"][4]
+    assert set(rows["text"]) == set(rows["image"]) == {8, 16, 24} and result["compile_stats"]["graph_breaks"] == 0
