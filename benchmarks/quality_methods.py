@@ -96,7 +96,9 @@ class Method(nn.Module):
             config = self.model.peft_config["default"]
             if isinstance(config, LaVINConfig):  # LaVIN's images sit in the ids, as placeholders after BOS
                 tokens, bos = ImageTokens.from_config(config), self.model.config.bos_token_id
-                kwargs |= tokens.expand(kwargs["input_ids"], kwargs["attention_mask"], None, kwargs["has_image"], bos)
+                kwargs |= tokens.expand(
+                    kwargs["input_ids"], kwargs["attention_mask"], None, kwargs["has_image"], bos, padding_side="left"
+                )
         return kwargs | {"position_ids": _positions(kwargs["attention_mask"])}
 
     def logits(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:

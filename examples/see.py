@@ -225,8 +225,8 @@ def train(model, collator, train_set: Sequence[dict], args: argparse.Namespace) 
     `create_mma_optimizer`, warm-up then cosine, gradients clipped at `--max-grad-norm`, the loss from the response
     positions' logits alone (`keep_response_logits`, `response_loss`), bf16 autocast with `--bf16`, nothing
     saved)."""
-    lr = args.lr or DEFAULT_LR[args.method]
-    ratio = args.visual_lr_ratio or DEFAULT_VISUAL_LR_RATIO[args.method]
+    lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
+    ratio = DEFAULT_VISUAL_LR_RATIO[args.method] if args.visual_lr_ratio is None else args.visual_lr_ratio
     optimizer = create_mma_optimizer(model, lr=lr, visual_lr_ratio=ratio, betas=(0.9, 0.95))
     with tempfile.TemporaryDirectory() as scratch:
         training = TrainingArguments(

@@ -447,3 +447,32 @@ def test_pretrained_weights_come_from_the_local_cache_or_fail_at_once_offline(co
     encoder = next(m for m in model.modules() if type(m).__name__ == "VisionBackbone").encoder
     loaded = {k.replace(".base_layer", ""): v for k, v in encoder.state_dict().items() if "mma_" not in k}
     assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("row", ["v2-text", "lavin-text"])
+def test_switching_the_attention_implementation_after_attaching_keeps_the_adapter(row):
+    """`set_attn_implementation` after `get_peft_model` replaces the wrapper that V2's prompts and LaVIN's
+    modality token live in; the next call wraps the new implementation again, with the same logits."""
+    model = model_for(row, base=tiny_llama("gqa", "eager")).eval()
+    batch = batch_for(row, model)
+    with torch.no_grad():
+        want = model(**batch).logits
+    for implementation in ("sdpa", "eager"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            got = model(**batch).logits
+        assert model.base_model.model.config._attn_implementation == implementation + "+mma"
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_loading_a_second_v2_adapter_leaves_the_trainability_of_the_first_bridge(tmp_path):
+    """PEFT's `inject_adapter` restores the layers' `requires_grad` after its `set_adapter`; the tuner-level visual
+    bridge gets the same: loading another adapter for evaluation does not freeze the one being trained."""
+    from peft import PeftModel
+
+    model_for("v2-image").save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(tiny_llama("gqa"), tmp_path, is_trainable=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("mma_adapter_v2_visual.default" in n for n in trainable)
+    model.load_adapter(tmp_path, adapter_name="other")  # is_trainable=False
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable

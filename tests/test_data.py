@@ -92,8 +92,10 @@ def test_scienceqa_prompt_and_answer_follow_lavin():
 
 
 def test_scienceqa_rejects_bad_answers_and_options():
-    with pytest.raises(ValueError, match="`answer` must be an option letter"):
-        scienceqa_answer("a")
+    for bad in ("a", "AB", "", 26, -1, True, None):
+        with pytest.raises(ValueError, match="`answer` must be an option letter"):
+            scienceqa_answer(bad)
+    assert scienceqa_answer(25) == "The answer is Z." and scienceqa_answer("C") == "The answer is C."
     with pytest.raises(ValueError, match="`explanation_first` needs an `explanation`"):
         scienceqa_answer("A", explanation_first=True)
     with pytest.raises(ValueError, match="`options` must hold 1 to 26"):
@@ -238,6 +240,24 @@ def test_collator_left_padding_and_bos():
     assert batch["labels"].tolist() == [[m, m, m, m, 7, 8, EOS], [m, m, m, m, m, 9, EOS]]
 
 
+def test_collator_keeps_the_bos_that_a_post_processor_adds():
+    """LLaMA-3's tokenizer adds BOS through its post-processor while `add_bos_token` is False: the collator must
+    still put BOS in front, as the tokenizer does to a plain string."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "hello": 4, "world": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    assert not getattr(tokenizer, "add_bos_token", False) and tokenizer("hello")["input_ids"] == [1, 4]
+    batch = CausalLMCollator(tokenizer)([{"prompt": "hello", "response": "world"}])
+    assert batch["input_ids"].tolist() == [[1, 4, 5, 2]] and batch["labels"].tolist() == [[-100, -100, 5, 2]]
+
+
 def test_collator_keeps_the_eos_label_when_pad_is_eos():
     batch = CausalLMCollator(letters_tokenizer(pad_is_eos=True))(SAMPLES)
     m = IGNORE_INDEX
@@ -363,6 +383,13 @@ def test_image_tokens_expand_a_padded_batch_on_its_padding_side():
     assert out["has_image"].tolist() == [True, False]
     right = tokens.expand(torch.tensor([[BOS, 4], [BOS, 5]]), has_image=torch.tensor([False, True]), bos_token_id=BOS)
     assert right["input_ids"].tolist() == [[BOS, 4, PAD, PAD], [BOS, IMG, IMG, 5]]
+    # prompts of equal length show no side: a batch to generate from says "left"
+    flags = torch.tensor([False, True])
+    left = tokens.expand(torch.tensor([[BOS, 4], [BOS, 5]]), has_image=flags, bos_token_id=BOS, padding_side="left")
+    assert left["input_ids"].tolist() == [[PAD, PAD, BOS, 4], [BOS, IMG, IMG, 5]]
+    assert left["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="`padding_side` must be 'left', 'right' or None"):
+        tokens.expand(torch.tensor([[BOS, 4]]), padding_side="middle")
 
 
 def test_image_tokens_come_from_an_attached_config():

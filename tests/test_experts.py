@@ -33,15 +33,19 @@ def test_expert_outputs_enter_the_prompt_as_context_ahead_of_the_samples_own():
     said = {"OCR": lambda image: "CAT", "Caption": lambda image: f"a {image.shape[-1]} px picture"}
     instruction = {"image": torch.zeros(3, 8, 8), "instruction": "Read it.", "input": "Be brief.", "output": "CAT"}
     text_only = {"instruction": "Say hi.", "output": "hi"}
-    samples = [question(), question(context="A sign."), instruction, text_only]
+    no_image = question(image=None)  # HF ScienceQA's text-only questions: no expert runs, nothing is added
+    samples = [question(), question(context="A sign."), instruction, text_only, no_image]
     kept = copy.deepcopy(samples)
-    out = with_experts(samples, said)
+    out = with_experts(samples, said)  # the Caption expert would fail on None: it must not run there
+    assert out[4] == no_image and prompt_and_response(out[4]) == prompt_and_response(no_image)
+    out = out[:4]
     prompts = [prompt_and_response(s)[0] for s in out]
     assert "Context: OCR: CAT\nCaption: a 8 px picture\nOptions:" in prompts[0]
     assert "Context: OCR: CAT\nCaption: a 8 px picture\n\nA sign.\nOptions:" in prompts[1]
     assert "### Input:\nOCR: CAT\nCaption: a 8 px picture\n\nBe brief.\n\n### Response:" in prompts[2]
     assert out[3] == text_only and prompt_and_response(out[3]) == prompt_and_response(text_only)
     assert [s.keys() for s in samples] == [s.keys() for s in kept]  # the inputs are not changed
+    samples = samples[:4]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(out[:3], samples[:3]))
 
 

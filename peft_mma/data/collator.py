@@ -175,11 +175,13 @@ class CausalLMCollator:
 
     @staticmethod
     def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+        """Whether the tokenizer puts BOS in front of a plain string: its `add_bos_token`, or a post-processor that
+        adds it while `add_bos_token` says False (LLaMA-3's; every fast tokenizer has the attribute since
+        transformers 5)."""
         if tokenizer.bos_token_id is None:
             return False
-        add_bos = getattr(tokenizer, "add_bos_token", None)
-        if add_bos is not None:
-            return bool(add_bos)
+        if getattr(tokenizer, "add_bos_token", None):
+            return True
         return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
 
     def _tokens(self, text: str) -> list[int]:

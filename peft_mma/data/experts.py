@@ -87,7 +87,8 @@ def with_experts(samples: Iterable[dict], experts: Mapping[str, Expert]) -> list
     """Copies of `samples` with the outputs of `experts` ({name: expert}) on each sample's `image` as context: the
     `context` of a question sample (LaVIN's ScienceQA format), the `input` of an instruction sample (the Alpaca
     template), ahead of any context the sample already has; one `Name: text` line per expert
-    (`templates.expert_context`). Samples without an image are copied unchanged."""
+    (`templates.expert_context`). Samples without an image (no `image`, or `image` None, as the collator reads it)
+    are copied unchanged."""
     if not isinstance(experts, Mapping) or not experts:
         raise ValueError(f"`experts` must be a non-empty mapping of name → callable(image) → str, got {experts!r}.")
     not_callable = [name for name, expert in experts.items() if not callable(expert)]
@@ -95,14 +96,14 @@ def with_experts(samples: Iterable[dict], experts: Mapping[str, Expert]) -> list
         raise TypeError(f"Experts {not_callable} are not callable; each must map an image to a string.")
     samples = list(samples)
     for i, sample in enumerate(samples):
-        if "image" in sample and "question" not in sample and "instruction" not in sample:
+        if sample.get("image") is not None and "question" not in sample and "instruction" not in sample:
             raise ValueError(
                 f"Sample {i} has an image but neither `question` nor `instruction`, so its prompt has no context "
                 f"slot for expert outputs (keys: {sorted(sample)})."
             )
     out = []
     for sample in samples:
-        if "image" not in sample:
+        if sample.get("image") is None:
             out.append(dict(sample))
             continue
         said = {name: expert(sample["image"]) for name, expert in experts.items()}

@@ -6,7 +6,8 @@ users who tokenize prompts themselves:
 
     tokens = ImageTokens.from_config(model.peft_config["default"])   # after get_peft_model / from_pretrained
     ids = tokens.insert(tokenizer("…")["input_ids"], bos_token_id=tokenizer.bos_token_id)    # one sample
-    batch = tokens.expand(input_ids, attention_mask, labels, has_image)                      # a padded batch
+    batch = tokens.expand(input_ids, attention_mask, labels, has_image, bos_token_id=tokenizer.bos_token_id,
+                          padding_side="left")                                        # a padded batch to generate from
 
 Positions (`LaVINConfig.image_token_position`): `"after_bos"` puts them right after a leading BOS (at the start
 otherwise), the official `[BOS, V, text…]` (spec `lavin_mma.md` §4); `"placeholder"` puts them in place of the one
@@ -74,16 +75,21 @@ class ImageTokens:
         labels: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
         bos_token_id: int | None = None,
+        padding_side: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """A padded batch with each image sample's placeholders inserted (`insert`) and the batch padded again.
 
-        Padding stays on the side it was (left when a row's mask starts with 0), with id 0 and label -100; the
-        placeholders get mask 1 and label -100. `has_image` (B,) bool, all True by default. Returns `input_ids`,
-        `attention_mask`, `has_image` and, if given, `labels`.
+        The batch is padded with id 0 and label -100 on `padding_side` ("left" for `generate`, "right" for
+        training); by default on the side it was padded on, left when a row's mask starts with 0, which a batch of
+        equal lengths does not show: pass "left" for generation. The placeholders get mask 1 and label -100.
+        `has_image` (B,) bool, all True by default. Returns `input_ids`, `attention_mask`, `has_image` and, if
+        given, `labels`.
         """
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"`padding_side` must be 'left', 'right' or None, got {padding_side!r}.")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         flags = torch.ones(len(input_ids), dtype=torch.bool) if has_image is None else has_image.bool().cpu()
-        left = bool((mask[:, 0] == 0).any())
+        left = bool((mask[:, 0] == 0).any()) if padding_side is None else padding_side == "left"
         rows, targets = [], []
         for i, keep in enumerate(mask.bool().cpu()):
             ids = input_ids[i].cpu()[keep].tolist()

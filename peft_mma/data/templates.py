@@ -87,8 +87,11 @@ def scienceqa_answer(answer: str | int, explanation: str | None = None, explanat
     `answer` is a letter or a 0-based option index. LaVIN appends the target to the prompt with no separator
     (spec/lavin_mma.md §6); the collator does the same.
     """
-    letter = OPTION_LETTERS[answer] if isinstance(answer, int) else answer
-    if letter not in OPTION_LETTERS:
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(OPTION_LETTERS):
+        letter = OPTION_LETTERS[answer]
+    else:
+        letter = answer
+    if not isinstance(letter, str) or len(letter) != 1 or letter not in OPTION_LETTERS:
         raise ValueError(f"`answer` must be an option letter A-Z or an index, got {answer!r}.")
     target = f"The answer is {letter}."
     if explanation_first:

@@ -247,6 +247,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         by default the samples whose `input_ids` hold image placeholders.
         """
         name = self._active_name()
+        install_mma_attention(self.model)  # again, where the user switched the implementation after attaching LaVIN
         plain = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels)
         if name is None:
             self._check_no_placeholders(input_ids)
@@ -282,6 +283,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         transformers decodes a prompt given as embeddings with its KV cache, so `use_cache=False` has no effect.
         """
         name = self._active_name()
+        install_mma_attention(self.model)  # again, where the user switched the implementation after attaching LaVIN
         if name is None:
             self._check_no_placeholders(input_ids)
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -104,12 +104,16 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         config = self.peft_config[adapter_name]
         self._check_against_model(config, model)
+        bridges = getattr(self, "mma_adapter_v2_visual", {})
+        trainable = {p: p.requires_grad for name, bridge in bridges.items() for p in bridge.parameters()}
         self._add_visual_path(adapter_name, config, model)
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except Exception:
             self._delete_model_level_adapter(adapter_name)
             raise
+        for param, flag in trainable.items():  # PEFT restores the layers' flags after its `set_adapter`, not ours
+            param.requires_grad_(flag)
         if self.prompt_layer_ids(config, config.base_num_layers):
             install_mma_attention(model)
         model.add_model_tags(["peft_mma", "llama-adapter-v2"])  # PEFT's model card names the plugin and the method
@@ -174,6 +178,12 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         has_vision = config.vision_model is not None
         return dict(prompted=layer in ids, gated=gated, visual_fused=has_vision and layer in fused)
 
+    def _keep_mma_attention(self) -> None:
+        """Wrap the attention again where the user switched it (`set_attn_implementation`) after the prompts were
+        attached: the gated prompt term lives in the wrapper (no-op otherwise)."""
+        if any(self.prompt_layer_ids(config, config.base_num_layers) for config in self.peft_config.values()):
+            install_mma_attention(self.model)
+
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         active = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -188,11 +198,13 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
 
     def forward(self, *args, pixel_values=None, has_image=None, **kwargs):
         """The base model's forward, with the per-call prompt state (visual tokens V, K/V cache) handed down."""
+        self._keep_mma_attention()
         state = PromptState(self._visual_tokens(pixel_values, has_image, self._batch_size(args, kwargs)))
         return self.model(*args, **kwargs, **{STATE_KWARG: state})
 
     def generate(self, *args, pixel_values=None, has_image=None, **kwargs):
         """The base model's `generate`; V and the prompt K/V are computed once for all its decoding steps."""
+        self._keep_mma_attention()
         state = PromptState(self._visual_tokens(pixel_values, has_image, self._batch_size(args, kwargs)))
         with state_handed_to([self.model], state):
             return self.model.generate(*args, **kwargs)
