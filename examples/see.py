@@ -104,7 +104,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=2048, help="training questions")
     parser.add_argument("--eval-size", type=int, default=96, help="held-out questions for the accuracy")
     parser.add_argument("--show", type=int, default=12, help="held-out questions drawn into the PNG grid")
-    parser.add_argument("--encoder", default=None, help="a timm vision_model (default: the scene encoder)")
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="a timm vision_model that reads the 64-px scenes as drawn, values in [0, 1] (default: the scene encoder)",
+    )
     parser.add_argument(
         "--questions", nargs="*", choices=list(QUESTIONS), default=list(DEFAULT_QUESTIONS), help="question kinds"
     )
@@ -353,6 +357,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from peft_mma.vision.scene_encoder import IMAGE_SIZE, scene_encoder
 
     started = time.perf_counter()
+    if args.encoder is not None:
+        from peft_mma.data.collator import timm_image_transform
+
+        size = timm_image_transform(args.encoder)[1]
+        if size != IMAGE_SIZE:
+            raise SystemExit(
+                f"--encoder {args.encoder} reads {size}-px images; the job draws its scenes at {IMAGE_SIZE} px. Pass "
+                f"an encoder built for {IMAGE_SIZE}-px input, or leave --encoder out for the scene encoder."
+            )
     encoder = args.encoder or scene_encoder(seed=args.seed, progress=True)
     base, tokenizer = load_smollm2(dtype=torch.float32)
     layers = base.config.num_hidden_layers

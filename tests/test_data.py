@@ -177,6 +177,8 @@ def test_visual_qa_answers_are_balanced_and_recoverable_from_pixels(shuffle_opti
     samples = visual_qa_dataset(80, seed=0, image_size=28, shuffle_options=shuffle_options)
     assert Counter(s["answer"] for s in samples) == {"A": 20, "B": 20, "C": 20, "D": 20}
     assert Counter(s["question"] for s in samples).most_common()[0][1] == 40
+    for question in {s["question"] for s in samples}:  # and within each kind
+        assert Counter(s["answer"] for s in samples if s["question"] == question) == dict.fromkeys("ABCD", 10)
     assert all(pixel_rule_answer(s) == s["answer"] for s in samples)  # the cue decides the answer
 
 

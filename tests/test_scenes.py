@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -36,6 +37,13 @@ def test_scenes_are_seeded_and_splits_are_disjoint():
     rng = random.Random(0)
     shares = Counter(random_scene(rng, KINDS[i % 4]).split for i in range(2000))
     assert 0.15 < shares["eval"] / 2000 < 0.25
+
+
+def test_a_scenes_split_does_not_depend_on_the_order_its_shapes_were_drawn_in():
+    rng = random.Random(0)
+    scene = next(s for s in (random_scene(rng, "count") for _ in range(100)) if len(s.shapes) > 1)
+    swapped = dataclasses.replace(scene, shapes=list(reversed(scene.shapes)))
+    assert swapped.key == scene.key and swapped.split == scene.split
 
 
 def test_captions_and_slots_describe_the_scene():
@@ -73,6 +81,8 @@ def test_questions_are_answered_by_the_scene_and_balanced():
     samples = scene_qa_dataset(240, seed=0)
     assert Counter(s["answer"] for s in samples) == dict.fromkeys("ABCD", 60)
     assert Counter(s["kind"] for s in samples) == dict.fromkeys(QUESTIONS, 40)
+    for kind in QUESTIONS:  # each kind on its own too: no letter a blind guess per kind could lean on
+        assert Counter(s["answer"] for s in samples if s["kind"] == kind) == dict.fromkeys("ABCD", 10), kind
     slot = {"colour": "colour", "shape": "shape", "position": "position", "count": "count", "larger": "large_colour"}
     for s in samples:
         scene_kind, question = QUESTIONS[s["kind"]]

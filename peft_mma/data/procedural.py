@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .templates import OPTION_LETTERS
+from .templates import OPTION_LETTERS, balanced_answers
 
 WORDS = (
     "apple river stone cloud green house music paper light water tiger bread chair table dream "
@@ -142,7 +142,8 @@ def visual_qa_dataset(
     shuffle_options: bool = False,
     split: str = "train",
 ) -> list[dict]:
-    """`n` 4-way questions about `draw_quadrant_image` pictures; answers are balanced over A-D (exactly when 4|n).
+    """`n` 4-way questions about `draw_quadrant_image` pictures; each kind's answers are balanced over A-D (exactly
+    when 4 × len(kinds) divides n; `templates.balanced_answers`).
 
     `kinds` picks the questions asked, in turn: "position" (which quadrant) and/or "colour". With
     `shuffle_options` the option order varies per sample (the answer letter still follows the balanced plan),
@@ -153,8 +154,7 @@ def visual_qa_dataset(
         raise ValueError(f"`kinds` must be a non-empty subset of {list(QUESTIONS)}, got {list(kinds)}.")
     rng = random.Random(f"visual-qa-{seed}-{split}")
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
-    answers = [i % 4 for i in range(n)]
-    rng.shuffle(answers)
+    answers = balanced_answers(rng, n, len(kinds))
     colour_names = list(COLOURS)
     samples = []
     for i, answer in enumerate(answers):

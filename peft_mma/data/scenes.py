@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import torch
 
-from .templates import OPTION_LETTERS
+from .templates import OPTION_LETTERS, balanced_answers
 
 KINDS = ("object", "count", "pair", "word")
 SHAPES = ("square", "circle", "triangle", "cross")
@@ -94,7 +94,7 @@ class Scene:
     @property
     def key(self) -> str:
         """The scene's content, rounded to pixels: what decides its split."""
-        drawn = [(s, c, round(h), round(x), round(y)) for s, c, h, x, y in self.shapes]
+        drawn = sorted((s, c, round(h), round(x), round(y)) for s, c, h, x, y in self.shapes)  # not drawing order
         return f"{self.kind}|{sorted(self.attributes.items())}|{drawn}|{self.word}|{self.image_size}"
 
     @property
@@ -253,8 +253,8 @@ def scene_qa_dataset(
     explained: bool = False,
 ) -> list[dict]:
     """`n` 4-way questions about scenes as {"image", "question", "options", "answer", "kind", "scene"} dicts (`kind`:
-    the question kind; `scene`: what is drawn), question kinds in turn; answers balanced over A-D (exactly when
-    4 × len(questions) divides n).
+    the question kind; `scene`: what is drawn), question kinds in turn; each kind's answers balanced over A-D
+    (exactly when 4 × len(questions) divides n; `templates.balanced_answers`).
 
     Options: the four colours, shapes, positions or counts in a fixed order (the scene is drawn so that the answer
     falls on the planned letter), or for "word" four of `WORDS` with the right one at the planned letter.
@@ -269,8 +269,7 @@ def scene_qa_dataset(
         raise ValueError(f"`questions` must be a non-empty subset of {list(QUESTIONS)}, got {list(questions)}.")
     rng = random.Random(f"scene-qa-{seed}-{split}")
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
-    plan = [i % 4 for i in range(n)]
-    rng.shuffle(plan)
+    plan = balanced_answers(rng, n, len(questions))
     samples = []
     for i, letter in enumerate(plan):
         question = questions[i % len(questions)]

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -77,6 +78,19 @@ def scienceqa_prompt(question: str, options: Sequence[str], context: str | None 
     An empty `context` is written as "N/A", as ScienceQA does for questions without one.
     """
     return f"Question: {question}\nContext: {context or 'N/A'}\nOptions: {format_options(options)}\nResponse:"
+
+
+def balanced_answers(rng: random.Random, n: int, kinds: int, options: int = 4) -> list[int]:
+    """The answer index of each of `n` questions whose kinds take turns (question i is of kind i % `kinds`): every
+    kind's answers spread over the `options` as evenly as its count allows (exactly when `options` divides it), in
+    an order drawn from `rng`. A balance over all the questions alone would let a kind lean to some letters, which a
+    blind guess per kind then beats chance with."""
+    per_kind = []
+    for kind in range(kinds):
+        letters = [j % options for j in range(len(range(kind, n, kinds)))]
+        rng.shuffle(letters)
+        per_kind.append(iter(letters))
+    return [next(per_kind[i % kinds]) for i in range(n)]
 
 
 def scienceqa_answer(answer: str | int, explanation: str | None = None, explanation_first: bool = False) -> str:

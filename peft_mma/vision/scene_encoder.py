@@ -61,7 +61,7 @@ from ..data.cache import cache_root, write_folder
 from ..data.scenes import KINDS, SLOTS, draw_scenes, scene_dataset
 from ..utils import warmup_cosine
 
-VERSION = 4
+VERSION = 5  # 5: a scene's split no longer depends on the order its shapes were drawn in
 BUILD_THREADS = 1  # torch threads per shard
 SHARDS = 2  # each step's batch, in parts whose gradients are computed at once on threads of their own
 ARCH = "vit_tiny_patch16_224"
