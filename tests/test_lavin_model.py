@@ -7,7 +7,7 @@ import torch
 from conftest import LAVIN_VISION, lavin_batch, model_for, tiny_lavin, tiny_llama, train_steps
 from peft import PeftModel, PeftModelForCausalLM, get_peft_model
 from stand_in_tokenizer import word_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from peft_mma import LaVINConfig
 from peft_mma.attention import STATE_KWARG
@@ -429,3 +429,11 @@ def test_tuple_outputs_kept_logits_and_generate_lengths_are_those_of_input_ids(r
         with model.disable_adapter():
             base = model.generate(**text, max_length=10, min_length=10, do_sample=False, eos_token_id=None)
     assert new.shape == base.shape == (1, 10)
+    with torch.no_grad():  # a max_length in the generation config counts the caller's prompt too
+        for config in (GenerationConfig(max_length=12, do_sample=False), GenerationConfig(do_sample=False)):
+            new = model.generate(**text, generation_config=config, eos_token_id=None)
+            with model.disable_adapter():
+                base = model.generate(**text, generation_config=config, eos_token_id=None)
+            assert new.shape == base.shape and (config.max_length is None or new.shape[1] == 12)
+        short = model.generate(**text, max_new_tokens=2, do_sample=False, eos_token_id=None)
+    assert short.shape == (1, 7 + 2)

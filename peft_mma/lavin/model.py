@@ -297,9 +297,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         if batch.front:
             processors.append(ModalityTokenConsumed(call))
-            for key in ("max_length", "min_length"):  # they count the prompt, which is one longer with the token
-                if kwargs.get(key) is not None:
-                    kwargs[key] += batch.front
+            kwargs |= self._lengths_past_front(kwargs, batch.front)
         with state_handed_to([self.model, *self._keywordless_adapters()], call):
             output = self.model.generate(
                 input_ids=shown,
@@ -309,6 +307,20 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 **kwargs,
             )
         return restore_prompt(output, prompt, prompt.shape[1], batch.front)
+
+    def _lengths_past_front(self, kwargs: dict, front: int) -> dict:
+        """`max_length` / `min_length` for `generate`, from its keywords or else its generation config, moved by the
+        `front` positions the prompt gains (they count the prompt); none where `max_new_tokens` /
+        `min_new_tokens` decide instead, or where the length is unset or 0."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        lengths = {}
+        for key, instead in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            if kwargs.get(instead) is not None or (instead not in kwargs and getattr(config, instead, None)):
+                continue
+            value = kwargs[key] if key in kwargs else getattr(config, key, None)
+            if value:
+                lengths[key] = value + front
+        return lengths
 
     def _prepare(self, name: str, plain: dict, position_ids, pixel_values, has_image, kwargs: dict):
         """Check the call's inputs (eagerly; not under `torch.compile`) and assemble them for adapter `name`."""
