@@ -203,16 +203,21 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
             return False
         return "adapted" not in paths or all(lora is None for _, _, lora in deltas)
 
-    def _merged_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(P_out, P_in): the products of the output-side and input-side scales of the adapters merged so far (fp32;
-        None where there are none)."""
-        products: dict[str, torch.Tensor | None] = {"output": None, "input": None}
+    def _behind_merged(
+        self, bias: torch.Tensor | None, lora: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(P_out ⊙ b, diag(P_out) γBA diag(P_in)): an adapter's bias and LoRA term as the scales of the adapters
+        merged before it act on them (P_out, P_in: the products of their output-side and input-side scales)."""
         for adapter in self.merged_adapters:
-            scale = self.get_delta(adapter)[0]
-            if scale is not None:
-                side = self.scale_side[adapter]
-                products[side] = scale if products[side] is None else products[side] * scale
-        return products["output"], products["input"]
+            if adapter not in self.mma_adapter_v2_scale:
+                continue
+            scale = self.mma_adapter_v2_scale[adapter].float()
+            if self.scale_side[adapter] == "output":
+                bias = None if bias is None else bias * scale
+                lora = None if lora is None else lora * scale[:, None]
+            elif lora is not None:
+                lora = lora * scale[None, :]
+        return bias, lora
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold into W and b₀, one adapter after another. With the scales of the adapters merged before it
@@ -221,7 +226,7 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
             W′ = diag(s_out) (W + diag(P_out) γBA diag(P_in)) diag(s_in),    b₀′ = s_out ⊙ (b₀ + P_out ⊙ b)
 
         (s_out = s on the output side, s_in on the input side, 1 otherwise): after every adapter, y = W′x + b₀′ is
-        the forward of all of them, whose scales multiply and whose biases and LoRA terms add.
+        the forward of all of them, whose scales multiply and whose biases and LoRA terms add (`_behind_merged`).
 
         A prompted layer's k_proj / v_proj stay unmerged, for all the adapters at once, when its prompts read them
         without (some of) the adapters (`prompt_kv_adapted`, `_foldable`); their forward then applies the adapters
@@ -234,16 +239,12 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
             if scale is None and bias is None and lora is None:
                 self.merged_adapters.append(adapter)
                 continue
-            p_out, p_in = self._merged_scales()
+            bias, lora = self._behind_merged(bias, lora)
             weight = self.get_base_weight()
             base_bias = self.get_base_layer().bias
-            w = weight.float()
-            if lora is not None:
-                lora = lora if p_out is None else p_out[:, None] * lora
-                w = w + (lora if p_in is None else lora * p_in[None, :])
+            w = weight.float() + (lora if lora is not None else 0)
             b = base_bias.float() if base_bias is not None else torch.zeros(self.out_features, device=w.device)
-            if bias is not None:
-                b = b + (bias if p_out is None else p_out * bias)
+            b = b + (bias if bias is not None else 0)
             if scale is not None and self.scale_side[adapter] == "output":
                 w, b = w * scale[:, None], b * scale
             elif scale is not None:
@@ -263,7 +264,7 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
             scale, bias, lora = self.get_delta(adapter)
             if scale is None and bias is None and lora is None:
                 continue
-            p_out, p_in = self._merged_scales()  # of the adapters merged before this one
+            bias, lora = self._behind_merged(bias, lora)  # the adapters merged before this one
             weight, base_bias = self.get_base_weight(), self.get_base_layer().bias
             w = weight.float()
             b = base_bias.float() if base_bias is not None else None
@@ -272,13 +273,10 @@ class Linear(nn.Module, LlamaAdapterV2Layer):
                 b = b / scale if b is not None else None
             elif scale is not None:
                 w = w / scale[None, :]
-            if lora is not None:
-                lora = lora if p_out is None else p_out[:, None] * lora
-                w = w - (lora if p_in is None else lora * p_in[None, :])
+            w = w - (lora if lora is not None else 0)
             new = {"weight": w.to(weight.dtype)}
             if b is not None:
-                b = b - (0 if bias is None else (bias if p_out is None else p_out * bias))
-                new["bias"] = b.to(base_bias.dtype)
+                new["bias"] = (b - (bias if bias is not None else 0)).to(base_bias.dtype)
             self._safe_assign(new, False, adapter)
         if self._created_bias:
             self.get_base_layer().bias = None
