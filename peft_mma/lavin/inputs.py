@@ -37,6 +37,7 @@ from ..utils import check_has_image
 from .config import LaVINConfig
 
 IGNORE_INDEX = -100
+WITH_VISION = "build the config with `vision_model=...` (e.g. LaVINConfig.from_preset('lavin-7b')) to use images."
 
 
 @dataclass
@@ -124,8 +125,7 @@ def check_call(
         raise ValueError(
             "Samples have images (`has_image`, or image placeholders "
             f"`image_token_id`={config.image_token_id} in `input_ids`) but this adapter has no vision model "
-            "(`vision_model`=None); build the config with `vision_model=...` (e.g. LaVINConfig.from_preset("
-            "'lavin-7b')) to use images."
+            f"(`vision_model`=None); {WITH_VISION}"
         )
     n = config.num_image_tokens or 0
     wrong = (counts != flags.long() * n).nonzero().flatten().tolist()

@@ -45,6 +45,7 @@ from ..utils import check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
 from .config import LaVINConfig
 from .inputs import (
+    WITH_VISION,
     LaVINCall,
     ModalityTokenConsumed,
     assemble,
@@ -329,7 +330,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         if pixel_values is not None and visual is None:
             raise ValueError(
                 f"`pixel_values` were passed but adapter {name!r} has no vision model (`vision_model`=None); "
-                "build the config with `vision_model=...` (e.g. LaVINConfig.from_preset('lavin-7b')) to use images."
+                + WITH_VISION
             )
         input_ids, inputs_embeds = plain["input_ids"], plain["inputs_embeds"]
         if (input_ids is None) == (inputs_embeds is None):
