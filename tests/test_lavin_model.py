@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LAVIN_VISION, lavin_batch, model_for, tiny_lavin, tiny_llama, train_steps
+from conftest import LAVIN_VISION, greedy_without_cache, lavin_batch, model_for, tiny_lavin, tiny_llama, train_steps
 from peft import PeftModel, PeftModelForCausalLM, get_peft_model
 from stand_in_tokenizer import word_tokenizer
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -437,3 +437,43 @@ def test_tuple_outputs_kept_logits_and_generate_lengths_are_those_of_input_ids(r
             assert new.shape == base.shape and (config.max_length is None or new.shape[1] == 12)
         short = model.generate(**text, max_new_tokens=2, do_sample=False, eos_token_id=None)
     assert short.shape == (1, 7 + 2)
+
+
+@pytest.mark.parametrize(
+    ("router", "placement", "merged"),
+    [("modality", "attn", False), ("learnt", "attn", True), ("learnt", "block", True), ("learnt", "block", False)],
+)
+def test_generate_without_a_mask_sees_the_image_merged_or_not_in_every_placement(router, placement, merged):
+    """`generate` without `attention_mask`, pad id 0 (the placeholders' stand-in id): the image still counts, and a
+    merged 'block' adapter takes no call state; the tokens are those of a full forward per step."""
+    model = tiny_lavin(router=router, adapter_placement=placement)
+    if merged:
+        model.merge_adapter(modality="image")
+    batch = lavin_batch(model, has_image=(True,))
+    batch.pop("labels")
+    expected = greedy_without_cache(model, batch, steps=4, eos=-1)
+    with torch.no_grad():
+        new = model.generate(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=4, do_sample=False,
+            pad_token_id=0, eos_token_id=None,
+        )  # fmt: skip
+    assert torch.equal(new, expected)
+
+
+def test_generate_hidden_states_have_the_caller_length():
+    """`output_hidden_states` of `generate`: the prefill's rows are the caller's S positions, as in a forward."""
+    model = tiny_lavin()
+    batch = lavin_batch(model)
+    batch.pop("labels")
+    with torch.no_grad():
+        forward = model(**batch, output_hidden_states=True).hidden_states
+        output = model.generate(
+            **batch, max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+            output_hidden_states=True,
+        )  # fmt: skip
+    prefill, real = output.hidden_states[0], batch["attention_mask"].bool()  # the text row is padded on the right
+    assert len(prefill) == len(forward)
+    for generated, expected in zip(prefill, forward):
+        assert generated.shape == expected.shape == (2, batch["input_ids"].shape[1], expected.shape[-1])
+        torch.testing.assert_close(generated[real], expected[real], atol=1e-5, rtol=0)
+    assert output.hidden_states[1][0].shape[1] == 1

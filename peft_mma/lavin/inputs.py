@@ -206,11 +206,15 @@ def strip_modality_token(output, length: int):
 
 
 def restore_prompt(output, input_ids: torch.Tensor, prompt_length: int, front: int = 1):
-    """`generate`'s sequences (B·k, front + S + new) → the caller's prompt ids, then the new tokens: (B·k, S + new)."""
+    """`generate`'s sequences (B·k, front + S + new) → the caller's prompt ids, then the new tokens: (B·k, S + new);
+    the prefill's hidden states lose the `front` rows as `strip_modality_token` does in a forward."""
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
     restored = torch.cat([prompt.to(sequences.device), sequences[:, front + prompt_length :]], dim=1)
     if isinstance(output, torch.Tensor):
         return restored
     output.sequences = restored
+    hidden = getattr(output, "hidden_states", None)
+    if hidden and front:  # per step, per layer; the first step is the prefill
+        output.hidden_states = (tuple(h[:, front:] for h in hidden[0]), *hidden[1:])
     return output

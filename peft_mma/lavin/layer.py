@@ -213,14 +213,15 @@ class MMAdapter(nn.Module, LaVINLayer):
         self.update_layer(adapter_name, config)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        # the call's `LaVINCall`: attention passes it on to the attention function; `mlp` takes no keywords, merged
+        # or not (`generate` hands the state to every `mlp` adapter)
+        call = kwargs.get(STATE_KWARG) if self.keyword_call else kwargs.pop(STATE_KWARG, None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(hidden_states, *args, **kwargs)
         if self.merged:
             return self.base_layer(hidden_states, *args, **kwargs)
-        # the call's `LaVINCall`: attention passes it on to the attention function; `mlp` takes no keywords
-        call = kwargs.get(STATE_KWARG) if self.keyword_call else kwargs.pop(STATE_KWARG, None)
         if not any(name in self.mma_lavin_down for name in self.active_adapters):  # none active (all deleted)
             return self.base_layer(hidden_states, *args, **kwargs)
         if self.keyword_call and call is None:

@@ -299,11 +299,14 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         if batch.front:
             processors.append(ModalityTokenConsumed(call))
             kwargs |= self._lengths_past_front(kwargs, batch.front)
+        # an explicit mask always: transformers would otherwise build one from `shown != pad_token_id`, and the
+        # stand-in 0 of the placeholders is many configs' pad id
+        mask = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(shown)
         with state_handed_to([self.model, *self._keywordless_adapters()], call):
             output = self.model.generate(
                 input_ids=shown,
                 inputs_embeds=batch.inputs_embeds,
-                attention_mask=batch.attention_mask,
+                attention_mask=mask,
                 logits_processor=processors,
                 **kwargs,
             )
