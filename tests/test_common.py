@@ -154,6 +154,27 @@ def test_cached_greedy_generate_equals_uncached_decoding_and_each_sample_alone(r
 
 
 @pytest.mark.parametrize("row", ROWS)
+def test_a_left_padded_row_gives_the_logits_it_gives_alone(row):
+    """A forward without `position_ids` counts each row's positions from its first unmasked token, as `generate`
+    does: V2's position-free prompts are read by rotated queries, so positions from the padded start would change a
+    left-padded row's logits."""
+    model = model_for(row).eval()
+    with torch.no_grad():
+        for gate in (p for n, p in model.named_parameters() if "_gate." in n):  # prompts that count
+            gate.normal_(0, 1.0)
+    batch = batch_for(row, model, left=True)
+    full = logits(model, batch)
+    for i in range(2):
+        real = batch["attention_mask"][i].bool()
+        alone = {"input_ids": batch["input_ids"][i, real][None]}
+        if "pixel_values" in batch:
+            alone["pixel_values"] = batch["pixel_values"][i : i + 1]
+            if "has_image" in batch:
+                alone["has_image"] = batch["has_image"][i : i + 1]
+        torch.testing.assert_close(full[i, real], logits(model, alone)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("row", ROWS)
 def test_flash_attention_kernel_is_picked_by_its_own_name(monkeypatch, row):
     """Flash attention chooses its kernel from the attention module's config; through our wrapper it must still read
     `flash_attention_2` (a kernel named `flash_attention_2+mma` does not exist). flash-attn needs a GPU, so a stand-in

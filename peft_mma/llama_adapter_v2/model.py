@@ -32,6 +32,29 @@ _LAYER_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.(input_layernorm|post_attentio
 _FINAL_NORM = re.compile(r"(?:^|\.)model\.(norm)$")
 
 
+def call_inputs(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A call's `input_ids` or `inputs_embeds` (keyword or first positional argument): (B, S[, C])."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def positions_from_mask(attention_mask, inputs: torch.Tensor | None) -> torch.Tensor | None:
+    """Position ids (B, S) of the S new tokens counted from each row's first unmasked token of a 2-D mask over the
+    cached and new tokens, as `generate` counts them: a row's positions do not depend on its left padding (the
+    padding itself gets 0). Rows without left padding keep LLaMA's own positions. None where there is no 2-D mask
+    or the number of new tokens is unknown."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 or inputs is None:
+        return None
+    length, total = inputs.shape[1], attention_mask.shape[1]
+    if total < length:
+        return None
+    left = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1): padding before the first token
+    positions = torch.arange(total, device=attention_mask.device)[None] - left
+    return positions.clamp(min=0)[:, -length:]
+
+
 @dataclass
 class PromptState:
     """What one forward or `generate` call hands to the prompted attention layers."""
@@ -178,11 +201,13 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         has_vision = config.vision_model is not None
         return dict(prompted=layer in ids, gated=gated, visual_fused=has_vision and layer in fused)
 
-    def _keep_mma_attention(self) -> None:
+    def _keep_mma_attention(self) -> bool:
         """Wrap the attention again where the user switched it (`set_attn_implementation`) after the prompts were
-        attached: the gated prompt term lives in the wrapper (no-op otherwise)."""
-        if any(self.prompt_layer_ids(config, config.base_num_layers) for config in self.peft_config.values()):
+        attached: the gated prompt term lives in the wrapper (no-op otherwise). Whether any adapter has prompts."""
+        prompted = any(self.prompt_layer_ids(config, config.base_num_layers) for config in self.peft_config.values())
+        if prompted:
             install_mma_attention(self.model)
+        return prompted
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -197,9 +222,17 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
     # ---- forward and generate ------------------------------------------------------------------------------
 
     def forward(self, *args, pixel_values=None, has_image=None, **kwargs):
-        """The base model's forward, with the per-call prompt state (visual tokens V, K/V cache) handed down."""
-        self._keep_mma_attention()
+        """The base model's forward, with the per-call prompt state (visual tokens V, K/V cache) handed down.
+
+        The prompts have no position, but the queries that read them are rotated (spec §2c), so a prompted layer's
+        output depends on each token's absolute position. Without `position_ids`, positions are counted from each
+        row's first unmasked token of a 2-D `attention_mask`, as `generate` counts them: a left-padded row gives
+        the logits it gives alone.
+        """
+        prompted = self._keep_mma_attention()
         state = PromptState(self._visual_tokens(pixel_values, has_image, self._batch_size(args, kwargs)))
+        if prompted and kwargs.get("position_ids") is None and len(args) <= 1:
+            kwargs["position_ids"] = positions_from_mask(kwargs.get("attention_mask"), call_inputs(args, kwargs))
         return self.model(*args, **kwargs, **{STATE_KWARG: state})
 
     def generate(self, *args, pixel_values=None, has_image=None, **kwargs):
@@ -211,10 +244,8 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> int | None:
-        for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
-            if isinstance(value, torch.Tensor):
-                return value.shape[0]
-        return None
+        inputs = call_inputs(args, kwargs)
+        return None if inputs is None else inputs.shape[0]
 
     def _visual_tokens(self, pixel_values, has_image, batch_size: int | None) -> dict[str, torch.Tensor]:
         """V per active adapter with a visual path: bridge(encoder(images)), (B, K, C); zero-image V (1, K, C) for
