@@ -102,6 +102,29 @@ def test_save_holds_only_adapter_weights_and_reload_is_bitwise(tmp_path, row):
 
 
 @pytest.mark.parametrize("row", ROWS)
+def test_transformers_load_adapter_works_or_refuses_clearly(tmp_path, row):
+    """transformers' `load_adapter` keeps the injected LLaMA and drops PEFT's tuner. V2 text-only adapters live in
+    the layers and give the PeftModel's logits; what keeps parts on the tuner refuses with a message instead of
+    ignoring the images: LaVIN when loading, V2 with a visual path at its first forward."""
+    model = model_for(row).eval()
+    batch = batch_for(row, model)
+    model.save_pretrained(tmp_path / "adapter")
+    tiny_llama("gqa", "sdpa").save_pretrained(tmp_path / "base")
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    if row.startswith("lavin"):
+        with pytest.raises(ValueError, match="get_peft_model"):
+            plain.load_adapter(str(tmp_path / "adapter"))
+        return
+    plain.load_adapter(str(tmp_path / "adapter"))
+    text = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    if row == "v2-text":
+        assert torch.equal(logits(plain, text), logits(model, text))
+    else:
+        with pytest.raises(ValueError, match="visual path.*PeftModel"):
+            logits(plain, text)
+
+
+@pytest.mark.parametrize("row", ROWS)
 def test_merge_and_unmerge_keep_the_logits_and_restore_the_base_weights(row):
     """Merging folds what can be folded into the base weights (V2: biases and scales; LaVIN: the adapters of the
     text modality) and keeps text logits; unmerging gives the base weights back; a disabled adapter is the base."""

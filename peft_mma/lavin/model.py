@@ -69,6 +69,9 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     prefix = "mma_lavin_"
     tuner_layer_cls = LaVINLayer
+    # every call goes through this tuner (the modality token, the image tokens), so PEFT's `inject_adapter_in_model`,
+    # which keeps only the injected LLaMA (transformers' `load_adapter`), refuses LaVIN with a message
+    uses_shared_state = True
     target_module_mapping = {"llama": ["self_attn"]}
     _lavin_disabled = False  # `disable_adapter_layers()`: the base model runs unchanged
 

@@ -398,6 +398,13 @@ class OutputProjection(Linear):
             pairs = cache.get(step_key)
         if pairs is None:
             adapters = self._active(self.mma_adapter_v2_prompt)
+            if state is None and any(self.visual_fused[adapter] for adapter in adapters):
+                raise ValueError(
+                    "This LLaMA-Adapter V2 adapter has a visual path, which lives on its tuner: call the model "
+                    "through its `PeftModel` (`PeftModel.from_pretrained`, `get_peft_model`), not the wrapped LLaMA. "
+                    "transformers' `load_adapter` and `AutoModelForCausalLM.from_pretrained(adapter)` keep the "
+                    "LLaMA only and would ignore the images."
+                )
             pairs = [self._gated_key_value(attention, adapter, state, query) for adapter in adapters]
             if cache is not None:
                 cache[step_key] = pairs
