@@ -188,6 +188,17 @@ class MMATunerMixin:
                 elif isinstance(item, nn.Module) and not isinstance(item, VisionBackbone):
                     item.to(dtype)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's `delete_adapter`, which also drops `adapter_name` from every container the tuner itself holds
+        (`<prefix><role>` dicts, encoders). Where the deleted adapter was active, PEFT's layers make the adapter
+        that takes its place trainable; its model-level parts (visual bridge, projector, modality embedding) follow
+        through `set_adapter`."""
+        was_active = adapter_name in self.active_adapters
+        super().delete_adapter(adapter_name)
+        self._delete_model_level_adapter(adapter_name)
+        if was_active and self.active_adapters:
+            self.set_adapter(self.active_adapters)
+
     def _delete_model_level_adapter(self: BaseTuner, adapter_name: str) -> None:
         """Drop `adapter_name` from every container the tuner itself holds (`<prefix><role>` dicts, encoders)."""
         for attr, value in list(vars(self)["_modules"].items()):

@@ -429,6 +429,21 @@ def test_deleting_every_adapter_leaves_the_base_model(row):
     torch.testing.assert_close(logits_of(model.base_model, input_ids=ids), expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("row", ROWS)
+def test_deleting_the_active_adapter_makes_the_next_one_trainable_as_set_adapter_does(row):
+    """PEFT's layers make the adapter that takes the deleted active one's place trainable; the model-level parts
+    (visual bridge, projector, modality embedding, encoder adapters) follow, as after `set_adapter`."""
+    model = model_for(row)
+    model.add_adapter("other", config_for(row))
+    model.set_adapter("other")
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".other" in n for n in expected)
+    model.set_adapter("default")
+    model.delete_adapter("default")
+    assert model.active_adapters == ["other"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+
+
 @pytest.mark.parametrize("row", ["v2-image", "lavin-image"])
 @pytest.mark.parametrize(
     "flags, match",

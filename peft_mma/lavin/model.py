@@ -214,10 +214,6 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 for p in params:
                     p.requires_grad_(trainable)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._delete_model_level_adapter(adapter_name)
-
     def enable_adapter_layers(self) -> None:
         super().enable_adapter_layers()
         self._lavin_disabled = False

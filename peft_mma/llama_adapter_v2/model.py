@@ -215,10 +215,6 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         for name, bridge in getattr(self, "mma_adapter_v2_visual", {}).items():
             bridge.requires_grad_(name in active and not inference_mode)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._delete_model_level_adapter(adapter_name)
-
     # ---- forward and generate ------------------------------------------------------------------------------
 
     def forward(self, *args, pixel_values=None, has_image=None, **kwargs):
