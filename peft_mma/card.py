@@ -8,6 +8,7 @@ what was trained and how to load it, which needs `pip install peft_mma` and `imp
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,9 @@ METHODS = {  # peft_type → (tag, name, paper)
     "MMA_LAVIN": ("lavin", "LaVIN (Mixture-of-Modality Adaptation)", "https://arxiv.org/abs/2305.15023"),
 }
 WEIGHTS = ("adapter_model.safetensors",)
+BEGIN, END = "<!-- peft_mma card: begin -->", "<!-- peft_mma card: end -->"  # our part of the card's text
+OLD_CARD_LINE = "A [peft_mma](https://pypi.org/project/peft_mma/) adapter"  # in our cards, with markers or before
+FRAMEWORK = "### Framework versions"  # PEFT's section, kept last
 
 
 def known_hub_id(base: str | None) -> str | None:
@@ -55,16 +59,33 @@ def trainable_parameters(directory: str | os.PathLike) -> int | None:
         return total
 
 
+# config fields that name no property of the adapter itself: filled in for the base at injection, bookkeeping, or
+# how the weights were initialised and are merged
+NOT_PRESET_FIELDS = {
+    "base_num_layers", "base_hidden_size", "target_modules", "image_token_id", "num_image_tokens", "inference_mode",
+    "base_model_name_or_path", "revision", "peft_version", "task_type", "auto_mapping", "init_weights",
+    "merge_modality",
+}  # fmt: skip
+
+
 def matching_preset(config: Any) -> str | None:
-    """The name of the released preset that `config` reproduces, if any."""
+    """The name of the released preset that `config` reproduces, if any: every field but `NOT_PRESET_FIELDS` equal
+    to the preset's config (`from_preset(name)`, class defaults included)."""
     from .lavin.presets import PRESETS as LAVIN
     from .llama_adapter_v2.presets import PRESETS as ADAPTER_V2
 
     presets = {"MMA_ADAPTER_V2": ADAPTER_V2, "MMA_LAVIN": LAVIN}[getattr(config.peft_type, "value", config.peft_type)]
-    for name, fields in presets.items():
-        if all(getattr(config, key, None) == value for key, value in fields.items()):
+    ours = _as_json(config.to_dict())
+    for name in presets:
+        preset = _as_json(type(config).from_preset(name).to_dict())
+        if all(ours.get(key) == value for key, value in preset.items() if key not in NOT_PRESET_FIELDS):
             return name
     return None
+
+
+def _as_json(fields: dict[str, Any]) -> dict[str, Any]:
+    """Config fields as they read back from `adapter_config.json` (tuples become lists)."""
+    return json.loads(json.dumps(fields, default=sorted))
 
 
 def write_card(directory: str | os.PathLike, config: Any) -> None:
@@ -80,11 +101,31 @@ def write_card(directory: str | os.PathLike, config: Any) -> None:
     card.data.tags = sorted(set(tags))
     card.data.library_name = "peft"
     card.data.base_model = hub_id
-    card.text = _body(config, method, paper, hub_id or base, directory, card.text)
+    card.text = card_text(card.text, _body(config, method, paper, hub_id or base, directory))
     card.save(path)
 
 
-def _body(config: Any, method: str, paper: str, base: str | None, directory, previous: str) -> str:
+def card_text(previous: str, block: str) -> str:
+    """The card's text with our `block` in it, the rest as PEFT would keep it: our block from an earlier save is
+    replaced in place; the empty template PEFT starts a card from (or a card of ours from before the markers) is
+    replaced; any other text is the user's and stays, our block after it. PEFT's "Framework versions" stay last."""
+    head, heading, framework = previous.partition(FRAMEWORK)
+    if BEGIN in head and END in head:
+        before, rest = head.split(BEGIN, 1)
+        parts = [before, block + rest.split(END, 1)[1]]
+    elif head.strip() in ("", _template_text().strip()) or OLD_CARD_LINE in head:
+        parts = [block]
+    else:
+        parts = [head, block]
+    return "\n\n".join(part.strip("\n") for part in (*parts, heading + framework) if part.strip()) + "\n"
+
+
+def _template_text() -> str:
+    """The text of the empty template that PEFT's `create_or_update_model_card` starts a new card from."""
+    return ModelCard.from_template(ModelCardData()).text.partition(FRAMEWORK)[0]
+
+
+def _body(config: Any, method: str, paper: str, base: str | None, directory) -> str:
     count = trainable_parameters(directory)
     preset = matching_preset(config)
     facts = [f"method: {method} ([paper]({paper}))"]
@@ -93,39 +134,34 @@ def _body(config: Any, method: str, paper: str, base: str | None, directory, pre
     facts += [f"trainable parameters: {count:,}"] if count is not None else []
     vision = getattr(config, "vision_model", None)
     facts += [f"vision encoder (frozen, rebuilt from its name, not in this folder): `{vision}`"] if vision else []
-    versions = previous.split("### Framework versions", 1)
-    framework = "### Framework versions" + versions[1] if len(versions) == 2 else ""
     load_base = base or "<the base model this adapter was trained on>"
-    return (
-        "\n".join(
-            [
-                f"# {method} adapter",
-                "",
-                "A [peft_mma](https://pypi.org/project/peft_mma/) adapter for a Hugging Face LLaMA model.",
-                "",
-                *[f"- {fact}" for fact in facts],
-                "",
-                "## How to load",
-                "",
-                "PEFT reads this adapter only once the `peft_mma` plugin is installed and imported:",
-                "",
-                "```bash",
-                "pip install peft_mma",
-                "```",
-                "",
-                "```python",
-                "import peft_mma  # registers the method with PEFT",
-                "from peft import PeftModel",
-                "from transformers import AutoModelForCausalLM",
-                "",
-                f'base = AutoModelForCausalLM.from_pretrained("{load_base}")',
-                'model = PeftModel.from_pretrained(base, "<this repository or folder>")',
-                "```",
-                "",
-                framework,
-            ]
-        ).rstrip()
-        + "\n"
+    return "\n".join(
+        [
+            BEGIN,
+            f"# {method} adapter",
+            "",
+            OLD_CARD_LINE + " for a Hugging Face LLaMA model.",
+            "",
+            *[f"- {fact}" for fact in facts],
+            "",
+            "## How to load",
+            "",
+            "PEFT reads this adapter only once the `peft_mma` plugin is installed and imported:",
+            "",
+            "```bash",
+            "pip install peft_mma",
+            "```",
+            "",
+            "```python",
+            "import peft_mma  # registers the method with PEFT",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{load_base}")',
+            'model = PeftModel.from_pretrained(base, "<this repository or folder>")',
+            "```",
+            END,
+        ]
     )
 
 

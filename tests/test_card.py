@@ -70,3 +70,26 @@ def test_push_to_hub_uploads_adapter_config_and_card(monkeypatch):
     assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     assert b"pip install peft_mma" in files["README.md"] and b"- lavin" in files["README.md"]
     assert b'"MMA_LAVIN"' in files["adapter_config.json"] and result.commit_message == "Upload peft_mma adapter"
+
+
+def test_the_preset_is_named_only_where_every_field_matches_also_after_reloading(tmp_path):
+    model = get_peft_model(tiny_llama(), LlamaAdapterV2Config.from_preset("CHAT-65B"))
+    model.save_pretrained(tmp_path / "preset")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "preset")  # its fields come back from JSON
+    reloaded.save_pretrained(tmp_path / "again")
+    assert "preset: `CHAT-65B`" in ModelCard.load(tmp_path / "again" / "README.md").text
+    lora = LlamaAdapterV2Config.from_preset("CHAT-65B", lora_modules=["q_proj", "v_proj"], r=8)  # CHAT-65B has none
+    get_peft_model(tiny_llama(), lora).save_pretrained(tmp_path / "lora")
+    assert "preset:" not in ModelCard.load(tmp_path / "lora" / "README.md").text
+
+
+def test_a_card_the_user_wrote_keeps_its_text_and_our_part_is_updated_in_place(tmp_path):
+    model = get_peft_model(tiny_llama(), LlamaAdapterV2Config(prompt_layers=1))
+    tmp_path.joinpath("README.md").write_text("---\nlicense: mit\n---\n# My adapter\n\nResults: 42 %.\n")
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.license == "mit" and "peft_mma" in card.data.tags
+    assert card.text.count("# My adapter") == 1 and "Results: 42 %." in card.text
+    assert card.text.count("## How to load") == 1 and card.text.count("- PEFT ") == 1
+    assert card.text.index("Results: 42 %.") < card.text.index("## How to load") < card.text.index("- PEFT ")
