@@ -242,6 +242,21 @@ def test_collator_left_padding_and_bos():
     assert batch["labels"].tolist() == [[m, m, m, m, 7, 8, EOS], [m, m, m, m, m, 9, EOS]]
 
 
+def test_a_chat_template_that_writes_bos_gives_one_bos():
+    """LLaMA-2 and -3 chat templates start with `{{ bos_token }}`; `chat_prompt` renders it as text and the collator
+    adds BOS itself for such tokenizers: one BOS, not two. A tokenizer that adds none keeps the template's."""
+    from peft_mma.data.templates import chat_prompt
+
+    for add_bos in (True, False):
+        tokenizer = word_tokenizer(words="Say hi [INST] [/INST]".split(), add_bos=add_bos)
+        tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+        prompt = chat_prompt(tokenizer, "Say hi")
+        assert prompt.startswith(tokenizer.bos_token)
+        ids, labels = CausalLMCollator(tokenizer).encode({"prompt": prompt, "response": "hi"})
+        assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+        assert labels[-2:] == ids[-2:] and labels[: len(ids) - 2] == [IGNORE_INDEX] * (len(ids) - 2)
+
+
 def test_collator_keeps_the_bos_that_a_post_processor_adds():
     """LLaMA-3's tokenizer adds BOS through its post-processor while `add_bos_token` is False: the collator must
     still put BOS in front, as the tokenizer does to a plain string."""
@@ -298,6 +313,20 @@ def test_collator_formats_instruction_and_question_samples():
     assert batch["labels"][0, prompt_length:].tolist() == [tokenizer.convert_tokens_to_ids("b"), EOS]
     with pytest.raises(ValueError, match="A sample needs `prompt`, `instruction` or `question` keys"):
         prompt_and_response({"text": "a"})
+
+
+def test_trainer_that_drops_the_sample_keys_is_told_to_keep_them(tmp_path):
+    """The `Trainer`'s default `remove_unused_columns=True` drops every key LLaMA's forward does not name, so raw
+    samples reach the collator empty: the error says how to keep them."""
+    from conftest import tiny_llama
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(tmp_path, per_device_train_batch_size=2, use_cpu=True, report_to=[])
+    trainer = Trainer(
+        model=tiny_llama(), args=args, train_dataset=list(SAMPLES), data_collator=CausalLMCollator(letters_tokenizer())
+    )
+    with pytest.raises(ValueError, match=r"got keys \[\]\. .*remove_unused_columns=False"):
+        next(iter(trainer.get_train_dataloader()))
 
 
 def test_collator_mixed_batch_gets_zero_images_and_has_image():

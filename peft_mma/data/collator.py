@@ -84,8 +84,12 @@ def prompt_and_response(sample: dict[str, Any]) -> tuple[str, str]:
         if answer is None:
             return prompt, ""
         return prompt, scienceqa_answer(answer, sample.get("explanation"), sample.get("explanation_first", False))
+    hint = ""
+    if not sample:  # what the HF `Trainer` hands on after dropping the columns its model's forward does not name
+        hint = " With the HF `Trainer`, pass `TrainingArguments(remove_unused_columns=False)` to keep them."
     raise ValueError(
         f"A sample needs `prompt`, `instruction` or `question` keys (or pass `prompt_fn`), got keys {sorted(sample)}."
+        + hint
     )
 
 
@@ -201,7 +205,11 @@ class CausalLMCollator:
 
     def _prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
         """BOS + the prompt's tokens; with LaVIN's `image_tokens`, an image's placeholders where the prompt has
-        `<image>`, else after BOS."""
+        `<image>`, else after BOS. A prompt that starts with the BOS text (chat templates of LLaMA-2 and -3 do:
+        `templates.chat_prompt`) gives one BOS, not two."""
+        bos_text = self.tokenizer.bos_token
+        if self.bos and bos_text and prompt.startswith(bos_text):
+            prompt = prompt[len(bos_text) :]
         tokens = self.image_tokens
         if not with_image or tokens is None:
             return self.bos + self._tokens(prompt)
