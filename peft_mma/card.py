@@ -189,7 +189,20 @@ def push_to_hub(
 
 
 class MMAConfigMixin:
-    """Mixed into both configs (before `PeftConfig`): saving the config, which PEFT does last, completes the card."""
+    """Mixed into both configs (before `PeftConfig`): every field must be writable as JSON (`adapter_config.json`,
+    checked when the config is made, not after training); saving the config, which PEFT does last, completes the
+    card."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value in self.to_dict().items():
+            try:
+                json.dumps(value, default=sorted)  # sets (`target_modules`) are saved as lists
+            except TypeError:
+                raise ValueError(
+                    f"`{name}`={value!r} cannot be saved in adapter_config.json; use plain numbers, strings, lists "
+                    "and dicts (a vision encoder is rebuilt from them when the adapter is loaded)."
+                ) from None
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)

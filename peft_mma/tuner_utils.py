@@ -73,11 +73,35 @@ def check_base_size(config: PeftConfig, model: nn.Module) -> None:
     """
     num_layers, width = model.config.num_hidden_layers, model.config.hidden_size
     if config.base_num_layers not in (None, num_layers) or config.base_hidden_size not in (None, width):
+        made = f"{config.base_num_layers} layers of width {config.base_hidden_size}"
         raise ValueError(
-            f"This adapter was made for a base with {config.base_num_layers} layers of width "
-            f"{config.base_hidden_size}; the model has {num_layers} layers of width {width}. Load it onto the base "
-            "model it was trained on."
+            reused_config_message(config, made, f"{num_layers} layers of width {width}")
+            or f"This adapter was made for a base with {made}; the model has {num_layers} layers of width {width}. "
+            "Load it onto the base model it was trained on."
         )
+
+
+FILLED_AT_INJECTION = "_mma_filled_at_injection"  # on a config object (not a field): {field: value before injection}
+
+
+def fill_for_base(config: PeftConfig, **values: Any) -> None:
+    """Write what injection derives from the base (`base_*`, LaVIN's image token) into `config`, as PEFT fills
+    `target_modules` into the caller's object, remembering that they were filled rather than given or loaded."""
+    given = config.__dict__.setdefault(FILLED_AT_INJECTION, {})
+    for name, value in values.items():
+        given.setdefault(name, getattr(config, name))
+        setattr(config, name, value)
+
+
+def reused_config_message(config: PeftConfig, filled: str, needed: str) -> str | None:
+    """The error for a config object that an earlier `get_peft_model` filled in for another base (None if it was
+    not): PEFT keeps the caller's object in the model, so one object cannot describe two bases."""
+    if FILLED_AT_INJECTION not in config.__dict__:
+        return None
+    return (
+        f"This config object was filled in for a base with {filled} by an earlier `get_peft_model`; this model has "
+        f"{needed}. Pass each base a config of its own (a new one, or `copy.deepcopy` of one not yet attached)."
+    )
 
 
 def unused_image_side_zero(modules: Sequence[nn.Module]) -> torch.Tensor | None:

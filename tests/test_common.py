@@ -415,6 +415,35 @@ def test_safe_merge_refuses_nan_adapters_with_peft_s_message(row):
 
 
 @pytest.mark.parametrize("row", ROWS)
+def test_a_config_object_filled_in_for_one_base_is_refused_by_another_with_a_clear_message(row):
+    """PEFT keeps the caller's config object in the model and injection fills in what it derives from the base
+    (depth, width, LaVIN's image token id), so one object cannot serve two bases: reusing it on another base says
+    so, instead of claiming the adapter was trained for it; the same base takes it again, and a copy of an unused
+    config serves another base."""
+    config = config_for(row)
+    fresh = copy.deepcopy(config)
+    get_peft_model(tiny_llama("gqa", "sdpa"), config)
+    get_peft_model(tiny_llama("gqa", "sdpa"), config)  # the same base
+    with pytest.raises(ValueError, match="filled in for a base with 4 layers .* by an earlier `get_peft_model`"):
+        get_peft_model(tiny_llama("gqa", "sdpa", num_hidden_layers=6), config)
+    if row.startswith("lavin"):  # same depth, another vocabulary: the filled id would be a text token there
+        with pytest.raises(ValueError, match="image token id 97 by an earlier `get_peft_model`"):
+            get_peft_model(tiny_llama("gqa", "sdpa", vocab_size=120), config)
+    other = get_peft_model(tiny_llama("gqa", "sdpa", num_hidden_layers=6, vocab_size=120), fresh)
+    assert other.peft_config["default"].base_num_layers == 6
+    assert logits_of(other, input_ids=token_ids()).shape[-1] == 120
+
+
+@pytest.mark.parametrize("row", ["v2-image", "lavin-image"])
+def test_a_config_field_json_cannot_hold_is_refused_when_the_config_is_made(row):
+    """`adapter_config.json` must hold every field: a class in `vision_model_kwargs` is refused at once, not by
+    `save_pretrained` after training (which left an empty adapter_config.json)."""
+    kwargs = dict(MATRIX[row][1]["vision_model_kwargs"], act_layer=torch.nn.GELU)
+    with pytest.raises(ValueError, match="`vision_model_kwargs`=.*cannot be saved in adapter_config.json"):
+        config_for(row, vision_model_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("row", ROWS)
 def test_deleting_every_adapter_leaves_the_base_model(row):
     """PEFT's `_test_delete_adapter`: a second adapter and the first deleted; the base model then runs as it was."""
     base = tiny_llama("gqa", "sdpa")

@@ -477,3 +477,18 @@ def test_generate_hidden_states_have_the_caller_length():
         assert generated.shape == expected.shape == (2, batch["input_ids"].shape[1], expected.shape[-1])
         torch.testing.assert_close(generated[real], expected[real], atol=1e-5, rtol=0)
     assert output.hidden_states[1][0].shape[1] == 1
+
+
+@pytest.mark.parametrize("has_image", [(True, False), (False, False)])
+def test_logits_are_contiguous_and_the_loss_is_transformers_own(has_image):
+    """The LM head reads the caller's S positions only, so the logits are a plain contiguous (B, S, V) tensor that
+    transformers' `loss_function` (`.view(-1, V)`) takes, giving the model's own loss; the token in front predicts
+    nothing, even where the caller's first label is a target."""
+    model = tiny_lavin()
+    batch = lavin_batch(model, has_image=has_image)
+    batch["labels"][:, 0] = batch["input_ids"][:, 0]  # a target at position 0: no position predicts it
+    with torch.no_grad():
+        output = model(**batch)
+    assert output.logits.is_contiguous() and output.logits.shape[:2] == batch["input_ids"].shape
+    expected = model.base_model.model.loss_function(output.logits, batch["labels"], vocab_size=97)
+    torch.testing.assert_close(output.loss, expected, atol=1e-6, rtol=0)

@@ -40,7 +40,14 @@ from torch import nn
 from transformers import LogitsProcessorList
 
 from ..attention import STATE_KWARG, install_mma_attention, state_handed_to, uninstall_mma_attention
-from ..tuner_utils import MMATunerMixin, check_base_size, unused_image_side_zero
+from ..tuner_utils import (
+    FILLED_AT_INJECTION,
+    MMATunerMixin,
+    check_base_size,
+    fill_for_base,
+    reused_config_message,
+    unused_image_side_zero,
+)
 from ..utils import check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
 from .config import LaVINConfig
@@ -104,8 +111,13 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         image_tokens = self._image_tokens(config, model, visual)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         self._add_model_level(model, adapter_name, config, visual)
-        config.image_token_id, config.num_image_tokens = image_tokens
-        config.base_num_layers, config.base_hidden_size = model.config.num_hidden_layers, width
+        fill_for_base(
+            config,
+            image_token_id=image_tokens[0],
+            num_image_tokens=image_tokens[1],
+            base_num_layers=model.config.num_hidden_layers,
+            base_hidden_size=width,
+        )
         install_mma_attention(model)
         model.add_model_tags(["peft_mma", "lavin"])  # PEFT's model card names the plugin and the method
         active = [a for a in self.active_adapters if a in self.peft_config]
@@ -116,6 +128,10 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         """(`image_token_id`, `num_image_tokens`) for this base and encoder; the id defaults to the base's vocabulary
         size, which no text token can have. Raises if a saved count disagrees with the encoder."""
         token_id = model.config.vocab_size if config.image_token_id is None else config.image_token_id
+        filled = config.__dict__.get(FILLED_AT_INJECTION, {})
+        if filled.get("image_token_id", 0) is None and token_id != model.config.vocab_size:  # a text token here
+            needed = f"a vocabulary of {model.config.vocab_size}"
+            raise ValueError(reused_config_message(config, f"the image token id {token_id}", needed))
         count = visual.depth // config.vision_feature_every if visual is not None else None
         if config.num_image_tokens not in (None, count):
             raise ValueError(
@@ -253,15 +269,20 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             self._check_no_placeholders(input_ids)
             return self.model(**plain, position_ids=position_ids, **kwargs)
         call, batch = self._prepare(name, plain, position_ids, pixel_values, has_image, kwargs)
-        keep = kwargs.get("logits_to_keep")
-        if batch.front and isinstance(keep, torch.Tensor):  # positions of `input_ids`; those from the end stay
-            kwargs = {**kwargs, "logits_to_keep": torch.where(keep >= 0, keep + batch.front, keep)}
+        keep, labels = kwargs.get("logits_to_keep"), batch.labels
+        if batch.front:
+            if isinstance(keep, torch.Tensor):  # positions of `input_ids`; those from the end stay
+                kwargs = {**kwargs, "logits_to_keep": torch.where(keep >= 0, keep + batch.front, keep)}
+            elif not keep:  # all: the caller's S rows alone, so the LM head's output is the logits, contiguous
+                kwargs = {**kwargs, "logits_to_keep": batch.inputs_embeds.shape[1] - batch.front}
+            if labels is not None:  # the token in front predicts nothing: the loss pairs the caller's positions
+                labels = labels[:, batch.front :]
         as_tuple = kwargs.pop("return_dict", None) is False
         output = self.model(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
-            labels=batch.labels,
+            labels=labels,
             return_dict=True,
             **kwargs,
             **{STATE_KWARG: call},

@@ -20,7 +20,7 @@ from peft.utils.integrations import skip_init_on_device
 from torch import nn
 
 from ..attention import STATE_KWARG, install_mma_attention, state_handed_to, uninstall_mma_attention
-from ..tuner_utils import BACKBONE_ATTR, MMATunerMixin, check_base_size, unused_image_side_zero
+from ..tuner_utils import BACKBONE_ATTR, MMATunerMixin, check_base_size, fill_for_base, unused_image_side_zero
 from ..utils import check_has_image, check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
 from ..vision.bridge import AdapterV2VisualBridge
@@ -107,7 +107,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
             raise ValueError(
                 f"`early_fusion_layers`={config.early_fusion_layers} exceeds the {prompted} prompted layers."
             )
-        config.base_num_layers, config.base_hidden_size = num_layers, width
+        fill_for_base(config, base_num_layers=num_layers, base_hidden_size=width)
 
     def _check_target_module_exists(self, config: LlamaAdapterV2Config, key: str) -> bool:
         parsed = _parse_key(key)
