@@ -65,6 +65,9 @@ class MMATunerLayer(BaseTunerLayer):
         return device, dtype
 
 
+BASE_FIELDS = ("base_num_layers", "base_hidden_size")
+
+
 def check_base_size(config: PeftConfig, model: nn.Module) -> None:
     """Raise `ValueError` if `config` was made for a base of another depth or width.
 
@@ -75,28 +78,30 @@ def check_base_size(config: PeftConfig, model: nn.Module) -> None:
     if config.base_num_layers not in (None, num_layers) or config.base_hidden_size not in (None, width):
         made = f"{config.base_num_layers} layers of width {config.base_hidden_size}"
         raise ValueError(
-            reused_config_message(config, made, f"{num_layers} layers of width {width}")
+            reused_config_message(config, BASE_FIELDS, made, f"{num_layers} layers of width {width}")
             or f"This adapter was made for a base with {made}; the model has {num_layers} layers of width {width}. "
             "Load it onto the base model it was trained on."
         )
 
 
-FILLED_AT_INJECTION = "_mma_filled_at_injection"  # on a config object (not a field): {field: value before injection}
+FILLED_AT_INJECTION = "_mma_filled_at_injection"  # on a config object (not a field): the fields injection filled
 
 
 def fill_for_base(config: PeftConfig, **values: Any) -> None:
     """Write what injection derives from the base (`base_*`, LaVIN's image token) into `config`, as PEFT fills
-    `target_modules` into the caller's object, remembering that they were filled rather than given or loaded."""
-    given = config.__dict__.setdefault(FILLED_AT_INJECTION, {})
+    `target_modules` into the caller's object, remembering which fields were unset (filled, not given or loaded)."""
+    filled = config.__dict__.setdefault(FILLED_AT_INJECTION, set())
     for name, value in values.items():
-        given.setdefault(name, getattr(config, name))
+        if getattr(config, name) is None:
+            filled.add(name)
         setattr(config, name, value)
 
 
-def reused_config_message(config: PeftConfig, filled: str, needed: str) -> str | None:
-    """The error for a config object that an earlier `get_peft_model` filled in for another base (None if it was
-    not): PEFT keeps the caller's object in the model, so one object cannot describe two bases."""
-    if FILLED_AT_INJECTION not in config.__dict__:
+def reused_config_message(config: PeftConfig, names: Sequence[str], filled: str, needed: str) -> str | None:
+    """The error for a config object whose `names` an earlier `get_peft_model` filled in for another base (None if
+    they were given or loaded): PEFT keeps the caller's object in the model, so one object cannot describe two
+    bases."""
+    if not set(names) <= config.__dict__.get(FILLED_AT_INJECTION, set()):
         return None
     return (
         f"This config object was filled in for a base with {filled} by an earlier `get_peft_model`; this model has "

@@ -415,7 +415,7 @@ def test_safe_merge_refuses_nan_adapters_with_peft_s_message(row):
 
 
 @pytest.mark.parametrize("row", ROWS)
-def test_a_config_object_filled_in_for_one_base_is_refused_by_another_with_a_clear_message(row):
+def test_a_config_object_filled_in_for_one_base_is_refused_by_another_with_a_clear_message(tmp_path, row):
     """PEFT keeps the caller's config object in the model and injection fills in what it derives from the base
     (depth, width, LaVIN's image token id), so one object cannot serve two bases: reusing it on another base says
     so, instead of claiming the adapter was trained for it; the same base takes it again, and a copy of an unused
@@ -432,6 +432,10 @@ def test_a_config_object_filled_in_for_one_base_is_refused_by_another_with_a_cle
     other = get_peft_model(tiny_llama("gqa", "sdpa", num_hidden_layers=6, vocab_size=120), fresh)
     assert other.peft_config["default"].base_num_layers == 6
     assert logits_of(other, input_ids=token_ids()).shape[-1] == 120
+    other.peft_config["default"].save_pretrained(tmp_path)
+    loaded = type(config).from_pretrained(tmp_path)  # its base size read from a file: made for that base
+    with pytest.raises(ValueError, match="This adapter was made for a base with 6 layers"):
+        get_peft_model(tiny_llama("gqa", "sdpa"), loaded)
 
 
 @pytest.mark.parametrize("row", ["v2-image", "lavin-image"])

@@ -460,6 +460,29 @@ def test_generate_without_a_mask_sees_the_image_merged_or_not_in_every_placement
     assert torch.equal(new, expected)
 
 
+@pytest.mark.parametrize(("router", "merged"), [("learnt", False), ("learnt", True), ("modality", False)])
+def test_generate_without_a_mask_infers_it_as_transformers_does(router, merged):
+    """No `attention_mask`: left padding (pad id 0, in the ids, not EOS) is masked as transformers masks it for a
+    plain LLaMA, so the tokens are those with the caller's mask; `inputs_embeds` alone count every position."""
+    model = tiny_lavin(router=router)
+    if merged:
+        model.merge_adapter(modality="text")
+    batch = lavin_batch(model, has_image=(False, False))
+    batch["input_ids"][0] = torch.cat([torch.zeros(2, dtype=torch.long), batch["input_ids"][0, :-2]])  # left pad
+    batch["attention_mask"][0, :2] = 0
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        masked = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **settings)
+        inferred = model.generate(input_ids=batch["input_ids"], **settings)
+        embeds = model.get_input_embeddings()(batch["input_ids"][1:])
+        from_embeds = model.generate(inputs_embeds=embeds, **settings)
+        with_ones = model.generate(
+            inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2]).long(), **settings
+        )
+    assert batch["attention_mask"][0, 0] == 0 and torch.equal(inferred, masked)
+    assert torch.equal(from_embeds, with_ones) and from_embeds.shape == (1, 4)
+
+
 def test_generate_hidden_states_have_the_caller_length():
     """`output_hidden_states` of `generate`: the prefill's rows are the caller's S positions, as in a forward."""
     model = tiny_lavin()

@@ -41,7 +41,6 @@ from transformers import LogitsProcessorList
 
 from ..attention import STATE_KWARG, install_mma_attention, state_handed_to, uninstall_mma_attention
 from ..tuner_utils import (
-    FILLED_AT_INJECTION,
     MMATunerMixin,
     check_base_size,
     fill_for_base,
@@ -128,10 +127,13 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         """(`image_token_id`, `num_image_tokens`) for this base and encoder; the id defaults to the base's vocabulary
         size, which no text token can have. Raises if a saved count disagrees with the encoder."""
         token_id = model.config.vocab_size if config.image_token_id is None else config.image_token_id
-        filled = config.__dict__.get(FILLED_AT_INJECTION, {})
-        if filled.get("image_token_id", 0) is None and token_id != model.config.vocab_size:  # a text token here
-            needed = f"a vocabulary of {model.config.vocab_size}"
-            raise ValueError(reused_config_message(config, f"the image token id {token_id}", needed))
+        vocabulary = model.config.vocab_size
+        if token_id != vocabulary:  # a text token of this base, where a `get_peft_model` filled it in for another
+            message = reused_config_message(
+                config, ["image_token_id"], f"the image token id {token_id}", f"a vocabulary of {vocabulary}"
+            )
+            if message:
+                raise ValueError(message)
         count = visual.depth // config.vision_feature_every if visual is not None else None
         if config.num_image_tokens not in (None, count):
             raise ValueError(
@@ -309,6 +311,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             self._check_no_placeholders(input_ids)
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         embeds = kwargs.pop("inputs_embeds", None)
+        if attention_mask is None and input_ids is not None:
+            attention_mask = self._inferred_attention_mask(input_ids, kwargs)
         plain = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=embeds)
         call, batch = self._prepare(name, plain, None, pixel_values, has_image, kwargs)
         prompt = input_ids if input_ids is not None else batch.inputs_embeds.new_zeros(len(batch.has_image), 0).long()
@@ -321,7 +325,9 @@ class LaVINModel(MMATunerMixin, BaseTuner):
             kwargs |= self._lengths_past_front(kwargs, batch.front)
         # an explicit mask always: transformers would otherwise build one from `shown != pad_token_id`, and the
         # stand-in 0 of the placeholders is many configs' pad id
-        mask = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(shown)
+        mask = batch.attention_mask
+        if mask is None:  # embeddings without a mask: every position counts
+            mask = torch.ones(batch.inputs_embeds.shape[:2], dtype=torch.long, device=batch.inputs_embeds.device)
         with state_handed_to([self.model, *self._keywordless_adapters()], call):
             output = self.model.generate(
                 input_ids=shown,
@@ -331,6 +337,17 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 **kwargs,
             )
         return restore_prompt(output, prompt, prompt.shape[1], batch.front)
+
+    def _inferred_attention_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The mask transformers' `generate` infers where none is given, from the caller's ids (the image
+        placeholders count as tokens): 0 at the pad id where one is set, occurs and is no EOS id; else all ones."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
+        eos = [] if eos is None else torch.as_tensor(eos).flatten().tolist()
+        if pad is not None and pad not in eos and bool((input_ids == pad).any()):
+            return (input_ids != pad).long()
+        return torch.ones_like(input_ids)
 
     def _lengths_past_front(self, kwargs: dict, front: int) -> dict:
         """`max_length` / `min_length` for `generate`, from its keywords or else its generation config, moved by the
