@@ -72,10 +72,11 @@ def declare_merged_biases(model: nn.Module) -> None:
         linears = [getattr(getattr(layer, parent), n) for layer in decoder_layers(model) for n in names]
         if getattr(model.config, flag, False) or all(linear.bias is None for linear in linears):
             continue
+        made = next(linear.bias for linear in linears if linear.bias is not None)  # dtype and device of a bias
         for linear in linears:
-            if linear.bias is None:
-                weight = linear.weight
-                linear.bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)
+            if linear.bias is None:  # `out_features`: a 4-bit weight is packed, its shape is not the layer's
+                zeros = torch.zeros(linear.out_features, dtype=made.dtype, device=made.device)
+                linear.bias = nn.Parameter(zeros, requires_grad=False)
         setattr(model.config, flag, True)
 
 

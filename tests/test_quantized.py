@@ -122,6 +122,22 @@ def test_v2_merge_into_quantized_weights(base_dir, kind, device):
     assert (restored - unmerged).abs().max().item() < 0.25 * scale
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(QUANT))
+def test_v2_merge_and_unload_biases_some_linears_of_a_quantized_base(base_dir, kind, device):
+    """Biases on q and down only: unloading gives every other linear of those groups a zero bias of its own width
+    and the merged biases' dtype (a 4-bit weight is packed, its shape is not the layer's), and the logits stay."""
+    config = LlamaAdapterV2Config(init_weights=False, prompt_layers=0, bias_modules=["q_proj", "down_proj"])
+    model = get_peft_model(load_quantized(base_dir, kind, device), config).eval()
+    unmerged = logits(model)
+    merged = model.merge_and_unload()
+    attention = merged.model.layers[0].self_attn
+    for linear in (attention.k_proj, attention.o_proj, merged.model.layers[0].mlp.up_proj):
+        assert linear.bias.shape == (linear.out_features,) and linear.bias.dtype == attention.q_proj.bias.dtype
+        assert not linear.bias.any()
+    assert (logits(merged) - unmerged).abs().max().item() < 0.25 * fp32_quantization_error(base_dir, kind, device)
+
+
 def test_lavin_merge_refuses_quantized_weights(base_dir):
     model = get_peft_model(load_quantized(base_dir, "nf4"), LaVINConfig(init_weights=False)).eval()
     before = logits(model)
