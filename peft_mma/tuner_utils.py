@@ -116,9 +116,15 @@ def unused_image_side_zero(modules: Sequence[nn.Module]) -> torch.Tensor | None:
     image would leave the image side (visual bridge, projector, encoder adapters) unused, so the methods add this
     exact zero to their input instead: the parameters are used and get zero gradients.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    return unused_parameters_zero([p for module in modules for p in module.parameters()])
+
+
+def unused_parameters_zero(params: Sequence[nn.Parameter]) -> torch.Tensor | None:
+    """0 · Σ(those of `params` that require grad) under `torch.distributed` while gradients are recorded, else None:
+    what a forward adds where it leaves trainable parameters unused (DistributedDataParallel needs them used)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized() and torch.is_grad_enabled()):
         return None
-    params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     return torch.stack([p.sum() for p in params]).sum() * 0.0 if params else None
 
 

@@ -24,6 +24,8 @@ def build(method: str):
         return tiny_lavin("gqa", "sdpa", seed=3)
     if method == "lavin-modality":  # no modality token: the text-only rank's zero goes into the embeddings
         return tiny_lavin("gqa", "sdpa", seed=3, router="modality")
+    if method == "v2-gate-all":  # the official layout: a gate in every layer, prompts in the top ones (unused gate)
+        return model_for("v2-image", seed=3, init_weights=True, gate_layers="all")
     return model_for("v2-image", seed=3, init_weights=True)
 
 
@@ -43,7 +45,7 @@ def batch_of(method: str, model, rank: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=("lavin", "lavin-modality", "v2"), required=True)
+    parser.add_argument("--method", choices=("lavin", "lavin-modality", "v2", "v2-gate-all"), required=True)
     parser.add_argument("--find-unused", type=int, choices=(0, 1), required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -17,7 +17,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..attention import gated_prompt_key_value, prompt_attention
-from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs
+from ..tuner_utils import MMATunerLayer, adapter_parameter_kwargs, unused_parameters_zero
 from ..utils import apply_in_autocast_dtype
 from ..utils import cast_to as _cast
 from .config import LlamaAdapterV2Config
@@ -412,6 +412,15 @@ class OutputProjection(Linear):
         for key, value in pairs:
             out = prompt_attention(query, key, value, attention.scaling)
             term = out if term is None else term + out
+        # a gate without a prompt (`gate_layers="all"`: every layer has one, the top L have prompts) is unused;
+        # under DDP it gets an exact zero so that every rank uses every trainable parameter
+        idle = [a for a in self._active(self.mma_adapter_v2_gate) if a not in self.mma_adapter_v2_prompt]
+        idle_params = [
+            c[a] for a in idle for c in (self.mma_adapter_v2_gate, self.mma_adapter_v2_gate_scale) if a in c
+        ]
+        zero = unused_parameters_zero(idle_params) if idle_params else None
+        if zero is not None:
+            term = zero if term is None else term + zero
         return term
 
 
