@@ -62,6 +62,7 @@ def test_an_expert_that_reads_nothing_leaves_the_prompt_as_it_was():
         ({"OCR": "CAT"}, [question()], TypeError, r"\['OCR'\] are not callable"),
         ({"OCR": lambda image: None}, [question()], TypeError, "returned NoneType, expected a string"),
         ({"OCR": lambda image: "x"}, [{"image": torch.zeros(3, 2, 2), "prompt": "p"}], ValueError, "no context slot"),
+        ({"OCR": lambda image: "x"}, [{**question(), "prompt": "p"}], ValueError, "no ready `prompt`"),
     ],
 )
 def test_bad_experts_and_samples_get_clear_errors(experts, samples, error, match):
@@ -72,7 +73,7 @@ def test_bad_experts_and_samples_get_clear_errors(experts, samples, error, match
 def test_samples_are_checked_before_any_expert_runs():
     calls = []
     bad = {"image": torch.zeros(3, 2, 2), "prompt": "p"}
-    with pytest.raises(ValueError, match="Sample 1 has an image but neither"):
+    with pytest.raises(ValueError, match="Sample 1 has an image but its prompt has no context slot"):
         with_experts([question(), bad], {"OCR": lambda image: calls.append(image) or "x"})
     assert calls == []
 

@@ -96,10 +96,12 @@ def with_experts(samples: Iterable[dict], experts: Mapping[str, Expert]) -> list
         raise TypeError(f"Experts {not_callable} are not callable; each must map an image to a string.")
     samples = list(samples)
     for i, sample in enumerate(samples):
-        if sample.get("image") is not None and "question" not in sample and "instruction" not in sample:
+        has_slot = ("question" in sample or "instruction" in sample) and "prompt" not in sample
+        if sample.get("image") is not None and not has_slot:
             raise ValueError(
-                f"Sample {i} has an image but neither `question` nor `instruction`, so its prompt has no context "
-                f"slot for expert outputs (keys: {sorted(sample)})."
+                f"Sample {i} has an image but its prompt has no context slot for expert outputs: it needs "
+                f"`question` or `instruction`, and no ready `prompt`, which the collator would use as it is (keys: "
+                f"{sorted(sample)})."
             )
     out = []
     for sample in samples:
