@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import V2_VISION, tiny_llama, token_ids, top_level_ops
+from conftest import V2_VISION, logits_of, tiny_llama, token_ids, top_level_ops
 from peft import get_peft_model
 from reference.llama_adapter_v2_ref import reference_logits_from_model, reference_visual_bridge
 
@@ -220,3 +220,41 @@ def test_tuned_norm_node_keeps_its_input_not_the_normalised_one():
     grad = torch.randn(y.shape, generator=generator)
     for got, want in zip(torch.autograd.grad(y, (x, w), grad), torch.autograd.grad(expected, (x, w), grad)):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6,), (4, 6), (2, 3, 6)], ids=["one-vector", "2-D", "3-D"])
+def test_the_nodes_sum_their_parameter_gradients_over_tokens_only(shape):
+    """Every leading dimension is tokens; a single vector is one token (its scale and bias gradients are not summed
+    over its channels). Float64 gradcheck of the three nodes, each shape."""
+    from peft_mma.llama_adapter_v2.function import OutputScale, ScaledLinear, TunedRMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*size):
+        return torch.randn(*size, generator=generator, dtype=torch.float64).requires_grad_()
+
+    weight = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    for side in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda x, b, s, side=side: ScaledLinear.apply(x, weight, b, s, side), (rand(*shape), rand(6), rand(6))
+        )
+    assert torch.autograd.gradcheck(OutputScale.apply, (rand(*shape), rand(6)))
+    assert torch.autograd.gradcheck(lambda x, w: TunedRMSNorm.apply(x, w, 1e-5), (rand(*shape), rand(6)))
+
+
+def test_merge_adapter_refuses_a_zero_scale_entry_and_merges_nothing():
+    """unmerge divides by s, so a zero entry (its weights multiplied by 0) cannot be undone: `merge_adapter` refuses
+    it before touching any layer; `merge_and_unload`, which is final, folds it and keeps the logits."""
+    model = get_peft_model(tiny_llama("gqa", "sdpa"), LlamaAdapterV2Config(init_weights=False, prompt_layers=0))
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    with torch.no_grad():
+        layer.mma_adapter_v2_scale["default"][3] = 0.0
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    x = token_ids(2, 6)
+    expected = logits_of(model, input_ids=x)
+    with pytest.raises(ValueError, match=r"scales `.*layers\.1\.self_attn\.q_proj` by 0 .*merge_and_unload"):
+        model.base_model.merge_adapter()
+    assert not any(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(logits_of(merged, input_ids=x), expected, atol=1e-5, rtol=0)

@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from ..utils import cast_to as _cast
 
 
+def token_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over every dimension but the last, the tokens: (…, C) → (C,); a single vector (C,) is one token."""
+    return t.sum(tuple(range(t.ndim - 1))) if t.ndim > 1 else t
+
+
 class ScaledLinear(torch.autograd.Function):
     """`ScaledLinear.apply(x, W, β, s, output_side)` → y; x: (…, in), W: (out, in), β: (out,) or None, s: (out,)
     on the output side, (in,) on the input side. The result has x's dtype; W, s and β are cast to it (W and β are
@@ -41,18 +46,17 @@ class ScaledLinear(torch.autograd.Function):
     def backward(ctx, grad):
         saved, weight, s = ctx.saved_tensors
         bias_dtype, scale_dtype = ctx.dtypes
-        tokens = tuple(range(grad.ndim - 1))
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         if ctx.output_side:
             g_z = grad * s  # ∂L/∂(W x + β)
-            g_scale = (grad * saved).sum(tokens) / s  # Σ ∂L/∂y ⊙ (W x + β), from y = s ⊙ (W x + β)
+            g_scale = token_sum(grad * saved) / s  # Σ ∂L/∂y ⊙ (W x + β), from y = s ⊙ (W x + β)
             g_x = torch.matmul(g_z, weight) if need_x else None
-            g_bias = g_z.sum(tokens) if need_bias else None
+            g_bias = token_sum(g_z) if need_bias else None
         else:
             g_xs = torch.matmul(grad, weight)  # ∂L/∂(s ⊙ x)
             g_x = g_xs * s if need_x else None
-            g_scale = (g_xs * saved).sum(tokens)  # (an einsum here is 25x slower on the CPU)
-            g_bias = grad.sum(tokens) if need_bias else None
+            g_scale = token_sum(g_xs * saved)  # (an einsum here is 25x slower on the CPU)
+            g_bias = token_sum(grad) if need_bias else None
         return g_x, None, _cast(g_bias, bias_dtype), _cast(g_scale, scale_dtype), None
 
 
@@ -74,7 +78,7 @@ class OutputScale(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         y, s = ctx.saved_tensors
         grad_z = grad * s if ctx.needs_input_grad[0] else None
-        grad_s = (grad * y).sum(dim=tuple(range(grad.ndim - 1))) / s if ctx.needs_input_grad[1] else None
+        grad_s = token_sum(grad * y) / s if ctx.needs_input_grad[1] else None
         return grad_z, grad_s
 
 
@@ -102,7 +106,7 @@ class TunedRMSNorm(torch.autograd.Function):
         n = _cast(x, r.dtype) * r  # n(x) in fp32, recomputed
         g_weight = None
         if ctx.needs_input_grad[1]:
-            g_weight = (_cast(grad, r.dtype) * _cast(n, x.dtype)).sum(tuple(range(grad.ndim - 1)))  # summed in fp32
+            g_weight = token_sum(_cast(grad, r.dtype) * _cast(n, x.dtype))  # summed in fp32
             g_weight = _cast(g_weight, weight.dtype)
         g_n = _cast(grad * weight, r.dtype)
         g_x = r * (g_n - n * (g_n * n).mean(-1, keepdim=True))

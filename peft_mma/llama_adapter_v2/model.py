@@ -289,6 +289,21 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
 
     # ---- merging -------------------------------------------------------------------------------------------
 
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's `merge_adapter`, refused (nothing merged) where a scale to fold has a zero entry: the merged row
+        or column of W would be 0, which `unmerge_adapter` cannot divide back. `merge_and_unload`, which is not
+        undone, folds such scales."""
+        names = adapter_names or self.active_adapters
+        for key, module in self.model.named_modules():
+            for name in names if isinstance(module, Linear) and not module.merged else ():
+                scale = module.mma_adapter_v2_scale[name] if name in module.mma_adapter_v2_scale else None
+                if scale is not None and not bool(scale.all()):
+                    raise ValueError(
+                        f"Adapter {name!r} scales `{key}` by 0 in some entries; merging would lose those weights, "
+                        "so `unmerge_adapter` could not restore them. Use `merge_and_unload()`, which is final."
+                    )
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         """Fold bias, scale, LoRA and norms into the base weights and return the plain `LlamaForCausalLM`.
 
