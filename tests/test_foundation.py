@@ -45,7 +45,27 @@ def test_backbone_tokens_are_final_norm_then_projection(vit):
         h = block(h)
     expected = enc.head(enc.norm(h))  # all 5 tokens: CLS + 2x2 patches
     torch.testing.assert_close(vit.tokens(x), expected, atol=1e-6, rtol=0)
-    assert vit.tokens(x).shape == (2, 5, 768) and vit.token_width == 768
+    assert vit.tokens(x).shape == (2, 5, 768) and vit.token_width == 768 and vit.projects_tokens  # CLIP's projection
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("vit_base_patch16_224", dict(num_classes=1000)),  # tag augreg2_in21k_ft_in1k: an ImageNet classifier
+        ("deit_base_patch16_224", {}),  # fb_in1k
+        ("vit_base_patch16_siglip_224", {}),  # no class token
+        ("vit_medium_patch16_gap_256", dict(num_classes=10)),  # no class token, average pooling, a classifier
+    ],
+)
+def test_backbone_tokens_of_classifiers_and_class_token_free_vits_are_their_features(name, kwargs):
+    """A timm transformer's classifier head would turn each token into class scores, and a transformer without a
+    class token is no CNN: both give `forward_features` as it is, (B, N, C) at `token_width` C."""
+    backbone = VisionBackbone(name, model_kwargs=dict(TINY_VIT, **kwargs))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        features = backbone.encoder.forward_features(x)
+    assert not backbone.projects_tokens and backbone.token_width == 32
+    assert torch.equal(backbone.tokens(x), features) and features.shape[-1] == 32
 
 
 def test_backbone_prefix_intermediates_are_cls_after_every_kth_block(vit):

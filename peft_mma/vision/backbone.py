@@ -36,6 +36,7 @@ NORMED_LAST_HIDDEN_STATE = ("siglip",)  # transformers towers whose `last_hidden
 # OpenAI's CLIP ViT-L/14, the encoder of both papers. timm's QuickGELU variant is the exact one: its plain
 # `vit_large_patch14_clip_224.openai` loads the same weights with exact GELU, which moves logits by ~1e-2.
 CLIP_VIT_L14 = "vit_large_patch14_clip_quickgelu_224.openai"
+IMAGENET_LABEL_SETS = ("in1k", "in12k", "in21k", "in22k")  # in a timm tag: a classifier head, not a projection
 
 
 def create_vision_model(name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -193,13 +194,21 @@ class VisionBackbone(nn.Module):
     @property
     def token_width(self) -> int:
         """Width C_out of `tokens()` (768 for CLIP ViT-L/14: its projection head; a CNN's channels)."""
-        if self.is_timm and not self.is_vit:
-            return int(self.encoder.num_features)
         if self.is_timm:
-            head = self.encoder.head
-            return head.out_features if isinstance(head, nn.Linear) else self.width
+            return self.encoder.head.out_features if self.projects_tokens else int(self.encoder.num_features)
         projection = getattr(self.encoder, "visual_projection", None)
         return projection.out_features if projection is not None else self.width
+
+    @property
+    def projects_tokens(self) -> bool:
+        """Whether `tokens()` applies a timm transformer's linear `head`: the image projection of a CLIP-style
+        image-text tower (OpenAI's, LAION's), not the classifier of weights fine-tuned on an ImageNet label set
+        (their pretrained tag names it, e.g. `augreg_in21k_ft_in1k`, `fb_in1k`), whose class scores per token would
+        be no features at all."""
+        if not (self.is_timm and hasattr(self.encoder, "blocks") and isinstance(self.encoder.head, nn.Linear)):
+            return False
+        tag = (getattr(self.encoder, "pretrained_cfg", None) or {}).get("tag") or ""
+        return not any(label_set in tag for label_set in IMAGENET_LABEL_SETS)
 
     def check_pixel_values(self, pixel_values: torch.Tensor, batch_size: int | None = None) -> None:
         """Raise `ValueError` unless `pixel_values` is a float (B, 3, S, S) tensor at this encoder's image size."""
@@ -223,15 +232,15 @@ class VisionBackbone(nn.Module):
         return pixel_values.to(device=parameter.device, dtype=parameter.dtype)
 
     def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Every token after the final norm and projection: (B, N, C_out), e.g. (B, 257, 768) for ViT-L/14. A CNN's
-        tokens are the positions of its last feature map, (B, H·W, C), before its pooling and classifier."""
+        """Every token after the final norm and projection: (B, N, C_out), e.g. (B, 257, 768) for ViT-L/14; a timm
+        transformer with a classifier head gives its features, without the head (`projects_tokens`). A CNN's tokens
+        are the positions of its last feature map, (B, H·W, C), before its pooling and classifier."""
         x = self._input(pixel_values)
-        if self.is_timm and not self.is_vit:
-            return self.encoder.forward_features(x).flatten(2).transpose(1, 2)  # (B, C, H, W) → (B, H·W, C)
         if self.is_timm:
-            features = self.encoder.forward_features(x)  # (B, N, C), final norm applied
-            head = self.encoder.head
-            return head(features) if isinstance(head, nn.Linear) else features
+            features = self.encoder.forward_features(x)  # a transformer's (B, N, C), final norm applied
+            if features.ndim == 4:  # a CNN's map (B, C, H, W) → (B, H·W, C)
+                return features.flatten(2).transpose(1, 2)
+            return self.encoder.head(features) if self.projects_tokens else features
         output = self.encoder(pixel_values=x)
         features = output.last_hidden_state
         post_norm = getattr(self._hf_root, "post_layernorm", None)
