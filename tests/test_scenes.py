@@ -343,3 +343,24 @@ def test_scene_encoder_is_built_once_cached_and_loads_as_a_timm_encoder(tmp_path
     pixels = (images[0] * 255).round().byte()
     assert size == 64
     torch.testing.assert_close(transform(Image.fromarray(pixels.permute(1, 2, 0).numpy())), pixels.float() / 255)
+
+
+def test_an_incomplete_cache_folder_is_built_again(tmp_path, monkeypatch):
+    """A folder cut short (weights missing, or truncated) is set aside and built again, not loaded or left to make
+    every later build fail; `PEFT_MMA_CACHE` is made absolute, `~` expanded, since adapter configs name its folders."""
+    from peft_mma.data.cache import cache_root
+
+    monkeypatch.setenv("PEFT_MMA_CACHE", "~/somewhere")
+    assert cache_root() == cache_root().expanduser().resolve() and "~" not in str(cache_root())
+    monkeypatch.setenv("PEFT_MMA_CACHE", str(tmp_path))
+    monkeypatch.setattr(se, "BATCH_SIZE", 8)
+    monkeypatch.setattr(se, "linear_probe", lambda model, seed=0: {"colour": 0.5})
+    folder = se.scene_encoder_dir(seed=1, steps=2)
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")  # no weights
+    se.scene_encoder(seed=1, steps=2)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated
+    se.scene_encoder(seed=1, steps=2)
+    assert (folder / "model.safetensors").read_bytes() == weights  # the same seeded build
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # nothing staged or stale is left
