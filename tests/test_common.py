@@ -539,6 +539,12 @@ def test_pretrained_weights_come_from_the_local_cache_or_fail_at_once_offline(co
     encoder = next(m for m in model.modules() if type(m).__name__ == "VisionBackbone").encoder
     loaded = {k.replace(".base_layer", ""): v for k, v in encoder.state_dict().items() if "mma_" not in k}
     assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, filename, **kw: None)
+    with torch.device("meta"):  # a skeleton (counting, conversion) reads no weights, cached or not
+        skeleton = get_peft_model(
+            LlamaForCausalLM(tiny_llama().config), config(vision_model=name, vision_model_kwargs=kwargs)
+        )
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
 
 
 @pytest.mark.parametrize("row", ["v2-text", "lavin-text"])

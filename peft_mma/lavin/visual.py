@@ -23,10 +23,11 @@ from .layer import MMAdapter
 
 
 def build_encoder(config: LaVINConfig, on_meta: bool) -> VisionBackbone:
-    """The frozen encoder named by `config.vision_model`; raises before anything is attached if `k` does not
-    divide its depth."""
+    """The frozen encoder named by `config.vision_model` (a skeleton on a meta-device base: no weights are read);
+    raises before anything is attached if `k` does not divide its depth."""
     with torch.device("meta") if on_meta else nullcontext():
-        visual = VisionBackbone(config.vision_model, config.vision_pretrained, config.vision_model_kwargs)
+        pretrained = config.vision_pretrained and not on_meta
+        visual = VisionBackbone(config.vision_model, pretrained, config.vision_model_kwargs)
     if not visual.is_vit:
         raise ValueError(
             f"LaVIN reads the class token after every k-th block of a vision transformer; `vision_model`="
