@@ -117,6 +117,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.bf16 = native_bf16()
     if args.steps is None:
         args.steps = STEPS["bf16" if args.bf16 else "fp32"]
+    for flag in ("steps", "batch_size", "train_size", "eval_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.show < 0:
+        parser.error(f"--show must be >= 0 (0: no grid), got {args.show}")
+    if not args.questions:
+        parser.error(f"--questions needs at least one kind of {list(QUESTIONS)}")
     if args.lavin_from_layer < 0:
         parser.error(f"--lavin-from-layer must be >= 0 (0: every layer), got {args.lavin_from_layer}")
     if args.lavin_from_layer and args.method != "lavin":

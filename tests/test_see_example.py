@@ -40,7 +40,9 @@ def test_configs_read_the_scene_encoder(see):
     assert see.build_peft_config("lavin", "local-dir:/x", 4, lavin_from_layer=3).layers_to_transform == [3]
     with pytest.raises(ValueError, match=r"lavin_from_layer.*\[0, 4\)"):
         see.build_peft_config("lavin", "local-dir:/x", 4, lavin_from_layer=4)
-    for wrong in (["--lavin-from-layer", "-1"], ["--method", "adapter-v2", "--lavin-from-layer", "1"]):
+    wrongs = [["--lavin-from-layer", "-1"], ["--method", "adapter-v2", "--lavin-from-layer", "1"], ["--show", "-2"]]
+    wrongs += [[flag, "0"] for flag in ("--steps", "--batch-size", "--train-size", "--eval-size")]
+    for wrong in [*wrongs, ["--steps", "-1"], ["--questions"]]:
         with pytest.raises(SystemExit):
             see.parse_args(wrong)
     assert see.parse_args([]).lavin_from_layer == 0
