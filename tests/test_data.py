@@ -257,6 +257,35 @@ def test_a_chat_template_that_writes_bos_gives_one_bos():
         assert labels[-2:] == ids[-2:] and labels[: len(ids) - 2] == [IGNORE_INDEX] * (len(ids) - 2)
 
 
+def test_a_llama2_tokenizer_gives_meta_s_encoding_of_a_chat_prompt():
+    """LLaMA-2's own tokenizer (transformers' `LlamaTokenizer`: byte-fallback BPE behind a SentencePiece-style
+    `▁` prefix, BOS added), built in memory with a small vocabulary, and LLaMA-2's chat template, which writes
+    `<s>` as text. The collator gives one BOS, then the prompt as Meta's `encode(prompt, bos=True)` gives it (the
+    `▁` prefix in front of `[INST]`, as SentencePiece's dummy prefix puts it), then the response and EOS, the
+    response alone labelled."""
+    from transformers import LlamaTokenizer
+
+    from peft_mma.data.templates import chat_prompt
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for char in "▁[]/INSTabcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(char, len(vocab))
+    merges = [("▁", "["), ("I", "N"), ("IN", "S"), ("INS", "T"), ("▁", "h"), ("▁h", "i"), ("▁", "s"), ("▁s", "a")]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'].strip() + ' [/INST]' }}{% endfor %}"
+    )
+    prompt = chat_prompt(tokenizer, "sa hi")
+    assert prompt == "<s>[INST] sa hi [/INST]"
+    ids, labels = CausalLMCollator(tokenizer).encode({"prompt": prompt, "response": "hi"})
+    meta = tokenizer("[INST] sa hi [/INST]")["input_ids"]  # sentencepiece's encode with bos=True
+    assert tokenizer.convert_ids_to_tokens(meta) == ["<s>", "▁[", "INST", "]", "▁sa", "▁hi", "▁[", "/", "INST", "]"]
+    assert ids == meta + [vocab["▁hi"], tokenizer.eos_token_id]
+    assert labels == [IGNORE_INDEX] * len(meta) + [vocab["▁hi"], tokenizer.eos_token_id]
+
+
 def test_collator_keeps_the_bos_that_a_post_processor_adds():
     """LLaMA-3's tokenizer adds BOS through its post-processor while `add_bos_token` is False: the collator must
     still put BOS in front, as the tokenizer does to a plain string."""
