@@ -483,6 +483,28 @@ def test_generate_without_a_mask_infers_it_as_transformers_does(router, merged):
     assert torch.equal(from_embeds, with_ones) and from_embeds.shape == (1, 4)
 
 
+@pytest.mark.parametrize("has_image", [(True, True), (False,)], ids=["images", "text"])
+def test_generate_processors_that_read_the_prompt_see_only_the_caller_s_ids(has_image):
+    """`repetition_penalty` reads the set of prompt ids: the modality token's and the placeholders' stand-ins are
+    ids of the row itself (its BOS here), so the scores are the penalty applied to the caller's ids with BOS at the
+    placeholders (which lie outside the vocabulary), and the never-passed id 0 is not penalised."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    model = tiny_lavin()
+    batch = lavin_batch(model, has_image=has_image)
+    batch.pop("labels")
+    assert not (batch["input_ids"] == 0).any()
+    with torch.no_grad():
+        output = model.generate(
+            **batch, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None, repetition_penalty=2.0,
+            return_dict_in_generate=True, output_scores=True, output_logits=True,
+        )  # fmt: skip
+    length, penalty = batch["input_ids"].shape[1], RepetitionPenaltyLogitsProcessor(2.0)
+    for step, (scores, logits) in enumerate(zip(output.scores, output.logits)):
+        seen = output.sequences[:, : length + step].masked_fill(output.sequences[:, : length + step] == 97, 1)
+        torch.testing.assert_close(scores, penalty(seen, logits.clone()), atol=0, rtol=0)
+
+
 def test_generate_hidden_states_have_the_caller_length():
     """`output_hidden_states` of `generate`: the prefill's rows are the caller's S positions, as in a forward."""
     model = tiny_lavin()

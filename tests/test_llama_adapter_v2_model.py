@@ -114,6 +114,37 @@ def test_prompt_key_values_are_projected_once_per_generate_call(monkeypatch):
     assert len(calls) == 2 * prompted_layers
 
 
+def test_a_decoding_loop_on_prepare_inputs_for_generation_keeps_the_images():
+    """transformers hands `pixel_values` to the prefill only; V2 reads V at every step, so a loop written on PEFT's
+    `prepare_inputs_for_generation` (with a cache) gets them at each step and the logits of `generate`."""
+    from transformers import DynamicCache
+
+    model = get_peft_model(tiny_llama(), LlamaAdapterV2Config(**V2_VISION, init_weights=False)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "_gate." in name:
+                parameter.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))  # let the prompts count
+    ids, images, steps = token_ids(2, 6), torch.randn(2, 3, 28, 28), 3
+    has_image = torch.tensor([True, False])
+    with torch.no_grad():
+        expected = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=images, has_image=has_image,
+            max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
+            output_logits=True,
+        )  # fmt: skip
+        cache, sequence = DynamicCache(config=model.config), ids
+        for step in range(steps):
+            inputs = model.prepare_inputs_for_generation(
+                sequence, next_sequence_length=None if step == 0 else 1, cache=cache,
+                attention_mask=torch.ones_like(sequence), pixel_values=images, has_image=has_image, use_cache=True,
+                is_first_iteration=step == 0,
+            )  # fmt: skip
+            assert inputs["pixel_values"] is images and inputs["has_image"] is has_image
+            logits = model(**inputs).logits[:, -1]
+            torch.testing.assert_close(logits, expected.logits[step], atol=1e-5, rtol=0)
+            sequence = torch.cat([sequence, expected.sequences[:, ids.shape[1] + step, None]], dim=1)
+
+
 def test_text_only_batch_mixing_images_uses_has_image():
     model = get_peft_model(tiny_llama(), LlamaAdapterV2Config(**V2_VISION, init_weights=False)).eval()
     x, images = token_ids(2, 6), torch.randn(2, 3, 28, 28)

@@ -205,6 +205,20 @@ def strip_modality_token(output, length: int):
     return output  # attention weights come from the kernel's run without the token
 
 
+def ids_for_processors(prompt: torch.Tensor, image_token_id: int, front: int) -> torch.Tensor:
+    """The ids `generate`'s logits processors see, one per position of the assembled prompt: `front` stand-ins for
+    the modality token, then the caller's ids with a stand-in at each image placeholder (whose id may lie outside
+    the vocabulary). A row's stand-in is its first id that is no placeholder, so processors that read the set of
+    prompt ids (`repetition_penalty`, `sequence_bias`) see only ids the caller passed; 0 for a row of placeholders
+    alone or for a prompt given as embeddings (no ids). N-gram processors still see the extra positions."""
+    if prompt.shape[1] == 0:
+        return prompt.new_zeros(len(prompt), front)
+    is_image = prompt == image_token_id
+    first = (~is_image).to(torch.uint8).argmax(dim=1, keepdim=True)  # 0 where a row has no other id
+    stand_in = torch.where((~is_image).any(dim=1, keepdim=True), prompt.gather(1, first), torch.zeros_like(first))
+    return torch.cat([stand_in.expand(-1, front), torch.where(is_image, stand_in, prompt)], dim=1)
+
+
 def restore_prompt(output, input_ids: torch.Tensor, prompt_length: int, front: int = 1):
     """`generate`'s sequences (B·k, front + S + new) → the caller's prompt ids, then the new tokens: (B·k, S + new);
     the prefill's hidden states lose the `front` rows as `strip_modality_token` does in a forward."""

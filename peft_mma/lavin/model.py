@@ -56,6 +56,7 @@ from .inputs import (
     ModalityTokenConsumed,
     assemble,
     check_call,
+    ids_for_processors,
     restore_prompt,
     strip_modality_token,
 )
@@ -316,15 +317,13 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         plain = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=embeds)
         call, batch = self._prepare(name, plain, None, pixel_values, has_image, kwargs)
         prompt = input_ids if input_ids is not None else batch.inputs_embeds.new_zeros(len(batch.has_image), 0).long()
-        # stand-in ids for the logits processors: 0 at the modality token and at the placeholders (maybe out of vocab)
-        shown = torch.cat([prompt.new_zeros(len(prompt), batch.front), prompt], dim=1)
-        shown = shown.masked_fill(shown == self.peft_config[name].image_token_id, 0)
+        shown = ids_for_processors(prompt, self.peft_config[name].image_token_id, batch.front)
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         if batch.front:
             processors.append(ModalityTokenConsumed(call))
             kwargs |= self._lengths_past_front(kwargs, batch.front)
-        # an explicit mask always: transformers would otherwise build one from `shown != pad_token_id`, and the
-        # stand-in 0 of the placeholders is many configs' pad id
+        # an explicit mask always: transformers would otherwise build one from `shown != pad_token_id`, and a
+        # stand-in id may be the pad id
         mask = batch.attention_mask
         if mask is None:  # embeddings without a mask: every position counts
             mask = torch.ones(batch.inputs_embeds.shape[:2], dtype=torch.long, device=batch.inputs_embeds.device)

@@ -238,6 +238,18 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         with state_handed_to([self.model], state):
             return self.model.generate(*args, **kwargs)
 
+    def prepare_inputs_for_generation(self, *args, pixel_values=None, has_image=None, **kwargs) -> dict:
+        """The base model's, keeping `pixel_values` and `has_image` at every step. transformers hands images to the
+        prefill only, but V2 adds the visual tokens V to the prompts of every step, so a decoding loop written on
+        this method (PEFT's `PeftModelForCausalLM.prepare_inputs_for_generation` calls it) needs them each time;
+        its forward then encodes them again at each step. Our `generate` computes V once and does not use this."""
+        inputs = self.model.prepare_inputs_for_generation(*args, **kwargs)
+        if pixel_values is not None:
+            inputs["pixel_values"] = pixel_values
+        if has_image is not None:
+            inputs["has_image"] = has_image
+        return inputs
+
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> int | None:
         inputs = call_inputs(args, kwargs)
