@@ -140,17 +140,18 @@ def state_handed_to(modules: Iterable[torch.nn.Module], state) -> Iterator[None]
 
 def install_mma_attention(model: torch.nn.Module) -> None:
     """Switch `model` (a transformers `PreTrainedModel`) to the wrapped version of its attention implementation
-    (idempotent)."""
-    base_name = model.config._attn_implementation or "eager"
-    if base_name.endswith(SUFFIX):
-        return
+    (idempotent). The wrapper is registered in this process where the config names it already: a model pickled
+    in another process carries the wrapped name."""
+    current = model.config._attn_implementation or "eager"
+    base_name = current.removesuffix(SUFFIX)
     name = base_name + SUFFIX
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _wrapped(base_name))
         mask = ALL_MASK_ATTENTION_FUNCTIONS.get(base_name)
         if mask is not None:
             AttentionMaskInterface.register(name, mask)
-    _set_implementation(model, name)
+    if current != name:
+        _set_implementation(model, name)
 
 
 def uninstall_mma_attention(model: torch.nn.Module) -> None:

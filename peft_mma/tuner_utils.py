@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -56,13 +57,15 @@ class MMATunerLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device | None, Any]:
-        """PEFT reads the base's `weight`; a wrapped module without one (an attention block) gives the device of its
-        first parameter and no dtype, so its adapters stay fp32."""
-        device, dtype = super()._get_base_layer_device_and_dtype(base_layer)
+        """The base's device, and no dtype: PEFT would cast the adapters to the base's dtype when it moves them
+        (`low_cpu_mem_usage` loading moves them after their values are in), which on a bf16 base rounds fp32 weights
+        that `_cast_adapter_dtype` then casts back up. Their dtype is `_cast_adapter_dtype`'s alone. A wrapped module
+        without a `weight` (an attention block) gives the device of its first parameter."""
+        device, _ = super()._get_base_layer_device_and_dtype(base_layer)
         if device is None:
             reference = next(base_layer.parameters(), None)
             device = reference.device if reference is not None else None
-        return device, dtype
+        return device, None
 
 
 BASE_FIELDS = ("base_num_layers", "base_hidden_size")
@@ -95,6 +98,22 @@ def fill_for_base(config: PeftConfig, **values: Any) -> None:
         if getattr(config, name) is None:
             filled.add(name)
         setattr(config, name, value)
+
+
+@contextmanager
+def config_kept_on_error(config: PeftConfig) -> Iterator[None]:
+    """Where the block raises, put back every field of `config` and `fill_for_base`'s record as they were before
+    it: a failed injection leaves the caller's config object as it was."""
+    fields = dict(vars(config))
+    filled = set(fields.get(FILLED_AT_INJECTION, ()))
+    try:
+        yield
+    except BaseException:
+        vars(config).clear()
+        vars(config).update(fields)
+        if FILLED_AT_INJECTION in fields:
+            vars(config)[FILLED_AT_INJECTION] = filled
+        raise
 
 
 def reused_config_message(config: PeftConfig, names: Sequence[str], filled: str, needed: str) -> str | None:
@@ -222,6 +241,13 @@ class MMATunerMixin:
                     container[adapter_name] = nn.Parameter(item.detach().to(dtype), requires_grad=item.requires_grad)
                 elif isinstance(item, nn.Module) and not isinstance(item, VisionBackbone):
                     item.to(dtype)
+
+    def _check_adapter_names(self: BaseTuner, names: str | Sequence[str] | None) -> None:
+        """A `ValueError` naming the adapters where a name is none of them (raised before anything changes)."""
+        names = [names] if isinstance(names, str) else list(names or [])
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter {unknown[0]!r} does not exist; the adapters are {sorted(self.peft_config)}.")
 
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's `delete_adapter`, which also drops `adapter_name` from every container the tuner itself holds

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -386,6 +388,27 @@ def test_gradient_checkpointing_reaches_every_trainable_parameter(row, reentrant
             torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_v2_fused_into_several_layers_trains_under_non_reentrant_checkpointing_and_says_so_under_reentrant():
+    """V, fused into every prompted layer (the BIAS-7B presets' `visual_fusion="all"`), comes from one bridge call:
+    non-reentrant checkpointing gives the plain gradients; reentrant would run the bridge's backward once per
+    layer, which torch refuses with an unclear error, so the second fused layer raises saying what to do."""
+    plain = model_for("v2-image", visual_fusion="all").train()
+    batch = batch_for("v2-image", plain)
+    plain(**batch).loss.backward()
+    expected = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for reentrant in (False, True):
+        model = model_for("v2-image", visual_fusion="all").train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:
+            with pytest.raises(ValueError, match=r"several layers, and reentrant gradient checkpointing .*'use_reen"):
+                model(**batch)
+            continue
+        model(**batch).loss.backward()
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("row", ["v2-text", "lavin-text", "lavin-image"])
 def test_a_second_merge_warns_and_changes_nothing(row):
     model = model_for(row, prompt_layers=0) if row == "v2-text" else model_for(row)
@@ -563,14 +586,85 @@ def test_switching_the_attention_implementation_after_attaching_keeps_the_adapte
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_loading_a_second_v2_adapter_leaves_the_trainability_of_the_first_bridge(tmp_path):
-    """PEFT's `inject_adapter` restores the layers' `requires_grad` after its `set_adapter`; the tuner-level visual
-    bridge gets the same: loading another adapter for evaluation does not freeze the one being trained."""
-    from peft import PeftModel
-
-    model_for("v2-image").save_pretrained(tmp_path)
+@pytest.mark.parametrize("row", ["v2-image", "lavin-image"])
+def test_adding_or_loading_an_adapter_leaves_the_trainability_of_the_others(tmp_path, row):
+    """PEFT's `inject_adapter` restores the layers' `requires_grad` after its `set_adapter`; the tuner-level parts
+    (visual bridge, projector, modality embedding) get the same: loading another adapter for evaluation does not
+    freeze the one being trained, and adding one does not unfreeze an adapter the user froze."""
+    model_for(row).save_pretrained(tmp_path)
     model = PeftModel.from_pretrained(tiny_llama("gqa"), tmp_path, is_trainable=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any("mma_adapter_v2_visual.default" in n for n in trainable)
+    assert any(".default" in n and ("_visual." in n or "_proj_in." in n) for n in trainable)
     model.load_adapter(tmp_path, adapter_name="other")  # is_trainable=False
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    model.set_requires_grad("default", False)
+    model.add_adapter("third", config_for(row))
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("row", ["v2-text", "lavin-text"])
+def test_an_unknown_adapter_name_is_refused_and_changes_nothing(row):
+    model = model_for(row).eval()
+    batch = batch_for(row, model)
+    expected = logits(model, batch)
+    calls = {
+        "merge_adapter": lambda: model.merge_adapter(["nope"]),
+        "merge_adapter, a known name first": lambda: model.merge_adapter(["default", "nope"]),
+        "merge_and_unload": lambda: model.merge_and_unload(adapter_names=["nope"]),
+        "set_adapter": lambda: model.base_model.set_adapter("nope"),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"Adapter 'nope' does not exist; the adapters are \['default'\]"):
+            call()
+        assert model.active_adapters == ["default"]
+        assert not any(getattr(module, "merged_adapters", None) for module in model.modules())
+        torch.testing.assert_close(logits(model, batch), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("row", ["v2-text", "lavin-text"])
+def test_merging_the_active_adapter_skips_layers_only_another_adapter_holds(row):
+    """The second adapter wraps modules the active one leaves alone (V2: the norms, which the first does not tune;
+    LaVIN placement 'block': the MLPs): merging the active one folds it where it is, and the logits stay."""
+    v2 = row.startswith("v2")
+    model = model_for(row, **(dict(norm_modules=[], prompt_layers=0) if v2 else {})).eval()
+    torch.manual_seed(5)
+    model.add_adapter("other", config_for(row, **(dict(prompt_layers=0) if v2 else dict(adapter_placement="block"))))
+    batch = {k: v for k, v in batch_for(row, model).items() if k != "labels"}
+    expected = logits(model, batch)
+    modality = {} if v2 else {"modality": "text"}
+    merged = copy.deepcopy(model)
+    merged.merge_adapter(**modality)
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=0)
+    plain = copy.deepcopy(model).merge_and_unload(**modality)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("row", ["v2-text", "lavin-text"])
+def test_a_whole_model_saved_with_torch_save_runs_in_a_new_process(tmp_path, row):
+    """The config names the wrapped attention (`sdpa+mma`), which a new process registers when the model runs."""
+    model = model_for(row).eval()
+    batch = {k: v for k, v in batch_for(row, model).items() if k != "labels"}
+    torch.save((model, batch, logits(model, batch)), tmp_path / "whole.pt")
+    script = (
+        "import sys, torch; model, batch, expected = torch.load(sys.argv[1], weights_only=False)\n"
+        "with torch.no_grad(): print(float((model(**batch).logits - expected).abs().max()))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "whole.pt")], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) == 0.0
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_low_cpu_mem_usage_loading_onto_a_bf16_base_keeps_the_fp32_adapter_weights(tmp_path, row):
+    """PEFT moves adapters to their base layer's device and dtype after loading their values under
+    `low_cpu_mem_usage`; ours move between devices only, so a bf16 base does not round the fp32 weights."""
+    model = model_for(row)
+    model.save_pretrained(tmp_path)
+    base = tiny_llama("gqa", "sdpa").to(torch.bfloat16)
+    loaded = PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=True)
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert torch.equal(loaded.get_parameter(name), parameter), name

@@ -26,6 +26,7 @@ def ids(batch=2, length=6):
         (dict(adapter_dim=7), "`adapter_groups`=2 must divide `adapter_dim`=7"),
         (dict(adapter_dim=0), "`adapter_dim` must be a positive integer; got 0"),
         (dict(temperature=0.0), r"`temperature` must be > 0 \(10 for LaVIN-7B"),
+        (dict(adapter_scale=float("nan")), r"`adapter_scale` must be a finite number \(1 for LaVIN-7B\); got nan"),
         (dict(projector_init_scale=0.0), r"`projector_init_scale` must be > 0 \(1: the official xavier init\)"),
         (dict(adapter_dropout=1.0), r"`adapter_dropout` must be in \[0, 1\); got 1.0"),
         (dict(adapter_placement="ffn"), "`adapter_placement`='ffn' is not one of"),
@@ -76,6 +77,40 @@ def test_model_dependent_config_errors_leave_the_model_untouched(kwargs, match):
     assert [n for n, _ in model.named_modules()] == names
 
 
+@pytest.mark.parametrize(
+    "kwargs, attn, match",
+    [
+        (
+            dict(target_modules=r".*layers\.\d+\.(self_attn|input_layernorm)"),
+            "eager",
+            r"matches `model\.layers\.0\.input_layernorm`, a LlamaRMSNorm: LaVIN adapts a LLaMA `self_attn`",
+        ),
+        (dict(layers_to_transform=[0, 10]), "eager", r"`layers_to_transform`=\[0, 10\]: the base has layers 0–3"),
+        (dict(), "flex_attention", "LaVIN's learnt router cannot run on attn_implementation='flex_attention'"),
+    ],
+    ids=["regex-target-matches-a-norm", "layer-index-past-the-depth", "flex-attention"],
+)
+def test_targets_are_checked_before_anything_is_injected(kwargs, attn, match):
+    """A regex `target_modules` whose later matches are no attention block, a layer index past the depth, flex
+    attention under the learnt router: refused at `get_peft_model` (and at `add_adapter`), with the base (and the
+    first adapter) unchanged."""
+    model = tiny_llama(attn_implementation=attn)
+    names, implementation = [n for n, _ in model.named_modules()], model.config._attn_implementation
+    with torch.no_grad():
+        expected = model(input_ids=FIXED_IDS).logits
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(model, LaVINConfig(**kwargs))
+    assert [n for n, _ in model.named_modules()] == names and model.config._attn_implementation == implementation
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=FIXED_IDS).logits, expected, atol=0, rtol=0)
+    if attn == "eager":
+        peft_model = get_peft_model(model, LaVINConfig(init_weights=False)).eval()
+        before = snapshot(peft_model)
+        with pytest.raises(ValueError, match=match):
+            peft_model.add_adapter("second", LaVINConfig(**kwargs))
+        assert_unchanged(peft_model, before)
+
+
 FIXED_IDS = torch.tensor([[1, 5, 9, 13, 17, 21]])
 
 
@@ -90,6 +125,22 @@ def assert_unchanged(model, before: tuple[dict[str, torch.Tensor], torch.Tensor]
     state, logits = snapshot(model)
     assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
     torch.testing.assert_close(logits, before[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("labels", lambda x: x[0], r"`labels` must have the shape \(2, 6\) of the inputs \(B, S\); got \(6,\)"),
+        ("labels", lambda x: x[:1], r"`labels` must have the shape \(2, 6\) of the inputs \(B, S\); got \(1, 6\)"),
+        ("attention_mask", lambda x: torch.ones(3, 6).long(), r"`attention_mask` must have the shape \(2, 6\)"),
+    ],
+)
+def test_labels_and_mask_of_another_shape_are_refused(field, value, match):
+    """Broadcast `labels` of one row would score every row against row 0's targets, as the base LLaMA refuses."""
+    model = get_peft_model(tiny_llama(), LaVINConfig(init_weights=False)).eval()
+    x = ids()
+    with pytest.raises(ValueError, match=match):
+        model(input_ids=x, **{field: value(x)})
 
 
 def test_images_for_a_text_only_adapter_are_refused_and_change_nothing():

@@ -32,6 +32,8 @@ def test_more_prompt_layers_than_the_model_has():
         (dict(scale_side="middle"), r"`scale_side`='middle'; expected one of \['output', 'input'\]"),
         (dict(bias_modules=["qkv"]), r"`bias_modules` has unknown linears \['qkv'\]"),
         (dict(prompt_length=0), r"`prompt_length`=0; expected a positive integer"),
+        (dict(r=True), r"`r`=True; expected a positive integer"),
+        (dict(prompt_layers=True), r"`prompt_layers`=True; expected None or an integer >= 0"),
         (dict(zero_image_for_text=True), r"`zero_image_for_text`=True needs a `vision_model`"),
         (dict(task_type="SEQ_CLS"), r"`task_type`='SEQ_CLS'; LLaMA-Adapter V2 adapts causal LMs"),
         (dict(target_modules="q_proj|v_proj"), r"takes a list of module names .* not a pattern"),
@@ -42,6 +44,20 @@ def test_more_prompt_layers_than_the_model_has():
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LlamaAdapterV2Config(**kwargs)
+
+
+def test_a_failed_attach_leaves_the_config_as_it_was():
+    """The checks fill in `base_num_layers` / `base_hidden_size` before the encoder is built; where building it
+    fails, the caller's config keeps neither, so that it attaches to a base of another size once corrected."""
+    config = LlamaAdapterV2Config(vision_model="no_such_vit", vision_pretrained=False)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="`vision_model`='no_such_vit' is neither a timm model name"):
+        get_peft_model(model, config)
+    assert config.base_num_layers is None and config.base_hidden_size is None
+    assert_untouched(model)
+    config.vision_model = None
+    deeper = get_peft_model(tiny_llama(num_hidden_layers=6), config)
+    assert config.base_num_layers == 6 and deeper.peft_config["default"] is config
 
 
 def test_images_for_an_adapter_without_vision():

@@ -71,6 +71,19 @@ def test_merge_and_unload_refuses_prompts_and_leaves_the_model_unchanged():
     assert torch.equal(logits_of(model, input_ids=x), expected)
 
 
+def test_merge_and_unload_folds_the_k_and_v_that_another_adapter_s_prompts_read():
+    """`merge_adapter` keeps k_proj / v_proj apart where another adapter's prompts read them through the frozen
+    weights; `merge_and_unload` drops those prompts, so it folds them too (they were left out, silently)."""
+    model = get_peft_model(tiny_llama("gqa", "sdpa"), LlamaAdapterV2Config(init_weights=False)).eval()  # prompted
+    torch.manual_seed(5)
+    model.add_adapter("mergeable", LlamaAdapterV2Config(init_weights=False, prompt_layers=0))
+    model.set_adapter("mergeable")
+    x = token_ids()
+    expected = logits_of(model, input_ids=x)
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(logits_of(plain, input_ids=x), expected, atol=1e-5, rtol=0)
+
+
 def test_several_adapters_set_disable_delete():
     base = tiny_llama("gqa", "sdpa")
     x = token_ids()

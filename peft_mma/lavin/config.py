@@ -6,6 +6,7 @@ Luo et al., NeurIPS 2023, https://arxiv.org/abs/2305.15023. Facts cited as `lavi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +193,8 @@ class LaVINConfig(MMAConfigMixin, PeftConfig):
             raise ValueError(
                 f"`projector_init_scale` must be > 0 (1: the official xavier init); got {self.projector_init_scale}."
             )
+        if not isinstance(self.adapter_scale, (int, float)) or not math.isfinite(self.adapter_scale):
+            raise ValueError(f"`adapter_scale` must be a finite number (1 for LaVIN-7B); got {self.adapter_scale!r}.")
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0 (10 for LaVIN-7B, 5 for 13B); got {self.temperature}.")
         if not 0.0 <= self.adapter_dropout < 1.0:

@@ -146,6 +146,18 @@ def check_call(
     return flags
 
 
+def check_aligned(inputs: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+    """`labels` and a 2-D `attention_mask` must have the (B, S) of the inputs (`input_ids`, or `inputs_embeds`'
+    first two sizes): the call masks the placeholders in the labels and puts a column in front of the mask, where
+    broadcasting would pair other rows or fail without naming the input. Reads shapes only."""
+    shape = tuple(inputs.shape[:2])
+    for name, value in (("labels", labels), ("attention_mask", attention_mask)):
+        if value is None or (name == "attention_mask" and value.dim() != 2):
+            continue
+        if tuple(value.shape) != shape:
+            raise ValueError(f"`{name}` must have the shape {shape} of the inputs (B, S); got {tuple(value.shape)}.")
+
+
 def assemble(
     config: LaVINConfig,
     embed: torch.nn.Module,

@@ -241,7 +241,7 @@ class MMAdapter(nn.Module, LaVINLayer):
         With y = W·out(x) + β and out(x) = (I + U V) x + c:  W′ = W + (W U) V,  β′ = β + W c (β = 0 when the
         Linear had no bias; one is created). `LaVINModel.merge_adapter` fills `merge_routing` for a modality.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.mma_lavin_down]
         for name in adapter_names:
             if self.merged_adapters or len(adapter_names) > 1:
                 raise ValueError("LaVIN folds one adapter per layer; merge a single adapter (`adapter_names`).")

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils.integrations import skip_init_on_device
 from torch import nn
 from transformers import LogitsProcessorList
@@ -55,6 +55,7 @@ from .inputs import (
     LaVINCall,
     ModalityTokenConsumed,
     assemble,
+    check_aligned,
     check_call,
     ids_for_processors,
     restore_prompt,
@@ -96,6 +97,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 f"`target_modules`={config.target_modules!r}: LaVIN adapts `self_attn` (and `mlp` for placement "
                 "'block'); leave `target_modules` unset and choose `adapter_placement` instead."
             )
+        self._check_targets(config, model)
         width, groups = model.config.hidden_size, config.adapter_groups
         if width % groups:
             raise ValueError(
@@ -109,6 +111,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 f"carry MM-adapters); pick a common divisor of {width} and {visual.width}, or vision_adapters=False."
             )
         image_tokens = self._image_tokens(config, model, visual)
+        # the other adapters keep their `requires_grad` (the `set_adapter` below would set them by activity)
+        others = {p: p.requires_grad for name, p in self.named_parameters() if self.prefix in name}
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         self._add_model_level(model, adapter_name, config, visual)
         fill_for_base(
@@ -122,6 +126,43 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         model.add_model_tags(["peft_mma", "lavin"])  # PEFT's model card names the plugin and the method
         active = [a for a in self.active_adapters if a in self.peft_config]
         self.set_adapter(self.active_adapters, inference_mode=any(self.peft_config[a].inference_mode for a in active))
+        for parameter, requires_grad in others.items():
+            parameter.requires_grad_(requires_grad)
+
+    def _check_targets(self, config: LaVINConfig, model: nn.Module) -> None:
+        """Before anything is injected: every module the config targets is a LLaMA `self_attn` or `mlp` (a regex
+        `target_modules` may match others), `layers_to_transform` lies within the depth, and the learnt router's
+        attention is no flex attention, whose block masks its modality token cannot be sliced from."""
+        depth = model.config.num_hidden_layers
+        layers = config.layers_to_transform
+        layers = [layers] if isinstance(layers, int) else list(layers or [])
+        outside = [i for i in layers if not 0 <= i < depth]
+        if outside:
+            raise ValueError(
+                f"`layers_to_transform`={config.layers_to_transform!r}: the base has layers 0–{depth - 1}."
+            )
+        implementation = model.config._attn_implementation or "eager"
+        if config.router == "learnt" and implementation.startswith("flex"):
+            raise ValueError(
+                f"LaVIN's learnt router cannot run on attn_implementation={implementation!r} (its block masks cannot "
+                "give the modality token's row apart); load the base with attn_implementation='sdpa' or 'eager', or "
+                "use router='modality'."
+            )
+        for key, module in model.named_modules():
+            parts = key.split(".")
+            if "base_layer" in parts or any(part.startswith(self.prefix) for part in parts):
+                continue
+            if not check_target_module_exists(config, key):
+                continue
+            names = CONSUMERS.get(parts[-1], ())
+            if isinstance(module, LaVINLayer) or (
+                names and all(isinstance(getattr(module, n, None), nn.Linear) for n in names)
+            ):
+                continue
+            raise ValueError(
+                f"`target_modules`={config.target_modules!r} matches `{key}`, a {type(module).__name__}: LaVIN adapts "
+                "a LLaMA `self_attn` (q/k/v_proj) or `mlp` (gate/up_proj)."
+            )
 
     @staticmethod
     def _image_tokens(config: LaVINConfig, model: nn.Module, visual: VisionBackbone | None) -> tuple[int, int | None]:
@@ -216,9 +257,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 f"LaVIN runs one adapter at a time (one modality embedding routes every layer); got active adapters "
                 f"{names}. Activate one with `set_adapter(name)`."
             )
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
-            raise ValueError(f"Adapter {unknown[0]!r} does not exist; the adapters are {sorted(self.peft_config)}.")
+        self._check_adapter_names(names)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         active = set(self.active_adapters)
         for role in ("modality", "visual", "proj_in", "proj_out"):
@@ -374,6 +413,8 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         input_ids, inputs_embeds = plain["input_ids"], plain["inputs_embeds"]
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        check_aligned(inputs, plain["attention_mask"], plain.get("labels"))
         if torch.compiler.is_compiling():  # the checks read tensor values, which would break the graph
             if has_image is None:
                 has_image = (
@@ -482,6 +523,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
 
     # ---------------------------------------------------------------- merge / unload
     def _set_merge_routing(self, adapter_names: list[str] | None, modality: str | None) -> None:
+        self._check_adapter_names(adapter_names)
         for name in adapter_names or self.active_adapters:
             chosen = modality or self.peft_config[name].merge_modality
             if chosen not in ("text", "image"):

@@ -123,9 +123,10 @@ class LlamaAdapterV2Config(MMAConfigMixin, PeftConfig):
         positive |= {"visual_width": self.visual_width, "visual_depth": self.visual_depth}
         positive |= {"visual_heads": self.visual_heads, "early_fusion_layers": self.early_fusion_layers}
         for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}`={value!r}; expected a positive integer.")
-        if self.prompt_layers is not None and (not isinstance(self.prompt_layers, int) or self.prompt_layers < 0):
+        layers = self.prompt_layers
+        if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool) or layers < 0):
             raise ValueError(f"`prompt_layers`={self.prompt_layers!r}; expected None or an integer >= 0.")
         if self.visual_width % self.visual_heads:
             raise ValueError(

@@ -356,6 +356,7 @@ class OutputProjection(Linear):
         prompt = self.mma_adapter_v2_prompt[adapter][None]  # (1, K, C)
         visual = state.visual.get(adapter) if state is not None and self.visual_fused[adapter] else None
         if visual is not None:
+            self._check_not_reentrant(adapter, visual, state)
             prompt = prompt + visual.to(prompt.dtype)  # (B, K, C)
         prompt = prompt.to(dtype)
         adapted = self.prompt_kv_adapted[adapter]
@@ -367,6 +368,22 @@ class OutputProjection(Linear):
         if cache is not None:
             cache[key] = (k_p, v_p)
         return k_p, v_p
+
+    @staticmethod
+    def _check_not_reentrant(adapter: str, visual: torch.Tensor, state) -> None:
+        """V carries the bridge's graph, but this layer records none: the first pass of reentrant gradient
+        checkpointing. Its backward runs each layer's own `backward` and would go through the shared bridge once
+        per fused layer, which torch allows once; refused from the second fused layer on, with what to do."""
+        if not visual.requires_grad or torch.is_grad_enabled():
+            return
+        state.unrecorded[adapter] = state.unrecorded.get(adapter, 0) + 1
+        if state.unrecorded[adapter] > 1:
+            raise ValueError(
+                f"Adapter {adapter!r} adds its visual tokens in several layers, and reentrant gradient checkpointing "
+                "would run each layer's backward through the visual bridge they share, which torch can do only "
+                "once. Enable checkpointing with `gradient_checkpointing_kwargs={'use_reentrant': False}` "
+                "(transformers' default), or fuse into one layer (`visual_fusion='early'`, `early_fusion_layers=1`)."
+            )
 
     def _gated_key_value(self, attention: nn.Module, adapter: str, state, query: torch.Tensor):
         """Per-head keys and gated values for `query`'s batch (`attention.gated_prompt_key_value`), (B, H, K, d);
@@ -475,6 +492,8 @@ class Norm(nn.Module, LlamaAdapterV2Layer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """w′ = w + Δ."""
         for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter not in self.mma_adapter_v2_norm:  # another adapter's norm
+                continue
             weight = self.get_base_layer().weight
             new = (weight.float() + self.mma_adapter_v2_norm[adapter].float()).to(weight.dtype)
             self._safe_assign({"weight": new}, safe_merge, adapter)

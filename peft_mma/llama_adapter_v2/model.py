@@ -20,7 +20,14 @@ from peft.utils.integrations import skip_init_on_device
 from torch import nn
 
 from ..attention import STATE_KWARG, install_mma_attention, state_handed_to, uninstall_mma_attention
-from ..tuner_utils import BACKBONE_ATTR, MMATunerMixin, check_base_size, fill_for_base, unused_image_side_zero
+from ..tuner_utils import (
+    BACKBONE_ATTR,
+    MMATunerMixin,
+    check_base_size,
+    config_kept_on_error,
+    fill_for_base,
+    unused_image_side_zero,
+)
 from ..utils import check_has_image, check_supported_model, declare_merged_biases
 from ..vision.backbone import VisionBackbone
 from ..vision.bridge import AdapterV2VisualBridge
@@ -61,6 +68,7 @@ class PromptState:
 
     visual: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter → V, (B or 1, K, C)
     cache: dict = field(default_factory=dict)  # (layer, adapter) → (k_p, v_p), filled only without grad
+    unrecorded: dict = field(default_factory=dict)  # adapter → layers that read a V with a graph, recording none
 
 
 def _parse_key(key: str) -> tuple[int | None, str] | None:
@@ -126,15 +134,16 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         config = self.peft_config[adapter_name]
-        self._check_against_model(config, model)
         bridges = getattr(self, "mma_adapter_v2_visual", {})
         trainable = {p: p.requires_grad for name, bridge in bridges.items() for p in bridge.parameters()}
-        self._add_visual_path(adapter_name, config, model)
-        try:
-            super().inject_adapter(model, adapter_name, **kwargs)
-        except Exception:
-            self._delete_model_level_adapter(adapter_name)
-            raise
+        with config_kept_on_error(config):  # the checks fill in `base_*`, which a failed injection must not keep
+            self._check_against_model(config, model)
+            self._add_visual_path(adapter_name, config, model)
+            try:
+                super().inject_adapter(model, adapter_name, **kwargs)
+            except Exception:
+                self._delete_model_level_adapter(adapter_name)
+                raise
         for param, flag in trainable.items():  # PEFT restores the layers' flags after its `set_adapter`, not ours
             param.requires_grad_(flag)
         if self.prompt_layer_ids(config, config.base_num_layers):
@@ -210,6 +219,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         return prompted
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        self._check_adapter_names(adapter_name)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         active = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name, bridge in getattr(self, "mma_adapter_v2_visual", {}).items():
@@ -305,6 +315,7 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         """PEFT's `merge_adapter`, refused (nothing merged) where a scale to fold has a zero entry: the merged row
         or column of W would be 0, which `unmerge_adapter` cannot divide back. `merge_and_unload`, which is not
         undone, folds such scales."""
+        self._check_adapter_names(adapter_names)
         names = adapter_names or self.active_adapters
         for key, module in self.model.named_modules():
             for name in names if isinstance(module, Linear) and not module.merged else ():
@@ -320,7 +331,10 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         """Fold bias, scale, LoRA and norms into the base weights and return the plain `LlamaForCausalLM`.
 
         Prompts and gates cannot be folded (spec §9 "Merging"); use `merge_adapter()` to fold the rest and keep them.
+        Another adapter's prompts go with the unload, so a prompted layer's k_proj / v_proj fold too (`_foldable`
+        keeps them apart only for prompts that stay).
         """
+        self._check_adapter_names(adapter_names)
         names = adapter_names or self.active_adapters
         for name in names:
             config = self.peft_config[name]
@@ -330,7 +344,15 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
                     "`merge_adapter()` to fold bias, scale, LoRA and norms and keep the prompts, or configure "
                     "`prompt_layers=0` (and no `vision_model`) for a fully mergeable adapter."
                 )
-        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        paths = {module: dict(module.prompt_path) for module in self.model.modules() if isinstance(module, Linear)}
+        for module in paths:
+            module.prompt_path.clear()
+        try:
+            model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=names)
+        except BaseException:
+            for module, path in paths.items():
+                module.prompt_path.update(path)
+            raise
         self._finish_unload(model)
         return model
 
