@@ -137,7 +137,10 @@ def check_call(
             "with `peft_mma.data.ImageTokens` or `CausalLMCollator(image_tokens=...)`."
         )
     if bool(flags.any()) and pixel_values is None:
-        raise ValueError("Samples have images (placeholders or `has_image`) but no `pixel_values` were passed.")
+        raise ValueError(
+            "Samples have images (placeholders or `has_image`) but no `pixel_values` were passed. (The HF `Trainer` "
+            "drops them unless `TrainingArguments(remove_unused_columns=False)`.)"
+        )
     if pixel_values is not None and len(pixel_values) != batch:
         raise ValueError(
             f"`pixel_values` holds {len(pixel_values)} images for a batch of {batch} sequences; pass one (B, 3, H, W) "

@@ -278,7 +278,10 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
         if has_image is not None:
             check_has_image(has_image, batch_size if batch_size is not None else len(has_image))
             if pixel_values is None and bool(has_image.any()):
-                raise ValueError("`has_image` marks samples with images but no `pixel_values` were passed.")
+                raise ValueError(
+                    "`has_image` marks samples with images but no `pixel_values` were passed. (The HF `Trainer` drops "
+                    "them unless `TrainingArguments(remove_unused_columns=False)`.)"
+                )
         for adapter in self.active_adapters:
             if adapter not in bridges:
                 continue
