@@ -5,6 +5,7 @@ python -m benchmarks.plot                 # every results/*.json it knows → re
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -153,4 +154,7 @@ def main() -> list[Path]:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(
+        description="Draw a PNG beside every speed and quality JSON in benchmarks/results/ (no options)."
+    ).parse_args()
     main()

@@ -5,6 +5,7 @@ python -m benchmarks.report
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -427,4 +428,7 @@ def main() -> str:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(
+        description="Write the tables of benchmarks/README.md (between its markers) from the JSON results; no options."
+    ).parse_args()
     main()
