@@ -115,8 +115,10 @@ def project_hours(
     """Simulate every epoch's micro-batches with dynamic padding; return hours and the padding overhead.
 
     `text`/`image` map a padded length to the time of one micro-batch of `micro_batch` samples (`a["micro_batch"]`
-    by default), text-only and with an image in every row. A micro-batch with any image costs the image time: the
-    vision encoder runs on each of its rows (a text-only row gets a zero image). The samples, in `arrangement`'s
+    by default), text-only and with an image in every row; `image`'s lengths are the text's, its measured
+    sequences `a["visual_tokens"]` longer (`_step`). A micro-batch with any image costs the image time at its
+    longest total length less the visual tokens: the vision encoder runs on each of its rows (a text-only row gets
+    a zero image). The samples, in `arrangement`'s
     order (`epoch_order`), go `effective_batch` at a time into one optimizer step that costs `optimizer_s` more,
     each step's samples cut into micro-batches; by default every micro-batch is a step whose optimizer time
     `text`/`image` already include."""
@@ -138,8 +140,9 @@ def project_hours(
             for start in range(0, len(step), batch):
                 chunk = step[start : start + batch]
                 images = sum(samples[i][1] for i in chunk)
-                longest = max(totals[i] for i in chunk)
-                seconds += interpolate(image if images else text, longest) * len(chunk) / batch
+                longest = max(totals[i] for i in chunk)  # the padded length, placeholders included
+                key = longest - a["visual_tokens"] if images else longest  # `image` is keyed by the text's length
+                seconds += interpolate(image if images else text, key) * len(chunk) / batch
                 padded += longest * len(chunk)
                 mixed += 0 < images < len(chunk)
                 count += 1
