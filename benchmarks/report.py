@@ -84,6 +84,19 @@ def speed_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _eager_apart(compiled: dict[str, Any], eager: dict[str, Any] | None) -> str:
+    """A sentence where the eager columns come from a run of another commit or AdamW than the compiled one."""
+    if not eager:
+        return ""
+    runs = [(r["machine"]["git_commit"], r.get("adamw", "torch's default")) for r in (compiled, eager)]
+    if runs[0] == runs[1]:
+        return ""
+    return (
+        f" The eager columns are another run's (commit `{runs[1][0]}`, AdamW {runs[1][1]}; the compiled run: "
+        f'`{runs[0][0]}`, {runs[0][1]}), so "compiled ÷ eager time" holds what changed between them too.'
+    )
+
+
 def compiled_table(compiled: dict[str, Any], eager: dict[str, Any] | None, kind: str = "train") -> str:
     """Train steps (or generate calls) under torch.compile beside the same in eager mode, each ÷ its floor (base)
     run the same way."""
@@ -94,7 +107,7 @@ def compiled_table(compiled: dict[str, Any], eager: dict[str, Any] | None, kind:
         *_provenance(compiled, f" (eager: `{eager['command']}`)" if eager else ""),
         f"Each ratio divides by the {reference} run the same way (eager ÷ eager {reference}, compiled ÷ compiled "
         f"{reference}); `{metric}`, medians of A-B-A paired ratios over {compiled['rounds']} rounds; the compiling "
-        "warm-up round is not timed.",
+        "warm-up round is not timed." + _eager_apart(compiled, eager),
         "",
         f"| {what} | eager ratio | compiled ratio | compiled range over rounds | eager median s | "
         "compiled median s | compiled ÷ eager time |",
@@ -172,6 +185,14 @@ def recipe_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _today(p: dict[str, Any]) -> float:
+    """Hours that `projection.project_hours` gives now for a `--preset 7b` run's step times and assumptions."""
+    from .projection import ASSUMPTIONS, project_hours
+
+    text, image = ({int(n): s for n, s in p["step_time_s"][kind].items()} for kind in ("text", "image"))
+    return project_hours(text, image, {**ASSUMPTIONS, **p["assumptions"]})["hours"]
+
+
 def projection_table(result: dict[str, Any]) -> str:
     """The LaVIN-7B ScienceQA projection and the 4 × 512 memory checks of a `--preset 7b` run."""
     p = result["projection"]
@@ -191,6 +212,10 @@ def projection_table(result: dict[str, Any]) -> str:
         f"{'met' if projection['met'] else '**missed**'}); dynamic padding adds "
         f"{projection['padding_overhead']:.0%} tokens; mean text length {projection['mean_text_tokens']:.0f} tokens "
         "(assumed distribution, in the JSON).",
+        "",
+        f"The same step times under today's simulation (`benchmarks.projection.project_hours`: a micro-batch with any "
+        f"image costs the image step time, at its text length): **{_today(p):.2f} h**. The figure above is the run's "
+        "own, which charged such a micro-batch in proportion to its images.",
         "",
         "| training step at 4 × 512, images | peak GB | allocated before the step GB | goal GB | met |",
         "|---|---:|---:|---:|---|",
