@@ -416,8 +416,9 @@ def measure_recipe(
         "goal_hours": GOAL_HOURS,
     }
     models = {"lavin": _lavin(base, preset), "floor": share_weights_copy(base)}
-    prefix = FrozenVisualPrefix(preset, base.config.hidden_size, device, dtype)
     for name, model in models.items():
+        # the floor's frozen encoder, built after LaVIN's sweep: LaVIN's peak memory would count it (0.6 GB at 7B)
+        prefix = FrozenVisualPrefix(preset, base.config.hidden_size, device, dtype) if name == "floor" else None
         if compile_mode == "layers":
             compile_layers(model, dynamic=True)  # one graph for every micro-batch size and padded length
         sweep = micro_batch_times(model, preset, micro_batches, lengths, rounds, device, prefix)

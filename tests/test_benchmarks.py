@@ -185,6 +185,16 @@ def test_a_micro_batch_with_any_image_costs_the_image_time():
             assert seconds == pytest.approx(100 + 2.0 * 100 * (images / 400 + out["mixed_micro_batches"]), rel=0.03)
 
 
+def test_an_image_micro_batch_is_looked_up_at_its_text_length():
+    """The image step times are keyed by the text's length and were timed with the visual tokens in front: a
+    micro-batch of image samples of L text tokens (padded to L + 6) costs image[L], not image[L + 6]."""
+    a = {**projection.ASSUMPTIONS, "train_samples": 40, "epochs": 1, "image_fraction": 1.0, "length_sigma": 0.0}
+    (length, _), *_ = projection.sample_lengths(1, random.Random(0), a)
+    text, image = {100: 1.0, 300: 3.0}, {100: 1.0, 300: 3.0}  # seconds = length / 100
+    out = projection.project_hours(text, image, a, micro_batch=4)
+    assert out["hours"] * 3600 == pytest.approx(10 * length / 100)
+
+
 def test_grouped_epochs_pad_less_and_mix_modalities_less():
     a = {**projection.ASSUMPTIONS, "train_samples": 3200, "epochs": 2}
     text, image = {128: 1.0, 512: 4.0}, {128: 1.5, 512: 4.5}
