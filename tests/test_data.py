@@ -222,7 +222,7 @@ def letters_tokenizer(**kwargs):
     return word_tokenizer(words="abcdefgh", **kwargs)  # a=4, b=5, ..., h=11
 
 
-SAMPLES = [{"prompt": "a b c", "response": "d e"}, {"prompt": "a", "response": "f"}]
+SAMPLES = [{"prompt": "a b c", "response": " d e"}, {"prompt": "a", "response": " f"}]
 
 
 def test_collator_masks_prompt_and_padding_exactly_with_right_padding():
@@ -252,34 +252,55 @@ def test_a_chat_template_that_writes_bos_gives_one_bos():
         tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
         prompt = chat_prompt(tokenizer, "Say hi")
         assert prompt.startswith(tokenizer.bos_token)
-        ids, labels = CausalLMCollator(tokenizer).encode({"prompt": prompt, "response": "hi"})
+        ids, labels = CausalLMCollator(tokenizer).encode({"prompt": prompt, "response": " hi"})
         assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
         assert labels[-2:] == ids[-2:] and labels[: len(ids) - 2] == [IGNORE_INDEX] * (len(ids) - 2)
+
+
+def llama2_tokenizer():
+    """transformers' `LlamaTokenizer` (LLaMA-1/2: byte-fallback BPE behind SentencePiece's `▁` prefix, BOS added)
+    with a small vocabulary built in memory; and that vocabulary."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for char in "▁[]/#:\nINSTRabcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(char, len(vocab))
+    merges = [("▁", "["), ("I", "N"), ("IN", "S"), ("INS", "T"), ("▁", "h"), ("▁h", "i"), ("▁", "s"), ("▁s", "a")]
+    merges += [("▁", "T"), ("T", "h"), ("Th", "e"), ("▁T", "h"), ("▁Th", "e")]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True), vocab
+
+
+def test_the_response_continues_the_prompt_s_text_as_the_official_code_tokenises_it():
+    """Both official code bases encode prompt + answer as one string and mask the prompt's token count: after
+    "### Response:" a LLaMA tokenizer gives `The`, where a response tokenised alone would get `▁The`."""
+    from peft_mma.data.templates import format_prompt
+
+    tokenizer, vocab = llama2_tokenizer()
+    prompt = format_prompt("say hi")
+    ids, labels = CausalLMCollator(tokenizer).encode({"instruction": "say hi", "output": "The"})
+    official = tokenizer(prompt + "The")["input_ids"] + [tokenizer.eos_token_id]  # encode(prompt + answer, bos, eos)
+    prompt_length = len(tokenizer(prompt)["input_ids"])
+    assert ids == official and ids[-2] == vocab["The"] != vocab["▁The"]
+    assert labels == [IGNORE_INDEX] * prompt_length + official[prompt_length:]
 
 
 def test_a_llama2_tokenizer_gives_meta_s_encoding_of_a_chat_prompt():
     """LLaMA-2's own tokenizer (transformers' `LlamaTokenizer`: byte-fallback BPE behind a SentencePiece-style
     `▁` prefix, BOS added), built in memory with a small vocabulary, and LLaMA-2's chat template, which writes
     `<s>` as text. The collator gives one BOS, then the prompt as Meta's `encode(prompt, bos=True)` gives it (the
-    `▁` prefix in front of `[INST]`, as SentencePiece's dummy prefix puts it), then the response and EOS, the
-    response alone labelled."""
-    from transformers import LlamaTokenizer
-
+    `▁` prefix in front of `[INST]`, as SentencePiece's dummy prefix puts it), then the response (after the turn's
+    " ") and EOS, the response alone labelled."""
     from peft_mma.data.templates import chat_prompt
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for char in "▁[]/INSTabcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(char, len(vocab))
-    merges = [("▁", "["), ("I", "N"), ("IN", "S"), ("INS", "T"), ("▁", "h"), ("▁h", "i"), ("▁", "s"), ("▁s", "a")]
-    for left, right in merges:
-        vocab.setdefault(left + right, len(vocab))
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    tokenizer, vocab = llama2_tokenizer()
     tokenizer.chat_template = (
         "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'].strip() + ' [/INST]' }}{% endfor %}"
     )
     prompt = chat_prompt(tokenizer, "sa hi")
     assert prompt == "<s>[INST] sa hi [/INST]"
-    ids, labels = CausalLMCollator(tokenizer).encode({"prompt": prompt, "response": "hi"})
+    ids, labels = CausalLMCollator(tokenizer).encode({"prompt": prompt, "response": " hi"})  # the turn's " "
     meta = tokenizer("[INST] sa hi [/INST]")["input_ids"]  # sentencepiece's encode with bos=True
     assert tokenizer.convert_ids_to_tokens(meta) == ["<s>", "▁[", "INST", "]", "▁sa", "▁hi", "▁[", "/", "INST", "]"]
     assert ids == meta + [vocab["▁hi"], tokenizer.eos_token_id]
@@ -300,7 +321,7 @@ def test_collator_keeps_the_bos_that_a_post_processor_adds():
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
     assert not getattr(tokenizer, "add_bos_token", False) and tokenizer("hello")["input_ids"] == [1, 4]
-    batch = CausalLMCollator(tokenizer)([{"prompt": "hello", "response": "world"}])
+    batch = CausalLMCollator(tokenizer)([{"prompt": "hello", "response": " world"}])
     assert batch["input_ids"].tolist() == [[1, 4, 5, 2]] and batch["labels"].tolist() == [[-100, -100, 5, 2]]
 
 
@@ -467,9 +488,9 @@ def test_collator_puts_an_images_placeholders_after_bos_or_at_the_marker():
     tokenizer = letters_tokenizer(add_bos=True)
     collator = CausalLMCollator(tokenizer, image_size=28, image_tokens=ImageTokens(IMG, 2))
     samples = [
-        {"prompt": "a b", "response": "c", "image": torch.rand(3, 28, 28)},
-        {"prompt": "a <image> b", "response": "c", "image": torch.rand(3, 28, 28)},
-        {"prompt": "a b", "response": "c"},
+        {"prompt": "a b", "response": " c", "image": torch.rand(3, 28, 28)},
+        {"prompt": "a <image> b", "response": " c", "image": torch.rand(3, 28, 28)},
+        {"prompt": "a b", "response": " c"},
     ]
     batch = collator(samples)
     m = IGNORE_INDEX
@@ -516,7 +537,7 @@ def test_collator_grouping_lengths_count_the_image_placeholders():
     tokenizer = letters_tokenizer(add_bos=True)
     collator = CausalLMCollator(tokenizer, image_size=28, image_tokens=ImageTokens(IMG, 2))
     image = torch.rand(3, 28, 28)
-    samples = [{"prompt": "a b", "response": "c", "image": image}, {"prompt": "a b c", "response": "c"}]
+    samples = [{"prompt": "a b", "response": " c", "image": image}, {"prompt": "a b c", "response": " c"}]
     # [BOS, IMG, IMG, a, b, c, EOS]: 7 tokens, with an image → 7 + the longest (7) + 1; [BOS, a, b, c, c, EOS]: 6
     assert collator.grouping_lengths(samples) == [15, 6]
 

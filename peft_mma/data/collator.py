@@ -1,10 +1,13 @@
 """Collator for causal-LM fine-tuning on prompt/response pairs, with optional images.
 
 Each sample becomes `[BOS] + prompt + response + [EOS]`, where BOS is added only if the tokenizer adds one
-itself (`add_bos_token`, or what it does to a plain string), and prompt and response are tokenised
-separately so that the prompt/response boundary is exact. Labels are the input ids with -100 on the BOS, the
-prompt and the padding, so the loss covers the response and its EOS only (the official code uses 0 as the
-ignore index, spec/llama_adapter_v2.md §4 and spec/lavin_mma.md §4; PyTorch's default -100 is used here).
+itself (`add_bos_token`, or what it does to a plain string). The response continues the prompt's text, as both
+official code bases (and TRL's prompt-completion datasets) have it: `prompt + response` is tokenised as one string,
+and as many tokens as the prompt alone has are the prompt's, so any separator belongs in the response or the
+template (the Alpaca and ScienceQA templates end in "Response:", LLaMA-2's chat turn wants " " + the answer).
+Tokenised alone, a response would get a SentencePiece tokenizer's `▁` prefix. Labels are the input ids with -100
+on the BOS, the prompt and the padding, so the loss covers the response and its EOS only (the official code uses 0
+as the ignore index, spec/llama_adapter_v2.md §4 and spec/lavin_mma.md §4; PyTorch's default -100 is used here).
 
 Images: a batch whose samples carry an `"image"` gets `pixel_values` (B, 3, S, S) and `has_image` (B,), and
 text-only samples get a zero image there, as both official code bases feed them (spec/llama_adapter_v2.md §3.7,
@@ -200,9 +203,12 @@ class CausalLMCollator:
         if not self.with_response:
             ids = prompt_ids[: self.max_length]
             return self._check_kept(ids, prompt_ids), [IGNORE_INDEX] * len(ids)
-        response_ids = self._tokens(response) + self.eos
-        ids = (prompt_ids + response_ids)[: self.max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: self.max_length]
+        # the response continues the prompt's text: both official code bases tokenise prompt + answer as one string
+        # and mask as many tokens as the prompt alone has (a SentencePiece tokenizer would put its `▁` prefix in
+        # front of a response tokenised alone)
+        full = self._prompt_ids(prompt + response, with_image=sample.get("image") is not None) + self.eos
+        ids = full[: self.max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + full[len(prompt_ids) :])[: self.max_length]
         return self._check_kept(ids, prompt_ids), labels
 
     def _prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
