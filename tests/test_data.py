@@ -506,6 +506,12 @@ def test_collator_puts_an_images_placeholders_after_bos_or_at_the_marker():
         marked_only(samples[:1])
     with pytest.raises(ValueError, match="`max_length`=2 cuts into an image's 2 placeholders"):
         CausalLMCollator(tokenizer, max_length=2, image_tokens=ImageTokens(IMG, 2))(samples[:1])
+    for sample, count in (
+        ({"prompt": "a <image> b", "response": " c"}, "1 '<image>' markers for 0 image"),
+        ({**samples[1], "prompt": "a <image> b <image>"}, "2 '<image>' markers for 1 image"),
+    ):
+        with pytest.raises(ValueError, match=f"This prompt has {count}"):  # not tokenised as text
+            collator([sample])
 
 
 def test_grouping_lengths_give_length_grouped_batches_of_one_modality():
@@ -595,6 +601,16 @@ def test_smollm2_cache_folder_is_keyed_by_release_not_install_time(tmp_path, mon
     second = smollm2.cached_smollm2_dir()
     assert first == second == tmp_path / "cache" / f"smollm2-135m-instruct-v{smollm2.CACHE_VERSION}-{release}-40"
     assert converted == [first, second]  # nothing was written, so each call converts (the real one writes config.json)
+    from safetensors.torch import save_file
+
+    first.mkdir(parents=True)
+    for name in smollm2.TOKENIZER_AND_CONFIG:
+        (first / name).write_text("{}")
+    save_file({"w": torch.zeros(1)}, first / "model.safetensors")
+    assert smollm2.cached_smollm2_dir() == first and len(converted) == 2  # a complete folder is reused
+    (first / "tokenizer.json").write_text("{")  # damaged
+    smollm2.cached_smollm2_dir()
+    assert len(converted) == 3 and not first.exists()  # set aside and converted again (the stand-in writes nothing)
 
 
 def test_the_response_loss_needs_only_the_last_positions_logits():

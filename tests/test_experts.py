@@ -49,6 +49,23 @@ def test_expert_outputs_enter_the_prompt_as_context_ahead_of_the_samples_own():
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(out[:3], samples[:3]))
 
 
+def test_a_sample_with_an_instruction_and_a_question_gets_the_context_the_collator_reads():
+    """`prompt_and_response` picks the Alpaca template when a sample has `instruction`, which reads `input`: the
+    experts' text goes there, not into a `context` that template never reads."""
+    sample = {**question(), "instruction": "Read it."}
+    out = with_experts([sample], {"OCR": lambda image: "CAT"})
+    assert "### Input:\nOCR: CAT\n\n### Response:" in prompt_and_response(out[0])[0]
+
+
+@needs_tesseract
+def test_tesseract_refuses_an_image_outside_zero_to_one():
+    """An 8-bit tensor (`torchvision.io.read_image`'s) or a normalised one would read as a blank page."""
+    scene = scene_qa_dataset(1, split="eval", questions=["word"])[0]["image"]
+    for image, dtype in (((scene * 255).round().byte(), "torch.uint8"), (scene * 2 - 1, "torch.float32")):
+        with pytest.raises(ValueError, match=f"float tensors in \\[0, 1\\] .*; got {dtype} values"):
+            TesseractOCR()(image)
+
+
 def test_an_expert_that_reads_nothing_leaves_the_prompt_as_it_was():
     out = with_experts([question()], {"OCR": lambda image: "  "})
     assert prompt_and_response(out[0]) == prompt_and_response(question())

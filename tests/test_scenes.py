@@ -363,4 +363,7 @@ def test_an_incomplete_cache_folder_is_built_again(tmp_path, monkeypatch):
     (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated
     se.scene_encoder(seed=1, steps=2)
     assert (folder / "model.safetensors").read_bytes() == weights  # the same seeded build
+    (folder / "config.json").write_text("{")  # damaged
+    se.scene_encoder(seed=1, steps=2)
+    assert json.loads((folder / "config.json").read_text()) and (folder / "model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # nothing staged or stale is left

@@ -3,17 +3,33 @@ is written there so that it appears whole or not at all."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import safe_open
+
 
 def cache_root() -> Path:
     """`$PEFT_MMA_CACHE`, default `~/.cache/peft_mma`, as an absolute path (`~` expanded): adapter configs name
     folders in it, which must load from any working directory."""
     return Path(os.environ.get("PEFT_MMA_CACHE", Path.home() / ".cache" / "peft_mma")).expanduser().resolve()
+
+
+def complete(folder: Path, jsons: tuple[str, ...] = ("config.json",)) -> bool:
+    """Whether `folder` holds weights whose safetensors header reads and JSON files (`jsons`) that parse: a folder
+    that fails (a copy cut short, a full disk, an edited file) is to be set aside and built again."""
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+            weights.keys()
+        for name in jsons:
+            json.loads((folder / name).read_text())
+    except Exception:  # missing, truncated, not safetensors or not JSON
+        return False
+    return True
 
 
 def set_aside(folder: Path) -> None:

@@ -219,6 +219,11 @@ class CausalLMCollator:
         if self.bos and bos_text and prompt.startswith(bos_text):
             prompt = prompt[len(bos_text) :]
         tokens = self.image_tokens
+        if tokens is not None and prompt.count(IMAGE_MARKER) > int(with_image):
+            raise ValueError(
+                f"This prompt has {prompt.count(IMAGE_MARKER)} {IMAGE_MARKER!r} markers for "
+                f"{int(with_image)} image (a sample carries at most one `image`): {prompt!r}."
+            )
         if not with_image or tokens is None:
             return self.bos + self._tokens(prompt)
         if IMAGE_MARKER in prompt:

