@@ -12,7 +12,8 @@ small red triangle", "the word CAT") and its attributes as a dict of caption slo
 pretrained to predict (`peft_mma.vision.scene_encoder`), never in a question/answer format. `scene_qa_dataset` asks
 six kinds of 4-way questions about scenes (colour, shape, position, count, which is larger, read the word); chance is
 25 %. `scene_dataset` and `scene_qa_dataset` are deterministic per (seed, split), and the "train" and "eval" splits
-never share a scene: a scene's split is a hash of its content (kind, attributes and pixel positions).
+never share a scene: a scene's split is a hash of its content (kind, attributes and pixel positions), and shapes
+are drawn at whole-pixel centres, so that two scenes of different content never draw the same pixels.
 """
 
 from __future__ import annotations
@@ -167,8 +168,8 @@ def random_scene(rng: random.Random, kind: str, image_size: int = 64) -> Scene:
                 shape,
                 colour,
                 half,
-                (c % 3 + 0.5) * s / 3 + rng.uniform(-1.5, 1.5),
-                (c // 3 + 0.5) * s / 3 + rng.uniform(-1.5, 1.5),
+                round((c % 3 + 0.5) * s / 3 + rng.uniform(-1.5, 1.5)),
+                round((c // 3 + 0.5) * s / 3 + rng.uniform(-1.5, 1.5)),
             )
             for c in cells
         ]
@@ -194,10 +195,14 @@ def random_scene(rng: random.Random, kind: str, image_size: int = 64) -> Scene:
     raise ValueError(f"Unknown scene kind {kind!r}; expected one of {KINDS}.")
 
 
-def _quadrant_centre(rng: random.Random, quadrant: int, size: int) -> tuple[float, float]:
+def _quadrant_centre(rng: random.Random, quadrant: int, size: int) -> tuple[int, int]:
+    """A whole-pixel centre near the middle of `quadrant`: the split key rounds centres to pixels, so a centre that
+    is not whole could draw the pixels of a scene whose key, and split, differ."""
     row, col = divmod(quadrant, 2)
     jitter = 0.05 * size
-    return (col + 0.5) * size / 2 + rng.uniform(-jitter, jitter), (row + 0.5) * size / 2 + rng.uniform(-jitter, jitter)
+    x = (col + 0.5) * size / 2 + rng.uniform(-jitter, jitter)
+    y = (row + 0.5) * size / 2 + rng.uniform(-jitter, jitter)
+    return round(x), round(y)
 
 
 def _check(split: str, image_size: int) -> None:

@@ -61,7 +61,7 @@ from ..data.cache import cache_root, complete, set_aside, write_folder
 from ..data.scenes import KINDS, SLOTS, draw_scenes, scene_dataset
 from ..utils import warmup_cosine
 
-VERSION = 5  # 5: a scene's split no longer depends on the order its shapes were drawn in
+VERSION = 6  # 6: shapes drawn at whole-pixel centres (splits shared pixel-identical scenes); 5: split order-free
 BUILD_THREADS = 1  # torch threads per shard
 SHARDS = 2  # each step's batch, in parts whose gradients are computed at once on threads of their own
 ARCH = "vit_tiny_patch16_224"
