@@ -654,7 +654,7 @@ def test_a_whole_model_saved_with_torch_save_runs_in_a_new_process(tmp_path, row
         [sys.executable, "-c", script, str(tmp_path / "whole.pt")], capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.split()[-1]) == 0.0
+    assert float(run.stdout.split()[-1]) < 1e-6  # the new process may sum on another number of threads (seen: 1.5e-8)
 
 
 @pytest.mark.parametrize("row", ROWS)
