@@ -147,10 +147,9 @@ def test_a_decoding_loop_on_prepare_inputs_for_generation_keeps_the_images():
         )  # fmt: skip
         cache, sequence = DynamicCache(config=model.config), ids
         for step in range(steps):
-            inputs = model.prepare_inputs_for_generation(
-                sequence, next_sequence_length=None if step == 0 else 1, cache=cache,
-                attention_mask=torch.ones_like(sequence), pixel_values=images, has_image=has_image, use_cache=True,
-                is_first_iteration=step == 0,
+            inputs = model.prepare_inputs_for_generation(  # the cache by position: its keyword's name moved in 5.24
+                sequence, None if step == 0 else 1, cache, attention_mask=torch.ones_like(sequence),
+                pixel_values=images, has_image=has_image, use_cache=True, is_first_iteration=step == 0,
             )  # fmt: skip
             assert inputs["pixel_values"] is images and inputs["has_image"] is has_image
             logits = model(**inputs).logits[:, -1]
