@@ -242,6 +242,20 @@ class MMATunerMixin:
                 elif isinstance(item, nn.Module) and not isinstance(item, VisionBackbone):
                     item.to(dtype)
 
+    @contextmanager
+    def others_trainability_kept(self: BaseTuner) -> Iterator[None]:
+        """Put back, after the block, the `requires_grad` of every adapter parameter that exists before it.
+
+        PEFT's injection ends with a `set_adapter` that sets every adapter's parameters by whether it is active, and
+        `set_adapter` here reaches the model-level parts too; adding an adapter must leave the others' as the user
+        left them (PEFT's own methods do), also where it fails. Parameters the block creates keep what it gave them."""
+        flags = {p: p.requires_grad for name, p in self.named_parameters() if self.prefix in name}
+        try:
+            yield
+        finally:
+            for param, flag in flags.items():
+                param.requires_grad_(flag)
+
     def _check_adapter_names(self: BaseTuner, names: str | Sequence[str] | None) -> None:
         """A `ValueError` naming the adapters where a name is none of them (raised before anything changes)."""
         names = [names] if isinstance(names, str) else list(names or [])

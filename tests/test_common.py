@@ -600,6 +600,15 @@ def test_adding_or_loading_an_adapter_leaves_the_trainability_of_the_others(tmp_
     model.set_requires_grad("default", False)
     model.add_adapter("third", config_for(row))
     assert not any(p.requires_grad for p in model.parameters())
+    # a partial choice is kept too: one layer's and one model-level tensor of the adapter frozen, the rest trained
+    model.set_requires_grad("default", True)
+    frozen = [n for n in trainable if ".layers.1." in n][:2] + [n for n in trainable if ".layers." not in n][:1]
+    assert len(frozen) == 3
+    for name, param in model.named_parameters():
+        param.requires_grad_(param.requires_grad and name not in frozen)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.add_adapter("fourth", config_for(row))
+    assert {n: p.requires_grad for n, p in model.named_parameters() if n in before} == before
 
 
 @pytest.mark.parametrize("row", ["v2-text", "lavin-text"])

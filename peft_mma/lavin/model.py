@@ -111,23 +111,21 @@ class LaVINModel(MMATunerMixin, BaseTuner):
                 f"carry MM-adapters); pick a common divisor of {width} and {visual.width}, or vision_adapters=False."
             )
         image_tokens = self._image_tokens(config, model, visual)
-        # the other adapters keep their `requires_grad` (the `set_adapter` below would set them by activity)
-        others = {p: p.requires_grad for name, p in self.named_parameters() if self.prefix in name}
-        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
-        self._add_model_level(model, adapter_name, config, visual)
-        fill_for_base(
-            config,
-            image_token_id=image_tokens[0],
-            num_image_tokens=image_tokens[1],
-            base_num_layers=model.config.num_hidden_layers,
-            base_hidden_size=width,
-        )
-        install_mma_attention(model)
-        model.add_model_tags(["peft_mma", "lavin"])  # PEFT's model card names the plugin and the method
-        active = [a for a in self.active_adapters if a in self.peft_config]
-        self.set_adapter(self.active_adapters, inference_mode=any(self.peft_config[a].inference_mode for a in active))
-        for parameter, requires_grad in others.items():
-            parameter.requires_grad_(requires_grad)
+        with self.others_trainability_kept():  # the `set_adapter` below would set them by activity
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+            self._add_model_level(model, adapter_name, config, visual)
+            fill_for_base(
+                config,
+                image_token_id=image_tokens[0],
+                num_image_tokens=image_tokens[1],
+                base_num_layers=model.config.num_hidden_layers,
+                base_hidden_size=width,
+            )
+            install_mma_attention(model)
+            model.add_model_tags(["peft_mma", "lavin"])  # PEFT's model card names the plugin and the method
+            active = [a for a in self.active_adapters if a in self.peft_config]
+            inference_mode = any(self.peft_config[a].inference_mode for a in active)
+            self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _check_targets(self, config: LaVINConfig, model: nn.Module) -> None:
         """Before anything is injected: every module the config targets is a LLaMA `self_attn` or `mlp` (a regex
@@ -189,12 +187,7 @@ class LaVINModel(MMATunerMixin, BaseTuner):
         if isinstance(target, LaVINLayer):
             target.update_layer(adapter_name, peft_config)
             return
-        names = CONSUMERS.get(target_name, ())
-        if not names or not all(isinstance(getattr(target, n, None), nn.Linear) for n in names):
-            raise TypeError(
-                f"LaVIN adapts a LLaMA `self_attn` (q/k/v_proj) or `mlp` (gate/up_proj); `{current_key}` is a "
-                f"{type(target).__name__}."
-            )
+        names = CONSUMERS[target_name]  # `_check_targets` refused every other target before injection
         width = getattr(target, names[0]).in_features
         new = MMAdapter(target, adapter_name, peft_config, width, routing="sample")
         new.lavin_key = current_key

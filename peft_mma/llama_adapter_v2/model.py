@@ -134,9 +134,8 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         config = self.peft_config[adapter_name]
-        bridges = getattr(self, "mma_adapter_v2_visual", {})
-        trainable = {p: p.requires_grad for name, bridge in bridges.items() for p in bridge.parameters()}
-        with config_kept_on_error(config):  # the checks fill in `base_*`, which a failed injection must not keep
+        # the checks fill in `base_*`, which a failed injection must not keep
+        with config_kept_on_error(config), self.others_trainability_kept():
             self._check_against_model(config, model)
             self._add_visual_path(adapter_name, config, model)
             try:
@@ -144,8 +143,6 @@ class LlamaAdapterV2Model(MMATunerMixin, BaseTuner):
             except Exception:
                 self._delete_model_level_adapter(adapter_name)
                 raise
-        for param, flag in trainable.items():  # PEFT restores the layers' flags after its `set_adapter`, not ours
-            param.requires_grad_(flag)
         if self.prompt_layer_ids(config, config.base_num_layers):
             install_mma_attention(model)
         model.add_model_tags(["peft_mma", "llama-adapter-v2"])  # PEFT's model card names the plugin and the method
