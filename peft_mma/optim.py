@@ -19,8 +19,9 @@ fusion "all", 150 steps at lr 2e-3), the gates do not press against that limit: 
 
 The official recipes train every parameter at one learning rate (both ratios 1, the default) over 20 epochs.
 `weight_decay` applies to matrices only, not to one-dimensional tensors (biases, gains, scales), as timm's
-`param_groups_weight_decay` does in the official LaVIN recipe (`lavin_mma.md` §6), and to V2's gates, which the
-official V2 code keeps as (1, H, 1, 1) tensors and so decays (`llama_adapter_v2.md` §4; ours are (H,)).
+`param_groups_weight_decay` does in the official LaVIN recipe (`lavin_mma.md` §6), and to V2's gates and the LoRA
+checkpoints' `new_gate`, which the official V2 code keeps as (1, H, 1, 1) and (1, 1, 1, 1) tensors and so decays
+(`llama_adapter_v2.md` §4; ours are (H,) and (1,)).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from torch import nn
 
 VISUAL_PATH = ("mma_lavin_proj_in", "mma_lavin_proj_out", "mma_adapter_v2_visual")  # module names of the path
 GATES = ("mma_adapter_v2_gate",)  # V2's zero-init prompt gates (not `mma_adapter_v2_gate_scale`, which starts at one)
+# one-dimensional here, four-dimensional in the official V2 code, whose weight decay skips only 1-D tensors and biases
+DECAYED_VECTORS = (*GATES, "mma_adapter_v2_gate_scale")
 
 
 def _named(model: nn.Module, modules: tuple[str, ...]) -> list[nn.Parameter]:
@@ -61,7 +64,8 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups of `model`'s trainable parameters: the visual path (`visual`, by default
     `visual_path_parameters(model)`) at lr × `visual_lr_ratio`, V2's gates (`gate_parameters`) at lr ×
-    `gate_lr_ratio`, the rest at lr; `weight_decay` on matrices and gates only. Raises `ValueError` before building
+    `gate_lr_ratio`, the rest at lr; `weight_decay` on matrices and on `DECAYED_VECTORS` (V2's gates and `new_gate`)
+    only. Raises `ValueError` before building
     anything for a non-positive lr or ratio, a model with nothing to train, or a ratio other than 1 for a model
     without the parameters it sets."""
     if not lr > 0 or not visual_lr_ratio > 0 or not gate_lr_ratio > 0:
@@ -74,6 +78,7 @@ def param_groups(
         raise ValueError("The model has no trainable parameters; attach an adapter with `get_peft_model` first.")
     visual_ids = {id(p) for p in (visual_path_parameters(model) if visual is None else visual)}
     gate_ids = {id(p) for p in gate_parameters(model)} - visual_ids
+    decayed_ids = {id(p) for p in _named(model, DECAYED_VECTORS)}
     if visual_lr_ratio != 1.0 and not visual_ids:
         raise ValueError(
             f"`visual_lr_ratio`={visual_lr_ratio} sets the learning rate of the visual path, and this model has none "
@@ -94,7 +99,7 @@ def param_groups(
     groups = []
     for kind in rates:
         for decays in (True, False):
-            params = [p for p in trainable if role(p) == kind and (p.ndim >= 2 or id(p) in gate_ids) == decays]
+            params = [p for p in trainable if role(p) == kind and (p.ndim >= 2 or id(p) in decayed_ids) == decays]
             if params:
                 groups.append({"params": params, "lr": rates[kind], "weight_decay": weight_decay if decays else 0.0})
     return groups

@@ -1,5 +1,5 @@
 """`peft_mma.create_mma_optimizer`: the visual path at lr × `visual_lr_ratio`, V2's gates at lr × `gate_lr_ratio`,
-weight decay on matrices (and V2's gates) only."""
+weight decay on matrices (and V2's gates and `new_gate`) only."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from peft_mma.optim import gate_parameters, param_groups, visual_path_parameters
 VISUAL = {"lavin-image": ("mma_lavin_proj_in", "mma_lavin_proj_out"), "v2-image": ("mma_adapter_v2_visual",)}
 
 
-@pytest.mark.parametrize("row", list(VISUAL))
-def test_groups_hold_every_trainable_parameter_once_and_the_visual_path_at_its_rate(row):
-    model = model_for(row)
+@pytest.mark.parametrize(
+    "row, extra", [("lavin-image", {}), ("v2-image", {}), ("v2-image", {"prompt_gate_scale": True})]
+)
+def test_groups_hold_every_trainable_parameter_once_and_the_visual_path_at_its_rate(row, extra):
+    model = model_for(row, **extra)
     groups = param_groups(model, lr=1e-3, visual_lr_ratio=10, weight_decay=0.02)
     names = {id(p): n for n, p in model.named_parameters()}
     grouped = [id(p) for g in groups for p in g["params"]]
@@ -25,8 +27,13 @@ def test_groups_hold_every_trainable_parameter_once_and_the_visual_path_at_its_r
         for p in group["params"]:
             visual = any(part in VISUAL[row] for part in names[id(p)].split("."))
             assert group["lr"] == pytest.approx(1e-2 if visual else 1e-3), names[id(p)]
-            gate = "mma_adapter_v2_gate." in names[id(p)]  # 1-D here, (1, H, 1, 1) and decayed in the official V2
+            # 1-D here, (1, H, 1, 1) and (1, 1, 1, 1) and so decayed in the official V2
+            gate = any(f"mma_adapter_v2_{g}." in names[id(p)] for g in ("gate", "gate_scale"))
             assert group["weight_decay"] == (0.02 if p.ndim >= 2 or gate else 0.0), names[id(p)]
+    if extra:
+        scales = [p for n, p in model.named_parameters() if "mma_adapter_v2_gate_scale." in n]
+        decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
+        assert scales and all(id(p) in decayed for p in scales)
     projector = visual_path_parameters(model)
     assert projector and all(any(part in VISUAL[row] for part in names[id(p)].split(".")) for p in projector)
     if row == "lavin-image":  # the encoder's MM-adapters start as the identity and keep the base rate
