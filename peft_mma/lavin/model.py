@@ -26,8 +26,9 @@ Usage::
 
 One LaVIN adapter may be active at a time (the modality token comes from one embedding, the visual tokens from one
 encoder); `set_adapter` refuses several. Known deviations from the official code: images do not couple across the
-batch (§4 layout bug not reproduced); the routing weights are not rounded to fp16 (§9). Options the official code
-does not have: `adapter_bias=False` and `router="modality"` (`LaVINConfig`).
+batch (§4 layout bug not reproduced); the routing weights, the modality embedding E_m and the projector's input are
+not rounded to fp16 (the official `.half()` casts, §9: about 1e-4 in the logits of an fp32 run). Options the
+official code does not have: `adapter_bias=False` and `router="modality"` (`LaVINConfig`).
 """
 
 from __future__ import annotations
