@@ -537,3 +537,32 @@ def test_logits_are_contiguous_and_the_loss_is_transformers_own(has_image):
     assert output.logits.is_contiguous() and output.logits.shape[:2] == batch["input_ids"].shape
     expected = model.base_model.model.loss_function(output.logits, batch["labels"], vocab_size=97)
     torch.testing.assert_close(output.loss, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("router", ["learnt", "modality"])
+def test_an_adapter_scale_other_than_one_counts_on_every_path(router):
+    """s scales the adapter in training forwards, in forwards without gradients and in `generate`'s decoding
+    steps alike: the logits agree, and each decoding step's logits are the full forward's at that position."""
+    model = tiny_lavin(adapter_scale=0.5, router=router)
+    batch = lavin_batch(model, has_image=(True, False), left=True)  # the text-only row is shorter: padded for generate
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        no_grad = model(**inputs).logits
+    with_grad = model(**inputs).logits.detach()
+    torch.testing.assert_close(no_grad, with_grad, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        mask = torch.cat(
+            [inputs["attention_mask"], torch.ones_like(out.sequences[:, inputs["input_ids"].shape[1] :])], 1
+        )
+        full = model(**{**inputs, "input_ids": out.sequences, "attention_mask": mask}).logits
+    start = inputs["input_ids"].shape[1] - 1
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, full[:, start + step], atol=1e-5, rtol=0)

@@ -55,6 +55,8 @@ CASES = {
         prompt_gate_scale=True,
     ),
     "no-tanh-one-token": dict(gate_activation=None, prompt_length=1, prompt_layers=2),
+    # the prompts' keys and values take the adapted k/v projections' bias and scale, never their LoRA
+    "adapted-kv-with-lora": dict(prompt_kv_adapted=True, lora_modules=["q_proj", "k_proj", "v_proj"], r=2),
 }
 
 
@@ -258,3 +260,26 @@ def test_merge_adapter_refuses_a_zero_scale_entry_and_merges_nothing():
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     merged = model.merge_and_unload()
     torch.testing.assert_close(logits_of(merged, input_ids=x), expected, atol=1e-5, rtol=0)
+
+
+def test_a_tuned_norm_with_a_hook_gives_what_it_gives_without():
+    """A norm with hooks (or not a plain `LlamaRMSNorm`) takes the general path, base(x) + Σ Δ ⊙ n(x): the same
+    (w + Δ) ⊙ x / √(mean(x²) + ε) as the fused node."""
+    model = get_peft_model(tiny_llama(), LlamaAdapterV2Config(init_weights=False)).eval()
+    norm = model.base_model.model.model.layers[1].input_layernorm
+    assert isinstance(norm, Norm)
+    x = torch.randn(2, 5, 32) * 3
+    base = norm.get_base_layer()
+    expected = (
+        (base.weight + norm.mma_adapter_v2_norm["default"])
+        * x
+        * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + base.variance_epsilon)
+    )
+    with torch.no_grad():
+        plain = norm(x)
+        handle = base.register_forward_pre_hook(lambda module, args: None)
+        hooked = norm(x)
+        handle.remove()
+    assert norm.mma_adapter_v2_norm["default"].abs().max() > 0.05  # Δ counts
+    torch.testing.assert_close(plain, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hooked, expected, atol=1e-5, rtol=1e-5)

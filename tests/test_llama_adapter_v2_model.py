@@ -275,3 +275,51 @@ def test_a_layer_whose_prompts_read_the_frozen_weights_stays_unmerged_for_every_
     torch.testing.assert_close(logits_of(model, input_ids=ids), want, atol=2e-5, rtol=0)
     model.base_model.unmerge_adapter()
     torch.testing.assert_close(logits_of(model, input_ids=ids), want, atol=2e-5, rtol=0)
+
+
+def test_merge_and_unmerge_restore_a_base_with_biases_of_its_own():
+    """On a base whose linears have biases (`attention_bias`, `mlp_bias`), merging folds b into them and unmerging
+    takes it out again: every base weight and bias is back, and the logits hold throughout."""
+    base = tiny_llama("gqa", "eager", attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    options = dict(lora_modules=["q_proj", "down_proj"], r=2, prompt_layers=0)
+    model = get_peft_model(base, LlamaAdapterV2Config(init_weights=False, **options))
+    x = token_ids()
+    expected = logits_of(model, input_ids=x)
+    model.base_model.merge_adapter()
+    torch.testing.assert_close(logits_of(model, input_ids=x), expected, atol=1e-5, rtol=0)
+    model.base_model.unmerge_adapter()
+    torch.testing.assert_close(logits_of(model, input_ids=x), expected, atol=1e-5, rtol=0)
+    after = {n.replace("base_model.model.", "", 1).replace(".base_layer", ""): p for n, p in model.named_parameters()}
+    for name, value in original.items():
+        torch.testing.assert_close(after[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("strategy", [dict(num_beams=2), dict(num_beams=2, num_return_sequences=2)])
+def test_beam_search_on_several_images_pairs_each_beam_with_its_own_image(strategy):
+    """`generate` repeats each sample's visual prompts for its beams (sample-major, as transformers repeats the
+    inputs): every beam of every sample scores its tokens as it does alone."""
+    torch.manual_seed(3)
+    model = get_peft_model(tiny_llama("gqa", "sdpa"), LlamaAdapterV2Config(init_weights=False, **V2_VISION)).eval()
+    with torch.no_grad():  # gates wide open, so that the visual prompts move the logits well above rounding
+        for module in model.modules():
+            if isinstance(module, OutputProjection):
+                for gate in module.mma_adapter_v2_gate.values():
+                    gate.fill_(2.0)
+    ids = token_ids(2, 6)
+    ids[:, 0] = 1
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(4)) * 3
+    common = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    common |= strategy
+    with torch.no_grad():
+        together = model.generate(input_ids=ids, pixel_values=images, **common)
+        alone = [model.generate(input_ids=ids[i : i + 1], pixel_values=images[i : i + 1], **common) for i in (0, 1)]
+        swapped = model.generate(input_ids=ids, pixel_values=images.flip(0), **common)
+    assert torch.equal(together.sequences, torch.cat([a.sequences for a in alone]))
+    for step, logits in enumerate(together.logits):
+        torch.testing.assert_close(logits, torch.cat([a.logits[step] for a in alone]), atol=1e-5, rtol=0)
+    assert (swapped.logits[0] - together.logits[0]).abs().max() > 1e-3  # the images count, 100 × the tolerance above

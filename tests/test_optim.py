@@ -110,3 +110,17 @@ def test_bad_settings_are_refused_before_anything_is_built():
     assert len(param_groups(model_for("v2-text"), lr=1e-3)) == 2  # ratio 1 needs no visual path: matrices, rest
     with pytest.raises(ValueError, match="no trainable parameters"):
         create_mma_optimizer(tiny_llama().requires_grad_(False), lr=1e-3)
+
+
+def test_new_gate_keeps_the_base_rate_and_is_decayed_while_the_gates_take_their_ratio():
+    """`new_gate` ν starts at one and multiplies the gates: it is no zero-init gate, so `gate_lr_ratio` leaves it at
+    the base rate, and it is decayed as the official (1, 1, 1, 1) tensor is."""
+    model = model_for("v2-image", prompt_gate_scale=True)
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1, gate_lr_ratio=5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    where = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    scales = [n for n in where if "mma_adapter_v2_gate_scale." in n]
+    gates = [n for n in where if "mma_adapter_v2_gate." in n]
+    assert scales and gates
+    assert all(where[n] == (pytest.approx(1e-3), 0.1) for n in scales)
+    assert all(where[n] == (pytest.approx(5e-3), 0.1) for n in gates)
