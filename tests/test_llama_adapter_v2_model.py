@@ -38,8 +38,16 @@ def test_trained_adapter_changes_only_adapter_parameters():
     ],
     ids=["output-scale", "input-scale", "lora", "bias-7b-linears"],
 )
-def test_merge_and_unmerge_keep_logits_for_either_scale_side_and_lora(options):
-    base = tiny_llama("gqa", "eager")
+@pytest.mark.parametrize("base_biases", [False, True], ids=["llama", "base-with-biases"])
+def test_merge_and_unmerge_keep_logits_for_either_scale_side_and_lora(options, base_biases):
+    """The logits hold through merge and unmerge, and unmerging gives back every base weight and bias, also on a
+    base whose linears have biases of their own (`attention_bias`, `mlp_bias`), into which b is folded."""
+    base = tiny_llama("gqa", "eager", attention_bias=base_biases, mlp_bias=base_biases)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
     model = get_peft_model(base, LlamaAdapterV2Config(init_weights=False, **options))
     x = token_ids()
     expected = logits_of(model, input_ids=x)
@@ -47,6 +55,9 @@ def test_merge_and_unmerge_keep_logits_for_either_scale_side_and_lora(options):
     torch.testing.assert_close(logits_of(model, input_ids=x), expected, atol=1e-5, rtol=0)
     model.base_model.unmerge_adapter()
     torch.testing.assert_close(logits_of(model, input_ids=x), expected, atol=1e-5, rtol=0)
+    after = {n.replace("base_model.model.", "", 1).replace(".base_layer", ""): p for n, p in model.named_parameters()}
+    for name, value in original.items():
+        torch.testing.assert_close(after[name], value, atol=1e-6, rtol=0, msg=name)
 
 
 def test_merge_and_unload_gives_a_plain_llama_that_vanilla_transformers_reloads(tmp_path):
@@ -275,28 +286,6 @@ def test_a_layer_whose_prompts_read_the_frozen_weights_stays_unmerged_for_every_
     torch.testing.assert_close(logits_of(model, input_ids=ids), want, atol=2e-5, rtol=0)
     model.base_model.unmerge_adapter()
     torch.testing.assert_close(logits_of(model, input_ids=ids), want, atol=2e-5, rtol=0)
-
-
-def test_merge_and_unmerge_restore_a_base_with_biases_of_its_own():
-    """On a base whose linears have biases (`attention_bias`, `mlp_bias`), merging folds b into them and unmerging
-    takes it out again: every base weight and bias is back, and the logits hold throughout."""
-    base = tiny_llama("gqa", "eager", attention_bias=True, mlp_bias=True)
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if name.endswith("proj.bias"):
-                p.normal_(0, 0.5)
-    original = {n: p.detach().clone() for n, p in base.named_parameters()}
-    options = dict(lora_modules=["q_proj", "down_proj"], r=2, prompt_layers=0)
-    model = get_peft_model(base, LlamaAdapterV2Config(init_weights=False, **options))
-    x = token_ids()
-    expected = logits_of(model, input_ids=x)
-    model.base_model.merge_adapter()
-    torch.testing.assert_close(logits_of(model, input_ids=x), expected, atol=1e-5, rtol=0)
-    model.base_model.unmerge_adapter()
-    torch.testing.assert_close(logits_of(model, input_ids=x), expected, atol=1e-5, rtol=0)
-    after = {n.replace("base_model.model.", "", 1).replace(".base_layer", ""): p for n, p in model.named_parameters()}
-    for name, value in original.items():
-        torch.testing.assert_close(after[name], value, atol=1e-6, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("strategy", [dict(num_beams=2), dict(num_beams=2, num_return_sequences=2)])
