@@ -65,9 +65,8 @@ def param_groups(
     """Optimizer parameter groups of `model`'s trainable parameters: the visual path (`visual`, by default
     `visual_path_parameters(model)`) at lr × `visual_lr_ratio`, V2's gates (`gate_parameters`) at lr ×
     `gate_lr_ratio`, the rest at lr; `weight_decay` on matrices and on `DECAYED_VECTORS` (V2's gates and `new_gate`)
-    only. Raises `ValueError` before building
-    anything for a non-positive lr or ratio, a model with nothing to train, or a ratio other than 1 for a model
-    without the parameters it sets."""
+    only. Raises `ValueError` before building anything for a non-positive lr or ratio, a model with nothing to
+    train, or a ratio other than 1 for a model without the parameters it sets."""
     if not lr > 0 or not visual_lr_ratio > 0 or not gate_lr_ratio > 0:
         raise ValueError(
             f"`lr`, `visual_lr_ratio` and `gate_lr_ratio` must be positive; got lr={lr}, "
