@@ -108,3 +108,85 @@ def test_the_helpers_give_a_custom_loop_the_same_split(tmp_path):
         assert not any(p.requires_grad for p in groups["instruction"])
         raise RuntimeError("boom")
     assert all(p.requires_grad for params in groups.values() for p in params)
+
+
+TEXTS = ["What is shown ?", "a cat", "Say hello .", "hello there my good friend how are you"]
+
+
+def _samples_and_collator():
+    torch.manual_seed(5)
+    image = {"prompt": TEXTS[0], "response": TEXTS[1], "image": torch.randn(3, 28, 28)}
+    text = {"prompt": TEXTS[2], "response": TEXTS[3]}
+    return image, text, CausalLMCollator(word_tokenizer(texts=TEXTS, add_bos=True), image_size=28)
+
+
+def _trainer(model, tmp_path, collator, **overrides) -> JointTrainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], save_strategy="no",
+        remove_unused_columns=False, use_cpu=True, **overrides,
+    )  # fmt: skip
+    trainer = JointTrainer(model=model, args=args, data_collator=collator)
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    trainer.current_gradient_accumulation_steps = 1  # what `train` sets before its first step
+    return trainer
+
+
+def test_a_part_without_supervised_tokens_leaves_its_group_untouched(tmp_path):
+    """An image sample whose labels are all -100 (its caption cut away) is no visual data: the visual group gets no
+    gradient, so neither weight decay nor Adam's momentum moves it; a batch with no supervised token moves nothing."""
+    model = tiny_v2()
+    image, text, collator = _samples_and_collator()
+    trainer = _trainer(model, tmp_path, collator, weight_decay=0.1)
+    groups = joint_parameter_groups(model)
+    masked = collator([image, text])
+    masked["labels"][0] = -100
+    assert [group for group, _ in modality_parts(masked)] == ["instruction"]
+    before = {id(p): p.detach().clone() for params in groups.values() for p in params}
+    loss = trainer.training_step(model, masked)
+    assert loss > 0 and all(p.grad is None for p in groups["visual"])
+    trainer.optimizer.step()
+    assert all(torch.equal(p, before[id(p)]) for p in groups["visual"])
+    assert any(not torch.equal(p, before[id(p)]) for p in groups["instruction"])
+    model.zero_grad(set_to_none=True)
+    nothing = collator([image, text])
+    nothing["labels"][:] = -100
+    assert modality_parts(nothing) == [] and float(trainer.training_step(model, nothing)) == 0.0
+    assert all(p.grad is None for params in groups.values() for p in params)
+
+
+def test_each_group_gets_its_tokens_share_of_the_batch_loss_however_the_model_normalises(tmp_path):
+    """The batch loss is the mean over all its supervised tokens; each group receives the gradient of its own part's
+    tokens of it: (Σ part token losses) / N. The same with the Trainer's `num_items_in_batch` and without it (the
+    model's mean per part, weighted by the part's share of the tokens), and the returned loss is the batch mean."""
+    model = tiny_v2()
+    image, text, collator = _samples_and_collator()
+    trainer = _trainer(model, tmp_path, collator)
+    batch = collator([image, text, text, text])
+    groups = joint_parameter_groups(model)
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    expected, batch_loss = {}, 0.0
+    for group, part in modality_parts(batch):
+        part_tokens = int((part["labels"][:, 1:] != -100).sum())
+        model.zero_grad(set_to_none=True)
+        with training_only(groups, group):
+            loss = model(**part).loss * part_tokens / tokens  # the part's summed token losses / N
+            loss.backward()
+        batch_loss += float(loss.detach())
+        expected[group] = [p.grad.clone() for p in groups[group]]
+    assert 0 < sum(1 for _ in expected) == 2
+    for num_items in (torch.tensor(tokens), None):
+        model.zero_grad(set_to_none=True)
+        loss = trainer.training_step(model, batch, num_items)
+        assert float(loss) == pytest.approx(batch_loss, rel=1e-5)
+        for group, grads in expected.items():
+            for p, g in zip(groups[group], grads):
+                torch.testing.assert_close(p.grad, g, atol=1e-7, rtol=1e-4)
+
+
+def test_joint_training_refuses_several_processes(tmp_path, monkeypatch):
+    model = tiny_v2()
+    image, text, collator = _samples_and_collator()
+    trainer = _trainer(model, tmp_path, collator)
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="JointTrainer runs in one process"):
+        trainer.training_step(model, collator([image, text]))
