@@ -128,16 +128,16 @@ def tiny_llama(kind: str = "mha", attn_implementation: str = "eager", seed: int 
     return model.eval()
 
 
-def tiny_lavin(kind: str = "mha", attn: str = "eager", seed: int = 1, **kwargs):
-    """A LaVIN `PeftModel` in eval mode on `tiny_llama(kind, attn)`, with vision, random (non-identity) adapters, no
-    dropout, and a modality embedding large enough that the two modalities route differently."""
+def tiny_lavin(kind: str = "mha", attn: str = "eager", seed: int = 1, base: dict | None = None, **kwargs):
+    """A LaVIN `PeftModel` in eval mode on `tiny_llama(kind, attn, **base)`, with vision, random (non-identity)
+    adapters, no dropout, and a modality embedding large enough that the two modalities route differently."""
     from peft import get_peft_model
 
     from peft_mma import LaVINConfig
 
     torch.manual_seed(seed)
     config = LaVINConfig(**{"init_weights": False, "adapter_dropout": 0.0, **LAVIN_VISION, **kwargs})
-    model = get_peft_model(tiny_llama(kind, attn), config)
+    model = get_peft_model(tiny_llama(kind, attn, **(base or {})), config)
     if config.router == "learnt":  # `router="modality"` has no modality embedding
         with torch.no_grad():
             model.base_model.mma_lavin_modality["default"].normal_(0, 3)

@@ -79,10 +79,12 @@ def test_text_sample_gives_the_official_logits(converted):
 def test_sizes_temperature_and_counts_come_from_the_checkpoint(tmp_path):
     base = parity_base("mha")
     checkpoint = lavin(base, adapter_dim=4, groups=4, projector=8)
+    checkpoint["args"].adapter_scale = 0.5  # the presets' s is 1: a checkpoint's own must win
     summary = convert_lavin(checkpoint, base, tmp_path, overrides=OVERRIDES, progress=False)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["adapter_dim"], config["adapter_groups"], config["projector_hidden"]) == (4, 4, 8)
     assert (config["temperature"], config["adapter_placement"], config["vision_adapters"]) == (5.0, "attn", True)
+    assert config["adapter_scale"] == 0.5
     saved = load_file(tmp_path / "adapter_model.safetensors")
     official = checkpoint["model"]
     assert summary.tensors_read == summary.tensors_written == len(saved) == len(official)

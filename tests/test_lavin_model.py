@@ -71,10 +71,17 @@ def test_merge_keeps_logits_fp32_and_reloads_in_plain_transformers(tmp_path, pla
         torch.testing.assert_close(reloaded(input_ids=ids).logits, before, atol=1e-5, rtol=0)
 
 
-def test_merge_image_modality_and_unmerge_restores_weights():
-    model = tiny_lavin()
+@pytest.mark.parametrize("base_biases", [False, True], ids=["llama", "q-k-v-biases"])
+def test_merge_image_modality_and_unmerge_restores_weights(base_biases):
+    """Merging folds the adapter into q/k/v (W′ = W(I + M), b′ = b + W c) and unmerging takes it out: weights back,
+    and biases back where the base has its own (`attention_bias`), else none."""
+    model = tiny_lavin(base=dict(attention_bias=base_biases))
     q = model.base_model.model.model.layers[0].self_attn.base_layer.q_proj
+    if base_biases:
+        with torch.no_grad():
+            q.bias.normal_(0, 0.5)
     original = q.weight.detach().clone()
+    original_bias = None if q.bias is None else q.bias.detach().clone()
     batch = lavin_batch(model, has_image=(True,))
     ids = batch["input_ids"]
     with torch.no_grad():
@@ -87,8 +94,12 @@ def test_merge_image_modality_and_unmerge_restores_weights():
         merged = model.base_model.model(inputs_embeds=embeds, **{STATE_KWARG: None}).logits
         torch.testing.assert_close(merged, image_routed, atol=1e-5, rtol=0)
         model.unmerge_adapter()
-    assert q.bias is None
+        torch.testing.assert_close(model(**batch).logits, image_routed, atol=1e-6, rtol=0)
     torch.testing.assert_close(q.weight, original, atol=1e-6, rtol=0)
+    if base_biases:
+        torch.testing.assert_close(q.bias, original_bias, atol=1e-6, rtol=0)
+    else:
+        assert q.bias is None
 
 
 @pytest.mark.parametrize("modality", ["text", "image"])
@@ -566,3 +577,45 @@ def test_an_adapter_scale_other_than_one_counts_on_every_path(router):
     start = inputs["input_ids"].shape[1] - 1
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, full[:, start + step], atol=1e-5, rtol=0)
+
+
+def test_routing_and_merging_in_train_mode_ignore_dropout():
+    """`modality_routing` and the merge it feeds run the model in eval mode: with adapter dropout and the model in
+    train mode, the routing is the same on every call and the merged model gives the eval-mode merge's logits."""
+    model = tiny_lavin(adapter_dropout=0.5)
+    batch = {k: v for k, v in lavin_batch(model, has_image=(False, False)).items() if k != "labels"}
+    import copy
+
+    model.train()
+    first, second = model.base_model.modality_routing(), model.base_model.modality_routing()
+    assert all(torch.equal(first[key], second[key]) for key in first) and model.training
+    evaluated = copy.deepcopy(model).eval().merge_and_unload(modality="text")
+    trained = model.merge_and_unload(modality="text")
+    with torch.no_grad():
+        torch.testing.assert_close(trained.eval()(**batch).logits, evaluated(**batch).logits, atol=0, rtol=0)
+
+
+def test_the_projector_starts_with_zero_biases():
+    """The projector's two linears: xavier weights, zero biases (spec `lavin_mma.md` §4)."""
+    model = tiny_lavin(init_weights=True)
+    for role in ("mma_lavin_proj_in", "mma_lavin_proj_out"):
+        linear = getattr(model.base_model, role)["default"]
+        linears = [m for m in linear.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in linears), role
+        assert all(m.weight.abs().sum() > 0 for m in linears), role
+
+
+def test_generate_without_a_mask_keeps_a_pad_id_that_is_also_eos_in_the_prompt():
+    """As transformers infers it: where the pad id is an EOS id too, its occurrences in the prompt are tokens, not
+    padding, so the call equals one with an all-ones mask."""
+    model = tiny_lavin()
+    batch = lavin_batch(model, has_image=(False,))
+    ids = batch["input_ids"]
+    ids[0, 3] = 2  # EOS inside the prompt
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=2, eos_token_id=2)
+    with torch.no_grad():
+        inferred = model.generate(input_ids=ids, **settings)
+        ones = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+        masked = model.generate(input_ids=ids, attention_mask=(ids != 2).long(), **settings)
+    assert torch.equal(inferred, ones)
+    assert not torch.equal(masked, ones)  # the id's position would matter if it were masked
