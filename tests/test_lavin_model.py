@@ -619,3 +619,15 @@ def test_generate_without_a_mask_keeps_a_pad_id_that_is_also_eos_in_the_prompt()
         masked = model.generate(input_ids=ids, attention_mask=(ids != 2).long(), **settings)
     assert torch.equal(inferred, ones)
     assert not torch.equal(masked, ones)  # the id's position would matter if it were masked
+
+
+def test_reloading_an_adapter_with_vision_reports_no_missing_keys(tmp_path):
+    """The frozen encoder is rebuilt from the config and never saved; loading does not call its weights missing."""
+    import warnings
+
+    model = tiny_lavin()
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not [w for w in caught if "missing adapter keys" in str(w.message).lower()]
