@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 from conftest import LAVIN_VISION, greedy_without_cache, lavin_batch, model_for, tiny_lavin, tiny_llama, train_steps
@@ -584,8 +587,6 @@ def test_routing_and_merging_in_train_mode_ignore_dropout():
     train mode, the routing is the same on every call and the merged model gives the eval-mode merge's logits."""
     model = tiny_lavin(adapter_dropout=0.5)
     batch = {k: v for k, v in lavin_batch(model, has_image=(False, False)).items() if k != "labels"}
-    import copy
-
     model.train()
     first, second = model.base_model.modality_routing(), model.base_model.modality_routing()
     assert all(torch.equal(first[key], second[key]) for key in first) and model.training
@@ -623,8 +624,6 @@ def test_generate_without_a_mask_keeps_a_pad_id_that_is_also_eos_in_the_prompt()
 
 def test_reloading_an_adapter_with_vision_reports_no_missing_keys(tmp_path):
     """The frozen encoder is rebuilt from the config and never saved; loading does not call its weights missing."""
-    import warnings
-
     model = tiny_lavin()
     model.save_pretrained(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
