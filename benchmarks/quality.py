@@ -102,6 +102,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "retention, V2 only)",
     )
     parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=0.0,
+        help="vqa: clip the gradients' global norm to this before each step (0: no clipping, as the official recipe "
+        "and every result so far; examples/see.py clips at 1.0)",
+    )
+    parser.add_argument(
         "--caption-steps",
         type=int,
         default=0,
@@ -144,6 +151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.answer_format != "A" and args.experiment not in ("vqa", "retention"):
         parser.error(f"--answer-format {args.answer_format} is for --experiment vqa or retention")
+    if args.max_grad_norm < 0 or (args.max_grad_norm and args.experiment != "vqa"):
+        parser.error(f"--max-grad-norm must be >= 0 and is for --experiment vqa, got {args.max_grad_norm}")
     args.overrides = {}
     for item in args.set:
         field_name, sep, value = item.partition("=")
@@ -293,10 +302,13 @@ def train(
     visual_lr_ratio: float = 1.0,
     gate_lr_ratio: float = 1.0,
     bf16: bool = False,
+    max_grad_norm: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Train `steps` steps; every `eval_every` steps (and at 0 and the end) record `evaluate()` with the training
     wall and CPU seconds spent so far (evaluation itself not counted). `bf16`: the training forward passes run under
     bf16 autocast (mixed precision, as `Trainer(bf16=True)`); the weights and the evaluation stay fp32.
+    `max_grad_norm` > 0: the trainable parameters' gradients are clipped to that global norm before each step, as
+    the `Trainer`'s `max_grad_norm` (`examples/see.py` clips at 1.0); 0: no clipping, as the official recipe.
 
     `split` cuts each batch into parts (group, part), each part's loss reaching only `groups[group]` (every trainable
     parameter where group is None); by default the batch is one part for every parameter."""
@@ -324,6 +336,8 @@ def train(
                 part_loss = response_cross_entropy(logits, labels)
                 part_loss.backward()
             loss += float(part_loss.detach()) / len(parts)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.grad is not None], max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -429,7 +443,7 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
             curve = caption_stage(method, captions, collator, lr, ratio, evaluate, args)
         tuned = train(
             method, train_set, collator, steps, args.batch_size, lr, args.seed, evaluate, args.eval_every,
-            visual_lr_ratio=ratio, gate_lr_ratio=gate_ratio, bf16=args.bf16,
+            visual_lr_ratio=ratio, gate_lr_ratio=gate_ratio, bf16=args.bf16, max_grad_norm=args.max_grad_norm,
         )  # fmt: skip
         curve = tuned if not curve else curve + [continued(point, curve[-1]) for point in tuned[1:]]
         after = prose_loss(method, prose, args.batch_size)
@@ -453,6 +467,7 @@ def run_vqa(base, tokenizer, args: argparse.Namespace, text_share: float = 0.0) 
             "caption_steps": args.caption_steps,
             "answer_format": qa.answer_format,
             "bf16": args.bf16,
+            "max_grad_norm": args.max_grad_norm,
             "image_size": vision.image_size,
             "prose_eval_tokens": prose.numel(),
         },

@@ -739,3 +739,53 @@ def test_compiled_recipe_runs_over_three_lengths(tmp_path):
     result = projection.main([*argv, "--rounds", "1", "--out", str(tmp_path / "recipe.json")])
     rows = result["lavin"]["micro_batches"][4]
     assert set(rows["text"]) == set(rows["image"]) == {8, 16, 24} and result["compile_stats"]["graph_breaks"] == 0
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
+def test_training_loop_clips_the_gradients_norm_when_asked(monkeypatch, max_grad_norm):
+    """`quality.train(max_grad_norm=…)` (`--max-grad-norm`): every optimizer step sees the trainable gradients'
+    global norm at most that value, as the `Trainer` clips; 0 leaves them as backward made them."""
+    from stand_in_tokenizer import word_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks import quality
+    from benchmarks.quality_methods import build_method, encoder
+    from peft_mma.data.collator import CausalLMCollator
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, bos_token_id=1
+    )
+    base = LlamaForCausalLM(config).eval()
+    base.requires_grad_(False)
+    vision = encoder("random")
+    method = build_method("lavin", base, multimodal=True, vision=vision)
+    samples = [
+        {"image": torch.rand(3, 64, 64), "prompt": quality.CAPTION_PROMPT, "response": f"the word {word}"}
+        for word in ("CAT", "DOG", "SUN", "BOX")
+    ]
+    tokenizer = word_tokenizer([quality.CAPTION_PROMPT, "the word CAT DOG SUN BOX"], add_bos=True)
+    collator = CausalLMCollator(tokenizer, max_length=32, padding_side="left", image_size=vision.image_size)
+    norms = []
+
+    def recording_optimizer(*args, **kwargs):
+        optimizer = create(*args, **kwargs)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = lambda: [p.grad for p in params if p.grad is not None]  # noqa: E731
+        optimizer.register_step_pre_hook(lambda *_: norms.append(float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads()])))))  # fmt: skip
+        return optimizer
+
+    create = quality.create_mma_optimizer
+    monkeypatch.setattr(quality, "create_mma_optimizer", recording_optimizer)
+    quality.train(method, samples, collator, 3, 2, 1e-2, 0, dict, 3, max_grad_norm=max_grad_norm)
+    assert len(norms) == 3
+    if max_grad_norm:
+        assert max(norms) <= max_grad_norm * (1 + 1e-5)
+    else:
+        assert min(norms) > 1e-2  # the unclipped gradients are far above the other case's bound
+    with pytest.raises(SystemExit):  # the other experiments have no clipping
+        quality.parse_args(["--experiment", "joint", "--max-grad-norm", "1"])
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--experiment", "vqa", "--max-grad-norm", "-1"])
+    assert quality.parse_args(["--experiment", "vqa", "--max-grad-norm", "1"]).max_grad_norm == 1.0
