@@ -26,7 +26,8 @@ The job:
 LaVIN is the default: its adapters start as the identity and its projector reads a handful of the encoder's class
 tokens, so it learns the scenes in the fewest steps; LLaMA-Adapter V2 (`--method adapter-v2`) reads every token
 through a small visual bridge whose tokens are added to every prompted layer's prompts, as the official code does
-(the paper's early fusion into one layer learns far slower here: see the README's learning-quality table).
+(the paper's early fusion into one layer learns far slower here: see the README's learning-quality table); the job
+trains its visual path alone, on a scene encoder whose patch tokens carry the scene (`build_peft_config`).
 """
 
 from __future__ import annotations
@@ -172,7 +173,10 @@ def build_peft_config(
     class token after every encoder block and has adapters in the decoder layers from `lavin_from_layer` on (0:
     every layer, as the official code; see `LAVIN_FROM_LAYER`); V2 gets a visual bridge sized to the small encoder
     (width 192, 2 blocks) instead of the 7B one, fused into every prompted layer (`visual_fusion="all"`, the
-    official code's; the paper's one-layer early fusion learns slower)."""
+    official code's; the paper's one-layer early fusion learns slower), and trains its visual path alone (bridge,
+    adaption prompts, gates: the paper's group for image-text data in joint training, §4.2), without bias, scale
+    and norm tuning, which here learn the language side instead of the image (README). `main` gives V2 the
+    patch-headed scene encoder, since its bridge reads every encoder token."""
     if not 0 <= lavin_from_layer < num_layers:
         raise ValueError(
             f"`lavin_from_layer` must be in [0, {num_layers}) for {num_layers} layers, got {lavin_from_layer}."
@@ -181,7 +185,10 @@ def build_peft_config(
     if method == "lavin":
         layers = list(range(lavin_from_layer, num_layers)) if lavin_from_layer else None
         return LaVINConfig(**vision, vision_feature_every=1, layers_to_transform=layers)
-    return LlamaAdapterV2Config(**vision, visual_width=192, visual_depth=2, visual_heads=3, visual_fusion="all")
+    visual_only = dict(bias_modules=[], scale_modules=[], norm_modules=[])
+    return LlamaAdapterV2Config(
+        **vision, visual_width=192, visual_depth=2, visual_heads=3, visual_fusion="all", **visual_only
+    )
 
 
 def collator_for(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, image_size: int, **kwargs):
@@ -394,7 +401,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"--encoder {args.encoder} reads {size}-px images; the job draws its scenes at {IMAGE_SIZE} px. Pass "
                 f"an encoder built for {IMAGE_SIZE}-px input, or leave --encoder out for the scene encoder."
             )
-    encoder = args.encoder or scene_encoder(seed=args.seed, progress=True)
+    # V2's bridge reads the encoder's patch tokens, which the default scene encoder's recipe never trains (its class
+    # token carries the scene); the patch-headed build trains their mean too. LaVIN reads class tokens.
+    patch_heads = args.method == "adapter-v2"
+    encoder = args.encoder or scene_encoder(seed=args.seed, progress=True, patch_heads=patch_heads)
     base, tokenizer = load_smollm2(dtype=torch.float32)
     layers = base.config.num_hidden_layers
     config = build_peft_config(args.method, encoder, layers, lavin_from_layer=args.lavin_from_layer)

@@ -56,6 +56,8 @@ def test_configs_read_the_scene_encoder(see):
     assert see.parse_args(["--bf16", "--steps", "7"]).steps == 7
     assert isinstance(v2, LlamaAdapterV2Config) and (v2.visual_width, v2.visual_depth) == (192, 2)
     assert v2.visual_fusion == "all"  # every prompted layer gets the visual tokens, as in the official code
+    # the visual path alone (bridge, prompts, gates): no bias, scale or norm tuning
+    assert (v2.bias_modules, v2.scale_modules, v2.norm_modules) == ([], [], [])
     assert lavin.vision_model == v2.vision_model == "local-dir:/x"
 
 
@@ -241,3 +243,23 @@ def test_the_decoding_budget_covers_every_answer_in_smollm2_tokens(see, smollm2)
             ]:
                 tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # and EOS
                 assert tokens <= see.MAX_NEW_TOKENS[answer_format], (answer_format, text, tokens)
+
+
+@pytest.mark.parametrize(("method", "patch_heads"), [("lavin", False), ("adapter-v2", True)])
+def test_main_gives_v2_the_patch_headed_encoder(see, monkeypatch, method, patch_heads):
+    """`main` builds (or reads) the scene encoder of the job's seed: the class-token one for LaVIN, which reads class
+    tokens, the patch-headed one for V2, whose bridge reads every token; `--encoder` overrides both."""
+    import peft_mma.data.smollm2
+    import peft_mma.vision.scene_encoder
+
+    asked, configs = [], []
+    monkeypatch.setattr(
+        peft_mma.vision.scene_encoder,
+        "scene_encoder",
+        lambda seed, progress, patch_heads: asked.append((seed, patch_heads)) or f"local-dir:/enc{seed}{patch_heads}",
+    )
+    monkeypatch.setattr(peft_mma.data.smollm2, "load_smollm2", lambda dtype: (tiny_llama(), None))
+    monkeypatch.setattr(see, "run", lambda base, tokenizer, config, args, size: configs.append(config) or {})
+    see.main(["--method", method, "--seed", "3"])
+    assert asked == [(3, patch_heads)] and configs[0].vision_model == f"local-dir:/enc3{patch_heads}"
+    assert isinstance(configs[0], LaVINConfig if method == "lavin" else LlamaAdapterV2Config)
