@@ -24,7 +24,8 @@ The job:
    and model answer).
 
 LaVIN is the default: its adapters start as the identity and its projector reads a handful of the encoder's class
-tokens, so it learns the scenes in the fewest steps; LLaMA-Adapter V2 (`--method adapter-v2`) reads every token
+tokens, so it learns the scenes with the fewest trainable parameters (448,148; V2 here 1,196,421, and as quickly on
+these questions); LLaMA-Adapter V2 (`--method adapter-v2`) reads every token
 through a small visual bridge whose tokens are added to every prompted layer's prompts, as the official code does
 (the paper's early fusion into one layer learns far slower here: see the README's learning-quality table); the job
 trains its visual path alone, on a scene encoder whose patch tokens carry the scene (`build_peft_config`).

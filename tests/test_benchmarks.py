@@ -484,23 +484,14 @@ def test_routing_summary_reads_lavins_routes_and_how_far_its_up_paths_are_apart(
     assert config_for("lavin-image").temperature == 10.0  # the official 7B value the retention runs compare with
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("name", ["lavin", "v2"])
-def test_caption_stage_trains_the_visual_path_alone(name, bf16):
-    """`quality.caption_stage` (LLaVA's stage 1): the visual path changes (LaVIN's projector; V2's bridge, prompts
-    and gates), every other parameter stays bitwise and trainable again afterwards, and the curve has a point per
-    evaluation; with `--bf16` the same, the forward passes computed in bf16 (the LM head's logits) and the weights
-    kept in fp32."""
-    import argparse
-
+def _tiny_method_on_captions(name: str):
+    """(method, four captioned random images, a left-padding collator) on a tiny random LLaMA and encoder."""
     from stand_in_tokenizer import word_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from benchmarks import quality
     from benchmarks.quality_methods import build_method, encoder
     from peft_mma.data.collator import CausalLMCollator
-    from peft_mma.llama_adapter_v2.joint import joint_parameter_groups
-    from peft_mma.optim import visual_path_parameters
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -516,6 +507,23 @@ def test_caption_stage_trains_the_visual_path_alone(name, bf16):
     ]
     tokenizer = word_tokenizer([quality.CAPTION_PROMPT, "the word CAT DOG SUN BOX"], add_bos=True)
     collator = CausalLMCollator(tokenizer, max_length=32, padding_side="left", image_size=vision.image_size)
+    return method, captions, collator
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("name", ["lavin", "v2"])
+def test_caption_stage_trains_the_visual_path_alone(name, bf16):
+    """`quality.caption_stage` (LLaVA's stage 1): the visual path changes (LaVIN's projector; V2's bridge, prompts
+    and gates), every other parameter stays bitwise and trainable again afterwards, and the curve has a point per
+    evaluation; with `--bf16` the same, the forward passes computed in bf16 (the LM head's logits) and the weights
+    kept in fp32."""
+    import argparse
+
+    from benchmarks import quality
+    from peft_mma.llama_adapter_v2.joint import joint_parameter_groups
+    from peft_mma.optim import visual_path_parameters
+
+    method, captions, collator = _tiny_method_on_captions(name)
     trainable = dict((n, p) for n, p in method.model.named_parameters() if p.requires_grad)
     before = {n: p.detach().clone() for n, p in trainable.items()}
     visual = joint_parameter_groups(method.model)["visual"] if name == "v2" else visual_path_parameters(method.model)
@@ -745,27 +753,9 @@ def test_compiled_recipe_runs_over_three_lengths(tmp_path):
 def test_training_loop_clips_the_gradients_norm_when_asked(monkeypatch, max_grad_norm):
     """`quality.train(max_grad_norm=…)` (`--max-grad-norm`): every optimizer step sees the trainable gradients'
     global norm at most that value, as the `Trainer` clips; 0 leaves them as backward made them."""
-    from stand_in_tokenizer import word_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from benchmarks import quality
-    from benchmarks.quality_methods import build_method, encoder
-    from peft_mma.data.collator import CausalLMCollator
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, bos_token_id=1
-    )
-    base = LlamaForCausalLM(config).eval()
-    base.requires_grad_(False)
-    vision = encoder("random")
-    method = build_method("lavin", base, multimodal=True, vision=vision)
-    samples = [
-        {"image": torch.rand(3, 64, 64), "prompt": quality.CAPTION_PROMPT, "response": f"the word {word}"}
-        for word in ("CAT", "DOG", "SUN", "BOX")
-    ]
-    tokenizer = word_tokenizer([quality.CAPTION_PROMPT, "the word CAT DOG SUN BOX"], add_bos=True)
-    collator = CausalLMCollator(tokenizer, max_length=32, padding_side="left", image_size=vision.image_size)
+    method, samples, collator = _tiny_method_on_captions("lavin")
     norms = []
 
     def recording_optimizer(*args, **kwargs):
