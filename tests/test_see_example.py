@@ -52,7 +52,7 @@ def test_configs_read_the_scene_encoder(see):
             see.parse_args(wrong)
     assert see.parse_args([]).lavin_from_layer == 0
     assert see.parse_args([]).answer_format == "EA" and see.parse_args(["--answer-format", "A"]).answer_format == "A"
-    assert see.parse_args(["--bf16"]).steps == 240 and see.parse_args(["--no-bf16"]).steps == 200
+    assert see.parse_args(["--bf16"]).steps == 240 and see.parse_args(["--no-bf16"]).steps == 180
     assert see.parse_args(["--bf16", "--steps", "7"]).steps == 7
     assert isinstance(v2, LlamaAdapterV2Config) and (v2.visual_width, v2.visual_depth) == (192, 2)
     assert v2.visual_fusion == "all"  # every prompted layer gets the visual tokens, as in the official code
