@@ -3,12 +3,16 @@
     python -m benchmarks.profile --models plain v2 --kind train        # → results/profile_train_<model>.txt
     python -m benchmarks.profile --preset 7b --device cuda --models plain v2 lavin_text --tag 7b_cuda
     python -m benchmarks.profile --preset 7b --device cuda --compile layers --tag 7b_cuda_compiled   # inductor kernels
+    python -m benchmarks.profile --compile --models plain v2 --tag smollm2_cpu_compiled   # inductor's C++ kernels
 
 Each table is sorted by self CPU time (`--sort`) and written with the machine and load it was taken under. A summary
 per model goes to results/profile_<kind>[_<tag>].json: the median wall time of 5 calls, and from one profiled call
 the number of aten ops dispatched (top-level ones, and all calls, nested ones too) and, on CUDA, of kernels and their
 summed device time. Where the kernel time is far below the wall time, the step is bound by dispatching and launching
-ops, and its cost is their number.
+ops, and its cost is their number. On the CPU the summary also splits the profiled call's self CPU time into
+matrix products, attention kernels, inductor's fused C++ kernels (compiled on the CPU, each kernel is then a
+profiler event of its own: inductor's `cpp.enable_kernel_profile` option) and the rest: where a compiled adapter's
+time goes beside the floor's.
 """
 
 from __future__ import annotations
@@ -68,9 +72,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = build_base(preset, device, dtype)
     inputs = make_inputs(preset, base.config, device, dtype)
     adamw = adamw_kwargs(args.adamw)
-    variants = build_variants(
-        args.models, base, preset, inputs, [args.kind], adamw, args.compile, compile_options(args)
-    )
+    compile_kwargs = compile_options(args)
+    if args.compile and device.type == "cpu" and compile_kwargs is None:
+        compile_kwargs = {"options": {"cpp.enable_kernel_profile": True}}  # each C++ kernel an event of its own
+    variants = build_variants(args.models, base, preset, inputs, [args.kind], adamw, args.compile, compile_kwargs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     suffix = "_" + args.tag if args.tag else ""
     summary: dict[str, dict[str, float | int]] = {}
@@ -86,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         summary[key] = {"wall_s": wall, **dispatch_counts(prof)}
+        if device.type == "cpu":
+            summary[key]["self_cpu_s"] = self_cpu_by_kind(prof)
         print(f"{key}: {summary[key]}")
         if not args.no_tables:
             table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=60)
@@ -112,6 +119,41 @@ def dispatch_counts(prof) -> dict[str, float | int]:
         "kernels": len(kernels),
         "kernel_s": sum(e.device_time for e in kernels) / 1e6,
     }
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::matmul", "aten::linear")
+
+
+def self_cpu_by_kind(prof) -> dict[str, float]:
+    """The profiled call's self CPU seconds in five groups: `optimizer` (everything inside `Optimizer.step`),
+    `matmul` (the aten matrix products, which inductor calls as they are), `attention` (the SDPA kernels, forward
+    and backward), `fused` (inductor's generated C++ kernels, `cpp_fused_…`, present when compiled with kernel
+    profiling) and `other` (element-wise aten ops, autograd's and the compiled graphs' bookkeeping)."""
+    groups = dict.fromkeys(("optimizer", "matmul", "attention", "fused", "other"), 0.0)
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if _inside(event, "Optimizer.step"):
+            group = "optimizer"
+        elif event.name in MATMULS:
+            group = "matmul"
+        elif "scaled_dot_product" in event.name or "flash_attention" in event.name:
+            group = "attention"
+        elif "cpp_fused" in event.name:
+            group = "fused"
+        else:
+            group = "other"
+        groups[group] += event.self_cpu_time_total / 1e6
+    return groups
+
+
+def _inside(event, prefix: str) -> bool:
+    """Whether `event` or one of its CPU ancestors is named `prefix…`."""
+    while event is not None:
+        if event.name.startswith(prefix):
+            return True
+        event = event.cpu_parent
+    return False
 
 
 def kernel_events(events) -> list:

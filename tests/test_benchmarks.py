@@ -393,6 +393,24 @@ def test_profile_counts_dispatched_ops(tmp_path, monkeypatch):
     assert counts["foreach"]["v2"] < counts["default"]["v2"]  # V2 steps ~90 tensors here
 
 
+def test_profile_splits_cpu_time_and_names_compiled_kernels(tmp_path, monkeypatch):
+    """On the CPU the summary splits the profiled step's self time into groups: eager, no inductor kernel and the
+    optimizer's time grows with the tensors it steps; compiled, inductor's fused C++ kernels appear as events."""
+    from benchmarks import profile
+
+    monkeypatch.setattr(profile, "RESULTS_DIR", tmp_path)
+    profile.main(["--preset", "tiny", "--models", "plain", "v2", "--no-tables", "--tag", "eager"])
+    profile.main(["--preset", "tiny", "--models", "plain", "--compile", "--no-tables", "--tag", "compiled"])
+    eager = json.loads((tmp_path / "profile_train_eager.json").read_text())["models"]
+    compiled = json.loads((tmp_path / "profile_train_compiled.json").read_text())["models"]["plain"]["self_cpu_s"]
+    groups = {"optimizer", "matmul", "attention", "fused", "other"}
+    assert set(eager["v2"]["self_cpu_s"]) == set(compiled) == groups
+    assert eager["plain"]["self_cpu_s"]["fused"] == eager["v2"]["self_cpu_s"]["fused"] == 0
+    assert eager["plain"]["self_cpu_s"]["matmul"] > 0 and eager["plain"]["self_cpu_s"]["attention"] > 0
+    assert eager["v2"]["self_cpu_s"]["optimizer"] > eager["plain"]["self_cpu_s"]["optimizer"]  # ~90 tensors
+    assert compiled["fused"] > 0 and compiled["matmul"] > 0
+
+
 def test_nodes_compare_each_adapter_node_with_the_frozen_op_it_adapts(tmp_path):
     """`benchmarks.nodes` times like against like: at init every adapted node computes its frozen counterpart's
     output (scale 1, bias 0, tuned norm weight 1), LaVIN's adapter as before (float32, rows h + 1) and now agree
