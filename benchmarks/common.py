@@ -152,6 +152,7 @@ class SavedActivations:
         self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self._seen: set[int] = set()
         self.bytes = 0
+        self.by_shape: dict[str, int] = {}  # bytes by the shape each storage was first saved as ("4x256x576")
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
@@ -159,6 +160,8 @@ class SavedActivations:
         if ptr not in self._params and ptr not in self._seen and tensor.device.type != "meta":
             self._seen.add(ptr)
             self.bytes += storage.nbytes()
+            shape = "x".join(map(str, tensor.shape))
+            self.by_shape[shape] = self.by_shape.get(shape, 0) + storage.nbytes()
         return tensor
 
     @contextmanager

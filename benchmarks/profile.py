@@ -4,6 +4,7 @@
     python -m benchmarks.profile --preset 7b --device cuda --models plain v2 lavin_text --tag 7b_cuda
     python -m benchmarks.profile --preset 7b --device cuda --compile layers --tag 7b_cuda_compiled   # inductor kernels
     python -m benchmarks.profile --compile --models plain v2 --tag smollm2_cpu_compiled   # inductor's C++ kernels
+    python -m benchmarks.profile --saved-tensors --models plain v2 lora_qv   # what autograd keeps, by shape
 
 Each table is sorted by self CPU time (`--sort`) and written with the machine and load it was taken under. A summary
 per model goes to results/profile_<kind>[_<tag>].json: the median wall time of 5 calls, and from one profiled call
@@ -12,7 +13,9 @@ summed device time. Where the kernel time is far below the wall time, the step i
 ops, and its cost is their number. On the CPU the summary also splits the profiled call's self CPU time into
 matrix products, attention kernels, inductor's fused C++ kernels (compiled on the CPU, each kernel is then a
 profiler event of its own: inductor's `cpp.enable_kernel_profile` option) and the rest: where a compiled adapter's
-time goes beside the floor's.
+time goes beside the floor's. `--saved-tensors` adds what autograd keeps for backward in one step (each storage
+counted once, parameters not), in MiB by the shape it was first kept as: what a method's training memory over the
+floor is made of.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .common import RESULTS_DIR, load_average, machine_info, median, timed, write_json
+from .common import RESULTS_DIR, SavedActivations, load_average, machine_info, median, timed, write_json
 from .models import MODELS, PRESETS, build_base
 from .speed import (
     DTYPES,
@@ -53,6 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_adamw_argument(parser)
     add_compile_arguments(parser, "the profiled train step")
     parser.add_argument("--no-tables", action="store_true", help="write only the summary JSON")
+    parser.add_argument(
+        "--saved-tensors", action="store_true", help="also total what autograd keeps for backward, by shape"
+    )
     parser.add_argument(
         "--out", default=None, help="summary JSON, the tables beside it (default: results/profile_<kind>[_<tag>].json)"
     )
@@ -93,6 +99,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary[key] = {"wall_s": wall, **dispatch_counts(prof)}
         if device.type == "cpu":
             summary[key]["self_cpu_s"] = self_cpu_by_kind(prof)
+        if args.saved_tensors:
+            saved = SavedActivations(variant.model)
+            with saved():
+                call()
+            summary[key]["saved_mib"] = saved.bytes / 2**20
+            by_shape = sorted(saved.by_shape.items(), key=lambda item: -item[1])
+            summary[key]["saved_mib_by_shape"] = {shape: size / 2**20 for shape, size in by_shape}
         print(f"{key}: {summary[key]}")
         if not args.no_tables:
             table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=60)

@@ -411,6 +411,25 @@ def test_profile_splits_cpu_time_and_names_compiled_kernels(tmp_path, monkeypatc
     assert compiled["fused"] > 0 and compiled["matmul"] > 0
 
 
+def test_profile_totals_what_autograd_keeps_by_shape(tmp_path, monkeypatch):
+    """`--saved-tensors`: the bytes by shape add up to the total, and V2 keeps what the floor does not, among it
+    one output of every scaled q_proj: (batch, length, width) in fp32, per layer."""
+    from benchmarks import profile
+    from benchmarks.models import PRESETS
+
+    monkeypatch.setattr(profile, "RESULTS_DIR", tmp_path)
+    profile.main(["--preset", "tiny", "--models", "plain", "v2", "--saved-tensors", "--no-tables", "--tag", "kept"])
+    rows = json.loads((tmp_path / "profile_train_kept.json").read_text())["models"]
+    for row in rows.values():
+        assert sum(row["saved_mib_by_shape"].values()) == pytest.approx(row["saved_mib"])
+    assert rows["v2"]["saved_mib"] > rows["plain"]["saved_mib"] > 0
+    preset = PRESETS["tiny"]
+    hidden = f"{preset.batch}x{preset.seq_len}x{preset.llama['hidden_size']}"
+    layer_output = preset.batch * preset.seq_len * preset.llama["hidden_size"] * 4 / 2**20
+    extra = rows["v2"]["saved_mib_by_shape"][hidden] - rows["plain"]["saved_mib_by_shape"].get(hidden, 0.0)
+    assert extra >= preset.llama["num_hidden_layers"] * layer_output * (1 - 1e-9)
+
+
 def test_nodes_compare_each_adapter_node_with_the_frozen_op_it_adapts(tmp_path):
     """`benchmarks.nodes` times like against like: at init every adapted node computes its frozen counterpart's
     output (scale 1, bias 0, tuned norm weight 1), LaVIN's adapter as before (float32, rows h + 1) and now agree
